@@ -1,0 +1,114 @@
+"""The base of every HTTP handler: request ids, problem+json errors, metrics, JSON bodies."""
+
+from __future__ import annotations
+
+import re
+import traceback
+import uuid
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+import tornado.web
+
+from server.logs import get_logger
+from server.services import Services
+
+_log = get_logger("finalmarket.http")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+class ApiError(tornado.web.HTTPError):
+    """An error a client can act on, rendered as RFC 9457 problem details.
+
+    `kind` becomes the problem `type` (`/problems/<kind>`); `extra` adds fields of our own
+    (`product_id`, `available`, ...).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(status, reason=HTTPStatus(status).phrase)
+        self.kind = kind
+        self.detail = detail
+        self.extra = extra
+        self.headers = headers or {}
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """Parent of all handlers: binds the request id, counts requests, renders errors."""
+
+    services: Services
+    request_id: str
+
+    def initialize(self, services: Services) -> None:
+        """Receive the node's services through the route (never module globals)."""
+        self.services = services
+
+    def prepare(self) -> None:
+        """Adopt the caller's `X-Request-Id` when it is well formed, or make one."""
+        offered = self.request.headers.get("X-Request-Id", "")
+        self.request_id = offered if _REQUEST_ID.match(offered) else uuid.uuid4().hex
+        self.set_header("X-Request-Id", self.request_id)
+        structlog.contextvars.bind_contextvars(request_id=self.request_id)
+        self.services.state.request_started()
+        self._counted_in_flight = True
+
+    def on_finish(self) -> None:
+        """Invoked after the response is sent: update metrics, drop the log context."""
+        if getattr(self, "_counted_in_flight", False):
+            self.services.state.request_finished()
+            self._counted_in_flight = False
+        structlog.contextvars.unbind_contextvars("request_id")
+
+    def write_json(self, body: Any, status: int = 200) -> None:
+        """Send `body` as JSON."""
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(tornado.escape.json_encode(body))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """The single exit for errors: RFC 9457 problem details, tracebacks only in debug."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        problem: dict[str, Any]
+        if isinstance(exc, ApiError):
+            problem = {
+                "type": f"/problems/{exc.kind}",
+                "title": exc.reason,
+                "status": status_code,
+                "detail": exc.detail,
+                **exc.extra,
+            }
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+        else:
+            title = (
+                HTTPStatus(status_code).phrase
+                if status_code in HTTPStatus._value2member_map_
+                else "Error"
+            )
+            problem = {"type": "about:blank", "title": title, "status": status_code}
+            if isinstance(exc, tornado.web.HTTPError) and exc.log_message:
+                problem["detail"] = exc.log_message % exc.args if exc.args else exc.log_message
+        request_id = getattr(self, "request_id", None)
+        if request_id:
+            self.set_header("X-Request-Id", request_id)  # send_error() cleared the headers
+        problem["request_id"] = request_id
+        if self.settings.get("serve_traceback") and "exc_info" in kwargs:
+            problem["traceback"] = traceback.format_exception(*kwargs["exc_info"])
+        self.set_header("Content-Type", PROBLEM_CONTENT_TYPE)
+        self.finish(tornado.escape.json_encode(problem))
+
+
+class NotFoundHandler(BaseHandler):
+    """Answers every unknown path with a 404 problem."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        raise ApiError(404, "not-found", f"no resource at {self.request.path}")

@@ -1,0 +1,59 @@
+"""The Tornado application factory: routes wired to the node's services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tornado.web
+
+from handlers.base import BaseHandler, NotFoundHandler
+from handlers.health import HealthzHandler, MetricsHandler, ReadyzHandler
+from server.logs import get_logger
+from server.services import Services
+
+_access_log = get_logger("finalmarket.access")
+
+
+def make_app(services: Services) -> tornado.web.Application:
+    """Build the application for one node; every handler gets `services` via `initialize`."""
+    deps = {"services": services}
+    routes: list[Any] = [
+        (r"/healthz", HealthzHandler, deps),
+        (r"/readyz", ReadyzHandler, deps),
+        (r"/metrics", MetricsHandler, deps),
+    ]
+    return tornado.web.Application(
+        routes,
+        default_handler_class=NotFoundHandler,
+        default_handler_args=deps,
+        log_function=_log_request,
+        serve_traceback=services.settings.debug,
+        compress_response=False,
+        xheaders=True,
+    )
+
+
+def _route_name(handler: tornado.web.RequestHandler) -> str:
+    # The handler class, not the path: paths carry ids and would explode metric cardinality.
+    return type(handler).__name__.removesuffix("Handler")
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log and request metrics, called by Tornado once per finished request."""
+    status = handler.get_status()
+    elapsed_s = handler.request.request_time()
+    if isinstance(handler, BaseHandler):
+        route, method = _route_name(handler), handler.request.method or "?"
+        metrics = handler.services.metrics
+        metrics.http_requests.labels(route, method, str(status)).inc()
+        metrics.http_latency.labels(route, method).observe(elapsed_s)
+    level = "info" if status < 400 else "warning" if status < 500 else "error"
+    getattr(_access_log, level)(
+        "request",
+        method=handler.request.method,
+        path=handler.request.path,
+        status=status,
+        duration_ms=round(elapsed_s * 1000, 2),
+        remote=handler.request.remote_ip,
+        request_id=getattr(handler, "request_id", None),
+    )

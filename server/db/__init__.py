@@ -1,0 +1,1 @@
+"""Data access: sharded connection pools and versioned migrations."""

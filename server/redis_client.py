@@ -1,0 +1,32 @@
+"""The node's Redis client, chosen by setting: a single server or a Redis Cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from server.settings import Settings
+
+# Commands are retried a few times on connection errors so a Redis restart costs latency,
+# not errors, for idempotent reads; the broker handles resubscription itself.
+_RETRY_ATTEMPTS = 2
+
+
+def open_redis(settings: Settings) -> Any:
+    """A `redis.asyncio` client for `settings.redis_url` (cluster-aware when configured).
+
+    No connection is made here: the first command connects, so a node starts while Redis is
+    down and reports it on /readyz.
+    """
+    common: dict[str, Any] = {
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), _RETRY_ATTEMPTS),
+    }
+    if settings.redis_cluster:
+        return RedisCluster.from_url(settings.redis_url, **common)
+    return Redis.from_url(settings.redis_url, health_check_interval=30, **common)

@@ -1,0 +1,75 @@
+"""The dependencies of one node, built once by the lifecycle and passed to the app factory."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.db.pools import Database
+from server.metrics import NodeMetrics
+from server.settings import Settings
+
+
+@dataclass
+class NodeState:
+    """Lifecycle flags the handlers read (readiness goes 503 once draining starts), and the
+    count of requests in flight that shutdown waits for."""
+
+    draining: bool = False
+    in_flight: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_started(self) -> None:
+        """A request entered a handler."""
+        self.in_flight += 1
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        """A request left its handler."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight; False if `timeout_s` passed first."""
+        if self.in_flight == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass
+class Services:
+    """Everything handlers reach: settings, pools, Redis, metrics, lifecycle state.
+
+    Built by `server.node` (or a test) and handed to `server.app.make_app`; nothing here is a
+    module global, so a test can run two nodes in one process.
+    """
+
+    settings: Settings
+    db: Database
+    redis: Any
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)
+    state: NodeState = field(default_factory=NodeState)
+
+    def __post_init__(self) -> None:
+        # Gauges read the lifecycle state when scraped, so there is one source of truth.
+        self.metrics.http_in_flight.set_function(lambda: self.state.in_flight)
+        self.metrics.draining.set_function(lambda: int(self.state.draining))
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Services:
+        """Open pools and the Redis client for `settings` (connections are made lazily)."""
+        from server.redis_client import open_redis
+
+        db = await Database.open(settings)
+        return cls(settings=settings, db=db, redis=open_redis(settings))
+
+    async def close(self) -> None:
+        """Release pools and Redis connections."""
+        await self.db.close()
+        await self.redis.aclose()

@@ -1,0 +1,302 @@
+"""One typed settings object for a node, built from `config/*.toml` and `FM_*` variables.
+
+Precedence, highest first: `FM_*` environment variables, the file named by `FM_CONFIG`,
+`config/local.toml` (not in git: personal overrides and secrets), `config/finalmarket.toml`
+(checked in: operational defaults), and the defaults declared on each field below.
+
+Every field carries a description and a group; the README's configuration table is generated
+from them (`finalmarket settings --markdown`), and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "FM_"
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+MIN_SECRET_KEY_CHARS = 32
+
+
+class ShardDsn(BaseModel):
+    """Where one user shard lives: its primary and, optionally, a streaming replica."""
+
+    model_config = {"extra": "forbid", "frozen": True}
+
+    primary: str = Field(min_length=1, description="libpq DSN of the shard's primary")
+    replica: str | None = Field(default=None, description="libpq DSN of the shard's replica")
+
+
+def _group(name: str) -> dict[str, Any]:
+    return {"group": name}
+
+
+class Settings(BaseSettings):
+    """Everything a node needs to know about its environment, validated once at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    # --- node -------------------------------------------------------------------------------
+    host: str = Field(
+        "127.0.0.1", description="Address the node listens on.", json_schema_extra=_group("node")
+    )
+    port: int = Field(
+        8888,
+        ge=0,
+        le=65535,
+        description="TCP port of the node (0: any free port, logged at start).",
+        json_schema_extra=_group("node"),
+    )
+    node_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Name of this node in logs, metrics and broker envelopes "
+        "(default: hostname-pid).",
+        json_schema_extra=_group("node"),
+    )
+    secret_key: SecretStr = Field(
+        description=f"Secret for signing cookies and tokens, at least {MIN_SECRET_KEY_CHARS} "
+        "characters. Required; `finalmarket dev` generates one into its data directory.",
+        json_schema_extra=_group("node"),
+    )
+    debug: bool = Field(
+        False,
+        description="Show tracebacks in error responses. Never in production.",
+        json_schema_extra=_group("node"),
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest level written to the log.", json_schema_extra=_group("node")
+    )
+    log_format: Literal["json", "console"] = Field(
+        "json",
+        description="`json`: one JSON object per line; `console`: human-readable.",
+        json_schema_extra=_group("node"),
+    )
+
+    # --- PostgreSQL ---------------------------------------------------------------------------
+    catalog_dsn: str = Field(
+        min_length=1,
+        description="libpq DSN of the catalog database's primary (products, inventory, "
+        "images, the global user directory).",
+        json_schema_extra=_group("postgres"),
+    )
+    catalog_replica_dsn: str | None = Field(
+        None,
+        description="libpq DSN of a catalog replica for reads; unset reads the primary.",
+        json_schema_extra=_group("postgres"),
+    )
+    shards: list[ShardDsn] = Field(
+        min_length=1,
+        description='User shards as JSON: `[{"primary": DSN, "replica": DSN or null}, ...]`. '
+        "A user lives on shard `user_id % len(shards)`.",
+        json_schema_extra=_group("postgres"),
+    )
+    pool_min_size: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Connections each pool opens eagerly (0: open on first use, so a node "
+        "starts while a database is down and reports it on /readyz).",
+        json_schema_extra=_group("postgres"),
+    )
+    pool_max_size: int = Field(
+        10,
+        ge=1,
+        le=500,
+        description="Most connections in each pool.",
+        json_schema_extra=_group("postgres"),
+    )
+    pool_acquire_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=120,
+        description="Longest wait for a pooled connection.",
+        json_schema_extra=_group("postgres"),
+    )
+    connect_timeout_s: int = Field(
+        3,
+        ge=1,
+        le=60,
+        description="libpq connect_timeout for new connections.",
+        json_schema_extra=_group("postgres"),
+    )
+    statement_timeout_ms: int = Field(
+        5000,
+        ge=0,
+        le=600_000,
+        description="Server-side statement_timeout for every connection (0: none).",
+        json_schema_extra=_group("postgres"),
+    )
+
+    # --- Redis --------------------------------------------------------------------------------
+    redis_url: str = Field(
+        min_length=1,
+        pattern=r"^(redis|rediss|unix)://",
+        description="Redis (or Valkey) URL for the broker, caches, sessions and rate limits.",
+        json_schema_extra=_group("redis"),
+    )
+    redis_cluster: bool = Field(
+        False,
+        description="`redis_url` names a node of a Redis Cluster (sharded pub/sub).",
+        json_schema_extra=_group("redis"),
+    )
+    redis_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="Socket and connect timeout for Redis commands.",
+        json_schema_extra=_group("redis"),
+    )
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    readiness_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        le=30,
+        description="Time /readyz gives each dependency to answer.",
+        json_schema_extra=_group("lifecycle"),
+    )
+    drain_delay_s: float = Field(
+        1.0,
+        ge=0,
+        le=300,
+        description="After SIGTERM, how long the node keeps serving with /readyz at 503 so "
+        "the load balancer stops sending new work before the listener closes.",
+        json_schema_extra=_group("lifecycle"),
+    )
+    shutdown_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="After the listener closes, longest wait for requests in flight.",
+        json_schema_extra=_group("lifecycle"),
+    )
+
+    # --- limits ---------------------------------------------------------------------------------
+    max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="Largest request body accepted by JSON endpoints (413 beyond it).",
+        json_schema_extra=_group("limits"),
+    )
+
+    # --- realtime -------------------------------------------------------------------------------
+    benchmark_channel: bool = Field(
+        False,
+        description="Enable `BenchmarkChannel` on /cable (load tools only).",
+        json_schema_extra=_group("realtime"),
+    )
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key_long_enough(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < MIN_SECRET_KEY_CHARS:
+            raise ValueError(f"must be at least {MIN_SECRET_KEY_CHARS} characters")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment first, then config files, then field defaults."""
+        files = config_files(os.environ)
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=files, deep_merge=True)
+        return (init_settings, env_settings, toml)
+
+
+def config_files(environ: Mapping[str, str]) -> list[Path]:
+    """The TOML files a node reads, lowest precedence first; missing files are skipped."""
+    config_dir = Path(environ.get("FM_CONFIG_DIR", DEFAULT_CONFIG_DIR))
+    files = [config_dir / "finalmarket.toml", config_dir / "local.toml"]
+    if extra := environ.get("FM_CONFIG"):
+        files.append(Path(extra))
+    return files
+
+
+class SettingsInvalid(Exception):
+    """Start-up refused: a setting is missing or malformed. `str()` is one line per problem."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the node's settings; raise `SettingsInvalid` naming each bad setting."""
+    extra = os.environ.get("FM_CONFIG")
+    if extra and not Path(extra).is_file():
+        raise SettingsInvalid(f"FM_CONFIG: no such file {extra!r}")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsInvalid(_describe_validation(exc)) from None
+    except SettingsError as exc:
+        raise SettingsInvalid(_describe_settings_error(exc)) from None
+
+
+def _env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _describe_validation(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        name = _env_name(loc[0]) if loc else "settings"
+        where = "".join(f"[{part}]" for part in loc[1:])
+        if error["type"] == "missing":
+            lines.append(f"{name}{where}: required setting is missing")
+        elif error["type"] == "extra_forbidden":
+            lines.append(f"{name}{where}: unknown setting (check the spelling)")
+        else:
+            shown = "" if "secret" in loc[0] else f" (got {error.get('input')!r})"
+            lines.append(f"{name}{where}: {error['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _describe_settings_error(exc: SettingsError) -> str:
+    # pydantic-settings phrases these as: error parsing value for field "shards" from source ...
+    text = str(exc)
+    for field in Settings.model_fields:
+        if f'"{field}"' in text:
+            return f"{_env_name(field)}: malformed value (expected JSON for this setting)"
+    return f"settings: {text}"
+
+
+def settings_table_markdown() -> str:
+    """The README's configuration table, one row per setting, grouped."""
+    rows = ["| variable | group | default | description |", "| --- | --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if field.is_required():
+            default = "**required**"
+        elif field.default_factory is not None:
+            default = "(computed)"
+        else:
+            default = f"`{field.default!r}`" if field.default is not None else "unset"
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(
+            f"| `{_env_name(name)}` | {extra.get('group', '')} | {default} | {description} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,126 @@
+"""Users: accounts spread over the shards, with globally allocated ids.
+
+A new account takes its id and claims its email in the catalog's `user_directory` (one
+sequence, one unique index for every shard), then its row is written on shard
+`id % shard_count`. Should the shard write fail, the directory claim is removed again, so a
+failed sign-up leaves the email free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg2.errors
+from argon2 import PasswordHasher
+
+from server.db.pools import Database
+from server.errors import Conflict, InvalidInput
+
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_CHARS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """An account as the rest of the product sees it (never the password hash)."""
+
+    id: int
+    email: str
+    name: str
+    is_admin: bool
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, object]:
+        """The public JSON shape of a user."""
+        return {
+            "id": str(self.id),
+            "email": self.email,
+            "name": self.name,
+            "is_admin": self.is_admin,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+def normalise_email(email: str) -> str:
+    """The canonical (lower-case, trimmed) form of `email`; raises if it is not one."""
+    canonical = email.strip().lower()
+    if len(canonical) > 254 or not _EMAIL.match(canonical):
+        raise InvalidInput("email is not a valid address", field="email")
+    return canonical
+
+
+def check_password_rules(password: str) -> None:
+    """Refuse passwords that are too short or absurdly long (hashing cost is bounded)."""
+    if not MIN_PASSWORD_CHARS <= len(password) <= MAX_PASSWORD_CHARS:
+        raise InvalidInput(
+            f"password must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters",
+            field="password",
+        )
+
+
+class UserService:
+    """Creates and finds accounts across the catalog directory and the user shards."""
+
+    def __init__(self, db: Database, hasher: PasswordHasher | None = None) -> None:
+        self.db = db
+        self.hasher = hasher or PasswordHasher()
+
+    async def hash_password(self, password: str) -> str:
+        """argon2id hash of `password`, computed off the event loop (it is memory-hard)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.hasher.hash, password)
+
+    async def create_user(
+        self, email: str, password: str, name: str = "", is_admin: bool = False
+    ) -> User:
+        """Create an account; `Conflict` when the email is taken."""
+        email = normalise_email(email)
+        check_password_rules(password)
+        if len(name) > 200:
+            raise InvalidInput("name must be at most 200 characters", field="name")
+        password_hash = await self.hash_password(password)
+        user_id = await self._claim_email(email)
+        try:
+            return await self._insert_user(user_id, email, name, password_hash, is_admin)
+        except BaseException:
+            await self._release_email(email, user_id)
+            raise
+
+    async def _claim_email(self, email: str) -> int:
+        async with self.db.catalog.primary.acquire() as conn, conn.cursor() as cur:
+            try:
+                await cur.execute(
+                    "INSERT INTO user_directory (email) VALUES (%s) RETURNING user_id", (email,)
+                )
+            except psycopg2.errors.UniqueViolation:
+                raise Conflict("an account with this email exists", field="email") from None
+            row = await cur.fetchone()
+            return int(row[0])
+
+    async def _release_email(self, email: str, user_id: int) -> None:
+        async with self.db.catalog.primary.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "DELETE FROM user_directory WHERE email = %s AND user_id = %s", (email, user_id)
+            )
+
+    async def _insert_user(
+        self, user_id: int, email: str, name: str, password_hash: str, is_admin: bool
+    ) -> User:
+        shard = self.db.shard_for(user_id)
+        async with shard.primary.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                """
+                WITH u AS (
+                    INSERT INTO users (id, email, name, password_hash, is_admin)
+                    VALUES (%s, %s, %s, %s, %s)
+                    RETURNING id, email, name, is_admin, created_at
+                ), c AS (INSERT INTO carts (user_id) SELECT id FROM u)
+                SELECT * FROM u
+                """,
+                (user_id, email, name, password_hash, is_admin),
+            )
+            row = await cur.fetchone()
+        return User(id=row[0], email=row[1], name=row[2], is_admin=row[3], created_at=row[4])

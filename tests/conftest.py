@@ -1,0 +1,133 @@
+"""Test fixtures: real embedded PostgreSQL and Valkey, started once per test session.
+
+When `FM_CATALOG_DSN`, `FM_SHARDS` and `FM_REDIS_URL` are all set, the suite uses those
+servers instead (their data is wiped between tests: never point it at anything you keep).
+Each test that touches data asks for `clean_data`, which empties every table and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+import redis
+
+from server import infra
+from server.db.migrate import migrate_all
+from server.db.pools import Database
+from server.services import Services
+from server.settings import Settings
+
+_EXTERNAL_KEYS = ("FM_CATALOG_DSN", "FM_SHARDS", "FM_REDIS_URL")
+TEST_SECRET_KEY = secrets.token_urlsafe(48)
+
+_CATALOG_TABLES = "products, inventory, stock_reservations, product_images, user_directory"
+_SHARD_TABLES = "users, carts, cart_items, orders, order_items, notifications, idempotency_keys"
+
+
+@pytest.fixture(scope="session")
+def infra_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """`FM_*` settings of the servers the suite runs against, migrated once."""
+    if all(os.environ.get(key) for key in _EXTERNAL_KEYS):
+        env = {key: os.environ[key] for key in os.environ if key.startswith("FM_")}
+        data_dir = None
+    else:
+        data_dir = tmp_path_factory.mktemp("infra")
+        env = infra.up(data_dir, log=lambda line: None)
+    try:
+        run_in_private_loop(_migrate(env))
+        yield env
+    finally:
+        if data_dir is not None:
+            infra.down(data_dir, log=lambda line: None)
+
+
+def run_in_private_loop(coro: Any) -> Any:
+    """Run `coro` on a loop of its own without touching the thread's current loop.
+
+    (`asyncio.run` would set the current loop to None afterwards, and pytest-tornado then
+    schedules test coroutines on a loop nobody runs.)
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+async def _migrate(env: dict[str, str]) -> None:
+    db = await Database.open(make_settings(env))
+    try:
+        await migrate_all(db)
+    finally:
+        await db.close()
+
+
+def make_settings(env: dict[str, str], **overrides: Any) -> Settings:
+    """Settings for a node of the test deployment (port 0: the OS picks one)."""
+    values: dict[str, Any] = {
+        "catalog_dsn": env["FM_CATALOG_DSN"],
+        "catalog_replica_dsn": env.get("FM_CATALOG_REPLICA_DSN"),
+        "shards": json.loads(env["FM_SHARDS"]),
+        "redis_url": env["FM_REDIS_URL"],
+        "redis_cluster": env.get("FM_REDIS_CLUSTER") == "1",
+        "secret_key": TEST_SECRET_KEY,
+        "port": 0,
+        "drain_delay_s": 0.0,
+        "log_format": "console",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(infra_env: dict[str, str]) -> Settings:
+    """Settings of one node of the test deployment."""
+    return make_settings(infra_env)
+
+
+def primary_dsns(env: dict[str, str]) -> list[str]:
+    """The catalog's and each shard's primary DSN."""
+    return [env["FM_CATALOG_DSN"]] + [shard["primary"] for shard in json.loads(env["FM_SHARDS"])]
+
+
+@pytest.fixture
+def clean_data(infra_env: dict[str, str]) -> None:
+    """Empty every table of every database and flush Redis before the test."""
+    for index, dsn in enumerate(primary_dsns(infra_env)):
+        tables = _CATALOG_TABLES if index == 0 else _SHARD_TABLES
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+        conn.close()
+    client = redis.Redis.from_url(infra_env["FM_REDIS_URL"])
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def services(io_loop: Any, settings: Settings) -> Iterator[Services]:
+    """The node's services opened on the test's IOLoop (closed after the test)."""
+    opened: Services = io_loop.run_sync(lambda: Services.open(settings))
+    yield opened
+    io_loop.run_sync(opened.close)
+
+
+@pytest.fixture
+def app(services: Services) -> Any:
+    """The Tornado application under test (pytest-tornado's `http_server` serves it)."""
+    from server.app import make_app
+
+    return make_app(services)
+
+
+@pytest.fixture
+def project_root() -> Path:
+    """The repository checkout the tests run from."""
+    return Path(__file__).resolve().parent.parent
