@@ -34,8 +34,6 @@ async def test_seed_adds_products_with_inventory_and_continues_numbering(
     with psycopg2.connect(infra_env["FM_CATALOG_DSN"]) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*), count(DISTINCT sku), max(sku) FROM products")
         assert cur.fetchone() == (1205, 1205, "FM-001205")
-        cur.execute(
-            "SELECT count(*) FROM products p JOIN inventory i ON i.product_id = p.id"
-        )
+        cur.execute("SELECT count(*) FROM products p JOIN inventory i ON i.product_id = p.id")
         assert cur.fetchone() == (1205,)
     conn.close()
