@@ -7,6 +7,7 @@ from typing import Any
 import tornado.web
 
 from handlers.base import BaseHandler, NotFoundHandler
+from handlers.cable import CableHandler
 from handlers.health import HealthzHandler, MetricsHandler, ReadyzHandler
 from server.logs import get_logger
 from server.services import Services
@@ -21,6 +22,7 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/healthz", HealthzHandler, deps),
         (r"/readyz", ReadyzHandler, deps),
         (r"/metrics", MetricsHandler, deps),
+        (r"/cable", CableHandler, {**deps, "cable": services.cable}),
     ]
     return tornado.web.Application(
         routes,

@@ -37,7 +37,7 @@ class Node:
             self.app, xheaders=True, max_body_size=services.settings.max_body_bytes
         )
         self.port: int | None = None
-        self.drain_hooks: list[Callable[[], Awaitable[None]]] = []
+        self.drain_hooks: list[Callable[[], Awaitable[None]]] = [services.cable.drain]
 
     def listen(self) -> int:
         """Bind the configured address (port 0 picks a free one) and return the port."""
@@ -70,7 +70,9 @@ async def run_node(settings: Settings, on_listening: Callable[[int], None] | Non
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    node = Node(await Services.open(settings))
+    services = await Services.open(settings)
+    services.start()
+    node = Node(services)
     port = node.listen()
     _log.info("listening", host=settings.host, port=port, node_id=settings.node_id)
     if on_listening is not None:

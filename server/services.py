@@ -6,8 +6,10 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from realtime.cable import CableLimits, CableServer
 from server.db.pools import Database
 from server.metrics import NodeMetrics
+from server.sessions import SessionStore
 from server.settings import Settings
 
 
@@ -53,6 +55,8 @@ class Services:
     settings: Settings
     db: Database
     redis: Any
+    sessions: SessionStore
+    cable: CableServer
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     state: NodeState = field(default_factory=NodeState)
 
@@ -67,9 +71,31 @@ class Services:
         from server.redis_client import open_redis
 
         db = await Database.open(settings)
-        return cls(settings=settings, db=db, redis=open_redis(settings))
+        redis = open_redis(settings)
+        cable = CableServer(
+            db,
+            redis,
+            settings.node_id,
+            limits=CableLimits(
+                max_frame_bytes=settings.cable_max_frame_bytes,
+                max_subscriptions=settings.cable_max_subscriptions,
+                commands_per_second=settings.cable_commands_per_second,
+                command_burst=settings.cable_command_burst,
+                slow_consumer_bytes=settings.cable_slow_consumer_bytes,
+                max_connections_per_ip=settings.cable_max_connections_per_ip,
+                ping_interval_s=settings.cable_ping_interval_s,
+            ),
+            benchmark_channel=settings.benchmark_channel,
+            history_maxlen=settings.stream_history_maxlen,
+        )
+        return cls(settings=settings, db=db, redis=redis, sessions=SessionStore(redis), cable=cable)
+
+    def start(self) -> None:
+        """Start background work (broker reader, pings); call on the serving loop."""
+        self.cable.start()
 
     async def close(self) -> None:
-        """Release pools and Redis connections."""
+        """Stop background work, release pools and Redis connections."""
+        await self.cable.stop()
         await self.db.close()
         await self.redis.aclose()

@@ -206,6 +206,65 @@ class Settings(BaseSettings):
         description="Enable `BenchmarkChannel` on /cable (load tools only).",
         json_schema_extra=_group("realtime"),
     )
+    cable_allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins (besides the node's own host) allowed to open /cable, "
+        'as JSON, e.g. `["https://shop.example"]`.',
+        json_schema_extra=_group("realtime"),
+    )
+    cable_max_frame_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest inbound WebSocket message; bigger ones close the connection (1009).",
+        json_schema_extra=_group("realtime"),
+    )
+    cable_max_subscriptions: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Subscriptions one connection may hold; more are rejected.",
+        json_schema_extra=_group("realtime"),
+    )
+    cable_commands_per_second: float = Field(
+        50.0,
+        gt=0,
+        description="Sustained commands per second per connection (token bucket).",
+        json_schema_extra=_group("realtime"),
+    )
+    cable_command_burst: int = Field(
+        100,
+        ge=1,
+        description="Commands a connection may send at once before the rate applies; a "
+        "connection that exceeds the bucket is disconnected.",
+        json_schema_extra=_group("realtime"),
+    )
+    cable_slow_consumer_bytes: int = Field(
+        1024 * 1024,
+        ge=4096,
+        description="Unsent bytes a connection may accumulate before it is cut off as a slow "
+        "consumer (it recovers on reconnect).",
+        json_schema_extra=_group("realtime"),
+    )
+    cable_max_connections_per_ip: int = Field(
+        2000,
+        ge=1,
+        description="Concurrent /cable connections from one client address (429 beyond).",
+        json_schema_extra=_group("realtime"),
+    )
+    cable_ping_interval_s: float = Field(
+        3.0,
+        gt=0,
+        le=60,
+        description="Ping period; the Action Cable client reconnects after 6 s without one.",
+        json_schema_extra=_group("realtime"),
+    )
+    stream_history_maxlen: int = Field(
+        1000,
+        ge=0,
+        description="Messages kept per stream for recovery (`since`); 0 keeps none.",
+        json_schema_extra=_group("realtime"),
+    )
 
     @field_validator("secret_key")
     @classmethod

@@ -114,7 +114,13 @@ def clean_data(infra_env: dict[str, str]) -> None:
 @pytest.fixture
 def services(io_loop: Any, settings: Settings) -> Iterator[Services]:
     """The node's services opened on the test's IOLoop (closed after the test)."""
-    opened: Services = io_loop.run_sync(lambda: Services.open(settings))
+
+    async def open_and_start() -> Services:
+        opened = await Services.open(settings)
+        opened.start()
+        return opened
+
+    opened: Services = io_loop.run_sync(open_and_start)
     yield opened
     io_loop.run_sync(opened.close)
 

@@ -1,0 +1,424 @@
+"""The cable server of one node: connections, subscriptions, delivery, pings and drain.
+
+Ties the pieces together: connections (`realtime.connection`) send commands here; channels
+(`realtime.channels`) authorise and give first messages; the hub (`realtime.hub`) fans out;
+the broker (`realtime.broker`) carries messages between nodes with offsets and history.
+
+Delivery order per stream: the node remembers the last offset it handed to the hub. A new
+subscriber is sent its snapshot or replay up to that offset and joins the hub in the same
+loop step, so it neither misses nor repeats a message. An envelope that skips offsets (lost
+while Redis was away) is preceded by the missing ones from history; when history cannot
+supply them, or the epoch changed, subscribers are sent a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from realtime import cable_codec
+from realtime.broker import Envelope, RedisBroker
+from realtime.cable_codec import CableCodec, CommandError
+from realtime.channels import Channel, Reject, Subscription, build_channels
+from realtime.connection import CLOSE_GOING_AWAY, CableConnection, parse_identifier
+from realtime.hub import Hub
+from realtime.wsframe import encode_frame
+from server.db.pools import Database
+from server.logs import get_logger
+from server.sessions import Session
+
+_log = get_logger("finalmarket.cable")
+
+
+@dataclass(frozen=True, slots=True)
+class CableLimits:
+    """Inbound and outbound bounds of every connection."""
+
+    max_frame_bytes: int = 64 * 1024
+    max_subscriptions: int = 100
+    commands_per_second: float = 50.0
+    command_burst: int = 100
+    slow_consumer_bytes: int = 1024 * 1024
+    max_connections_per_ip: int = 2000
+    ping_interval_s: float = 3.0
+
+
+@dataclass(slots=True)
+class _Position:
+    offset: int
+    epoch: str
+
+
+class CableServer:
+    """Everything `/cable` needs on one node; built by the app factory, owned by the node."""
+
+    def __init__(
+        self,
+        db: Database,
+        redis: Any,
+        node_id: str,
+        *,
+        limits: CableLimits | None = None,
+        benchmark_channel: bool = False,
+        history_maxlen: int = 1000,
+    ) -> None:
+        self.limits = limits or CableLimits()
+        self.hub = Hub()
+        self.channels: dict[str, Channel] = build_channels(db, benchmark=benchmark_channel)
+        self.broker = RedisBroker(
+            redis, node_id, self._on_envelope, self._on_reconnect, history_maxlen
+        )
+        self.connections: dict[CableConnection, None] = {}
+        self._per_ip: dict[str, int] = {}
+        self._positions: dict[str, _Position] = {}
+        self._catching_up: dict[str, list[Envelope]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pinger: asyncio.Task[None] | None = None
+        self.slow_consumers = 0
+        self.refusals = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the broker reader and the ping timer."""
+        self.broker.start()
+        self._pinger = asyncio.get_running_loop().create_task(self._ping_forever())
+
+    async def drain(self) -> None:
+        """Tell every client to reconnect elsewhere (`reconnect: true`) and close them."""
+        frames = {
+            codec: codec.frame(cable_codec.disconnect("server_restart", reconnect=True))
+            for codec in cable_codec.CODECS.values()
+        }
+        connections = list(self.connections)
+        for conn in connections:
+            conn.send(frames[conn.codec])
+            conn.close(CLOSE_GOING_AWAY, "server restart")
+        _log.info("cable_drained", connections=len(connections))
+
+    async def stop(self) -> None:
+        """Cancel owned tasks and stop the broker."""
+        if self._pinger is not None:
+            self._pinger.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.broker.stop()
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("cable_task_failed", error=repr(task.exception()))
+
+    # --- connections --------------------------------------------------------------------------
+
+    def may_accept(self, remote_ip: str) -> bool:
+        """Whether another connection from `remote_ip` fits the per-IP bound."""
+        return self._per_ip.get(remote_ip, 0) < self.limits.max_connections_per_ip
+
+    async def adopt(
+        self,
+        sock: socket.socket,
+        codec: CableCodec,
+        user: Session | None,
+        remote_ip: str,
+        handshake: bytes,
+        unauthorized: bool,
+    ) -> None:
+        """Take over an upgraded socket: write the 101 response and `welcome` in one send."""
+        loop = asyncio.get_running_loop()
+        conn = CableConnection(self, codec, user, remote_ip)
+        await loop.connect_accepted_socket(lambda: conn, sock=sock)
+        self.connections[conn] = None
+        self._per_ip[remote_ip] = self._per_ip.get(remote_ip, 0) + 1
+        conn.send(handshake + codec.frame(cable_codec.welcome()))
+        if unauthorized:
+            self.log_refusal(conn, "unauthorized", "token unknown, expired or revoked")
+            conn.disconnect("unauthorized", reconnect=False)
+
+    def forget(self, conn: CableConnection) -> None:
+        """A connection is gone: drop its subscriptions (called from connection_lost)."""
+        if self.connections.pop(conn, 0) is None:
+            left = self._per_ip.get(conn.remote_ip, 1) - 1
+            if left:
+                self._per_ip[conn.remote_ip] = left
+            else:
+                self._per_ip.pop(conn.remote_ip, None)
+        for identifier in list(conn.subscriptions):
+            self.unsubscribe(conn, identifier)
+
+    def log_refusal(self, conn: CableConnection, kind: str, reason: str) -> None:
+        """Log a refused frame or command with who sent it."""
+        self.refusals += 1
+        user_id = conn.user.user_id if conn.user else None
+        _log.warning(
+            "cable_refused", kind=kind, reason=reason, remote=conn.remote_ip, user_id=user_id
+        )
+
+    def metrics_slow_consumer(self) -> None:
+        """Count a connection cut off as a slow consumer."""
+        self.slow_consumers += 1
+
+    # --- commands -----------------------------------------------------------------------------
+
+    def subscribe(self, conn: CableConnection, identifier: str) -> None:
+        """Handle a `subscribe` command (authorisation and first messages run as a task)."""
+        if identifier in conn.subscriptions:
+            conn.refuse("already subscribed", identifier)
+            return
+        if len(conn.subscriptions) >= self.limits.max_subscriptions:
+            self.log_refusal(conn, "too_many_subscriptions", identifier)
+            conn.send_message(cable_codec.reject(identifier))
+            return
+        try:
+            params = parse_identifier(identifier)
+        except CommandError as exc:
+            conn.refuse(str(exc), identifier)
+            return
+        channel = self.channels.get(params["channel"])
+        if channel is None:
+            self.log_refusal(conn, "unknown_channel", params["channel"])
+            conn.send_message(cable_codec.reject(identifier))
+            return
+        conn.subscriptions[identifier] = None
+        self._spawn(self._subscribe(conn, identifier, channel, params))
+
+    async def _subscribe(
+        self, conn: CableConnection, identifier: str, channel: Channel, params: dict[str, Any]
+    ) -> None:
+        try:
+            stream = await channel.stream_for(params, conn.user)
+        except Reject as exc:
+            self.log_refusal(conn, "subscription_rejected", str(exc))
+            if conn.subscriptions.pop(identifier, 0) is None:
+                conn.send_message(cable_codec.reject(identifier))
+            return
+        if stream not in self._positions:
+            await self.broker.subscribe(stream)
+            if stream not in self._positions:
+                offset, epoch = await self.broker.position(stream)
+                self._positions[stream] = _Position(offset, epoch)
+        first = await self._first_messages(channel, stream, params, conn.user)
+        if conn.closing or identifier not in conn.subscriptions:
+            self._release_stream_if_unused(stream)
+            return  # unsubscribed or gone while we were waiting
+        subscription = Subscription(channel, identifier, stream, params)
+        conn.subscriptions[identifier] = subscription
+        self.hub.add(stream, identifier, conn.codec, conn)
+        conn.send_message(cable_codec.confirm(identifier))
+        for message in first:
+            self.hub.send_to(conn, identifier, conn.codec, message)
+
+    async def _first_messages(
+        self, channel: Channel, stream: str, params: dict[str, Any], user: Session | None
+    ) -> list[dict[str, Any]]:
+        """Replay since the client's offset, or a snapshot; up to the node's position."""
+        since, client_epoch = params.get("since"), params.get("epoch")
+        while True:
+            position = self._positions.get(stream)
+            if position is None:  # the stream was released meanwhile; start over
+                offset, epoch = await self.broker.position(stream)
+                position = _Position(offset, epoch)
+            target, epoch = position.offset, position.epoch
+            messages: list[dict[str, Any]] | None = None
+            recoverable = (
+                isinstance(since, int)
+                and not isinstance(since, bool)
+                and 0 <= since <= target
+                and client_epoch in (None, epoch)
+            )
+            if recoverable:
+                assert isinstance(since, int)
+                replay = await self.broker.history_after(stream, since, target)
+                if replay is not None:
+                    messages = [_stamped(payload, offset, epoch) for offset, payload in replay]
+            if messages is None:
+                snapshot = await channel.snapshot(params, user)
+                messages = [] if snapshot is None else [_stamped(snapshot, target, epoch)]
+            now = self._positions.get(stream)
+            if now is None or (now.offset == target and now.epoch == epoch):
+                return messages
+            # The stream moved while we read: recompute so nothing between is lost.
+
+    def unsubscribe(self, conn: CableConnection, identifier: str) -> None:
+        """Handle `unsubscribe` (also used when a connection goes away)."""
+        subscription = conn.subscriptions.pop(identifier, None)
+        if subscription is None:
+            return
+        if self.hub.remove(subscription.stream, identifier, conn.codec, conn):
+            self._release_stream_if_unused(subscription.stream)
+
+    def _release_stream_if_unused(self, stream: str) -> None:
+        if self.hub.subscriber_count(stream) == 0 and stream in self._positions:
+            del self._positions[stream]
+            self._catching_up.pop(stream, None)
+            self._spawn(self.broker.unsubscribe(stream))
+
+    def perform(self, conn: CableConnection, identifier: str, data: str) -> None:
+        """Handle a `message` command: an action on one of the connection's subscriptions."""
+        subscription = conn.subscriptions.get(identifier)
+        if subscription is None:
+            conn.refuse("not subscribed to this identifier", identifier)
+            return
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            conn.refuse("data is not JSON", identifier)
+            return
+        action = payload.get("action") if isinstance(payload, dict) else None
+        if action not in subscription.channel.actions():
+            conn.refuse(f"unknown action {action!r}", identifier)
+            return
+        if action == "echo":
+            self.hub.send_to(conn, identifier, conn.codec, payload)
+        elif action == "broadcast":
+            self._spawn(self._broadcast(conn, subscription, payload))
+
+    async def _broadcast(
+        self, conn: CableConnection, sub: Subscription, payload: dict[str, Any]
+    ) -> None:
+        await self.broker.publish(sub.stream, payload, history=sub.channel.keeps_history)
+        if not conn.closing:
+            result = {**payload, "action": "broadcastResult"}
+            self.hub.send_to(conn, sub.identifier, conn.codec, result)
+
+    async def publish(self, stream: str, message: dict[str, Any]) -> tuple[int, str]:
+        """Publish a domain event (stock change, cart change) to every node's subscribers."""
+        return await self.broker.publish(stream, message)
+
+    # --- delivery -----------------------------------------------------------------------------
+
+    def _on_envelope(self, envelope: Envelope) -> None:
+        stream = envelope.stream
+        position = self._positions.get(stream)
+        if position is None:
+            return  # no local subscribers any more
+        waiting = self._catching_up.get(stream)
+        if waiting is not None:
+            waiting.append(envelope)
+            return
+        if envelope.epoch == position.epoch:
+            if envelope.offset <= position.offset:
+                return  # already delivered (replayed from history)
+            if envelope.offset == position.offset + 1:
+                position.offset = envelope.offset
+                self.hub.broadcast(
+                    stream, _stamped(envelope.payload, envelope.offset, envelope.epoch)
+                )
+                return
+        self._catching_up[stream] = [envelope]
+        self._spawn(self._catch_up(stream))
+
+    async def _catch_up(self, stream: str) -> None:
+        """Fill a gap from history, or resynchronise subscribers with fresh snapshots."""
+        try:
+            while (waiting := self._catching_up.get(stream)) and (
+                position := self._positions.get(stream)
+            ):
+                envelope = waiting[0]
+                if envelope.epoch == position.epoch and envelope.offset <= position.offset:
+                    waiting.pop(0)
+                    if not waiting:
+                        break
+                    continue
+                missed = None
+                if envelope.epoch == position.epoch:
+                    missed = await self.broker.history_after(
+                        stream, position.offset, envelope.offset - 1
+                    )
+                if missed is None:
+                    await self._resync(stream, envelope.offset, envelope.epoch)
+                else:
+                    for offset, payload in missed:
+                        self.hub.broadcast(stream, _stamped(payload, offset, position.epoch))
+                    position.offset = envelope.offset - 1
+                if (
+                    current := self._positions.get(stream)
+                ) is not None and envelope.offset > current.offset:
+                    current.offset, current.epoch = envelope.offset, envelope.epoch
+                    self.hub.broadcast(
+                        stream, _stamped(envelope.payload, envelope.offset, envelope.epoch)
+                    )
+                waiting.pop(0)
+                if not waiting:
+                    break
+        finally:
+            self._catching_up.pop(stream, None)
+
+    async def _resync(self, stream: str, offset: int, epoch: str) -> None:
+        """History cannot fill the gap: send every subscriber a fresh snapshot."""
+        position = self._positions.get(stream)
+        if position is None:
+            return
+        position.offset, position.epoch = offset - 1, epoch
+        _log.info("stream_resync", stream=stream, epoch=epoch, offset=offset - 1)
+        for identifier, codec, members in self.hub.each_group(stream):
+            subscription = next(
+                (
+                    conn.subscriptions.get(identifier)
+                    for conn in members
+                    if isinstance(conn, CableConnection)
+                ),
+                None,
+            )
+            if subscription is None:
+                continue
+            # Snapshots of user streams depend only on the stream, so one per group serves all.
+            user = next((c.user for c in members if isinstance(c, CableConnection)), None)
+            snapshot = await subscription.channel.snapshot(subscription.params, user)
+            if snapshot is None:
+                continue
+            frame = encode_frame(
+                codec.opcode,
+                codec.broadcast_prefix(identifier)
+                + codec.encode_body(_stamped(snapshot, offset - 1, epoch)),
+            )
+            for member in members:
+                member.send(frame)
+
+    async def _on_reconnect(self) -> None:
+        """Redis came back: compare every stream's position with what this node delivered."""
+        for stream in list(self._positions):
+            position = self._positions.get(stream)
+            if position is None:
+                continue
+            offset, epoch = await self.broker.position(stream)
+            if epoch != position.epoch or offset != position.offset:
+                if epoch != position.epoch:
+                    await self._resync(stream, offset + 1, epoch)
+                else:
+                    missed = await self.broker.history_after(stream, position.offset, offset)
+                    if missed is None:
+                        await self._resync(stream, offset + 1, epoch)
+                    else:
+                        for missed_offset, payload in missed:
+                            self.hub.broadcast(stream, _stamped(payload, missed_offset, epoch))
+                        position.offset = offset
+
+    async def _ping_forever(self) -> None:
+        interval = self.limits.ping_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            frames = {
+                codec: codec.frame(cable_codec.ping(int(time.time())))
+                for codec in cable_codec.CODECS.values()
+            }
+            for conn in list(self.connections):
+                conn.send(frames[conn.codec])
+
+
+def _stamped(payload: Any, offset: int, epoch: str) -> dict[str, Any]:
+    """A stream message as clients see it: the payload with its offset and epoch."""
+    if isinstance(payload, dict):
+        return {**payload, "offset": offset, "epoch": epoch}
+    return {"data": payload, "offset": offset, "epoch": epoch}

@@ -1,0 +1,140 @@
+"""Channels: small declarative classes that turn subscription params into one stream.
+
+A channel authorises a subscription (`stream_for` raises `Reject`), gives the subscriber its
+first message (`snapshot`: the current state, so a client never shows a stale count) and
+handles the actions a client performs. Channels are shared by all connections and keep no
+per-connection state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from server.carts import cart_view
+from server.db.pools import Database
+from server.inventory import current_stock
+from server.sessions import Session
+
+MAX_PRODUCT_ID = 2**63 - 1
+
+
+class Reject(Exception):
+    """The subscription is refused; `str()` says why (logged, not sent: Action Cable's
+    `reject_subscription` has no reason field)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """One accepted subscription of one connection."""
+
+    channel: Channel
+    identifier: str
+    stream: str
+    params: dict[str, Any]
+
+
+class Channel:
+    """Base of all channels. Override `stream_for`; `snapshot` and `perform` are optional."""
+
+    name: ClassVar[str]
+    keeps_history: ClassVar[bool] = True
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def stream_for(self, params: dict[str, Any], user: Session | None) -> str:
+        """The stream this subscription follows; raise `Reject` to refuse it."""
+        raise NotImplementedError
+
+    async def snapshot(self, params: dict[str, Any], user: Session | None) -> dict[str, Any] | None:
+        """The first message of a new (or unrecoverable) subscription, or None."""
+        return None
+
+    def actions(self) -> frozenset[str]:
+        """Actions clients may perform on this channel."""
+        return frozenset()
+
+
+def product_id_param(params: dict[str, Any]) -> int:
+    """`product_id` as a positive integer (JSON number or string of digits)."""
+    value = params.get("product_id")
+    if isinstance(value, bool):
+        raise Reject("product_id must be an integer")
+    if isinstance(value, str) and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if not isinstance(value, int) or not 0 < value <= MAX_PRODUCT_ID:
+        raise Reject("product_id must be a positive integer")
+    return value
+
+
+class InventoryChannel(Channel):
+    """Live stock of one product: the current count first, then every change."""
+
+    name = "InventoryChannel"
+
+    async def stream_for(self, params: dict[str, Any], user: Session | None) -> str:
+        product_id = product_id_param(params)
+        if await current_stock(self.db, product_id) is None:
+            raise Reject(f"no product {product_id}")
+        return f"inventory:product:{product_id}"
+
+    async def snapshot(self, params: dict[str, Any], user: Session | None) -> dict[str, Any] | None:
+        product_id = product_id_param(params)
+        stock = await current_stock(self.db, product_id)
+        return {"event": "stock", "product_id": str(product_id), "stock": stock or 0}
+
+
+class CartChannel(Channel):
+    """The caller's own cart: the cart first, then every change from any node or device."""
+
+    name = "CartChannel"
+
+    async def stream_for(self, params: dict[str, Any], user: Session | None) -> str:
+        if user is None:
+            raise Reject("CartChannel needs a signed-in user")
+        if "user_id" in params and str(params["user_id"]) != str(user.user_id):
+            raise Reject("a cart can only be followed by its owner")
+        return f"cart:user:{user.user_id}"
+
+    async def snapshot(self, params: dict[str, Any], user: Session | None) -> dict[str, Any] | None:
+        assert user is not None  # stream_for refused anonymous callers
+        return {"event": "cart", "cart": await cart_view(self.db, user.user_id)}
+
+
+class NotificationsChannel(Channel):
+    """The caller's own notifications, as they happen."""
+
+    name = "NotificationsChannel"
+
+    async def stream_for(self, params: dict[str, Any], user: Session | None) -> str:
+        if user is None:
+            raise Reject("NotificationsChannel needs a signed-in user")
+        if "user_id" in params and str(params["user_id"]) != str(user.user_id):
+            raise Reject("notifications can only be followed by their owner")
+        return f"notifications:user:{user.user_id}"
+
+
+class BenchmarkChannel(Channel):
+    """The contract of AnyCable's websocket-bench: `echo` to the sender, `broadcast` to all.
+
+    Only registered when `FM_BENCHMARK_CHANNEL=1`. Its stream keeps no history.
+    """
+
+    name = "BenchmarkChannel"
+    keeps_history = False
+    STREAM = "benchmark:all"
+
+    async def stream_for(self, params: dict[str, Any], user: Session | None) -> str:
+        return self.STREAM
+
+    def actions(self) -> frozenset[str]:
+        return frozenset({"echo", "broadcast"})
+
+
+def build_channels(db: Database, *, benchmark: bool) -> dict[str, Channel]:
+    """The channels a node serves, by name."""
+    classes: list[type[Channel]] = [InventoryChannel, CartChannel, NotificationsChannel]
+    if benchmark:
+        classes.append(BenchmarkChannel)
+    return {cls.name: cls(db) for cls in classes}

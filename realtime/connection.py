@@ -1,0 +1,201 @@
+"""One cable connection: a lean `asyncio.Protocol` on the socket Tornado upgraded.
+
+Per connection there is this object (`__slots__`), the loop's transport and, only while a
+partial frame is waiting, a decoder buffer: no Task, coroutine, Future or stream buffers, so
+an idle subscribed connection costs little memory. Frames are parsed in `data_received`;
+commands that need I/O (subscribe) run as tasks owned by the cable server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from realtime import cable_codec
+from realtime.cable_codec import CableCodec, CommandError
+from realtime.wsframe import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    FrameDecoder,
+    ProtocolError,
+    encode_close,
+    encode_frame,
+    parse_close,
+)
+from server.sessions import Session
+
+if TYPE_CHECKING:
+    from realtime.cable import CableServer
+    from realtime.channels import Subscription
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+# Errors tolerated before the connection is cut off as abusive.
+MAX_COMMAND_ERRORS = 20
+
+
+class CableConnection(asyncio.Protocol):
+    """A WebSocket speaking Action Cable after the HTTP upgrade."""
+
+    __slots__ = (
+        "_allowance",
+        "_decoder",
+        "_errors",
+        "_refilled_at",
+        "closing",
+        "codec",
+        "remote_ip",
+        "server",
+        "subscriptions",
+        "transport",
+        "user",
+    )
+
+    def __init__(
+        self, server: CableServer, codec: CableCodec, user: Session | None, remote_ip: str
+    ) -> None:
+        self.server = server
+        self.codec = codec
+        self.user = user
+        self.remote_ip = remote_ip
+        self.transport: asyncio.Transport | None = None
+        self._decoder: FrameDecoder | None = None
+        # identifier -> Subscription, or None while the subscribe command is being processed
+        self.subscriptions: dict[str, Subscription | None] = {}
+        self.closing = False
+        self._allowance = float(server.limits.command_burst)
+        self._refilled_at = time.monotonic()
+        self._errors = 0
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but have its interface
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.closing = True
+        self.server.forget(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        decoder = self._decoder
+        if decoder is None:
+            decoder = self._decoder = FrameDecoder(self.server.limits.max_frame_bytes)
+        try:
+            messages = decoder.feed(data)
+        except ProtocolError as exc:
+            self.server.log_refusal(self, "protocol_error", str(exc))
+            self.close(exc.close_code, str(exc))
+            return
+        if not decoder.buffered:
+            self._decoder = None  # idle connections keep no decoder
+        for opcode, payload in messages:
+            if self.closing:
+                return
+            if opcode == OP_PING:
+                self.send(encode_frame(OP_PONG, payload))
+            elif opcode == OP_CLOSE:
+                code, _reason = parse_close(payload)
+                self.close(code or CLOSE_NORMAL, "")
+            elif opcode == OP_PONG:
+                continue
+            else:
+                self._command(opcode, payload)
+
+    # --- commands -----------------------------------------------------------------------------
+
+    def _command(self, opcode: int, payload: bytes) -> None:
+        if not self._take_allowance():
+            self.server.log_refusal(self, "command_flood", "too many commands")
+            self.disconnect("too_many_commands", reconnect=False)
+            return
+        try:
+            command = self.codec.parse(opcode, payload)
+        except CommandError as exc:
+            self.refuse(str(exc))
+            return
+        if command.command == "subscribe":
+            self.server.subscribe(self, command.identifier)
+        elif command.command == "unsubscribe":
+            self.server.unsubscribe(self, command.identifier)
+        else:
+            self.server.perform(self, command.identifier, command.data or "")
+
+    def _take_allowance(self) -> bool:
+        limits = self.server.limits
+        now = time.monotonic()
+        self._allowance = min(
+            float(limits.command_burst),
+            self._allowance + (now - self._refilled_at) * limits.commands_per_second,
+        )
+        self._refilled_at = now
+        if self._allowance < 1.0:
+            return False
+        self._allowance -= 1.0
+        return True
+
+    def refuse(self, reason: str, identifier: str | None = None) -> None:
+        """Answer a bad command with an error frame; cut off clients that keep sending them."""
+        self.server.log_refusal(self, "bad_command", reason)
+        self._errors += 1
+        if self._errors > MAX_COMMAND_ERRORS:
+            self.disconnect("too_many_errors", reconnect=False)
+        else:
+            self.send(self.codec.frame(cable_codec.error(reason, identifier)))
+
+    # --- writing and closing ------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Write frames; past the unsent-bytes bound the connection is a slow consumer."""
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self.server.limits.slow_consumer_bytes:
+            self.server.log_refusal(self, "slow_consumer", "unsent bytes over the bound")
+            self.server.metrics_slow_consumer()
+            self.abort()
+
+    def send_message(self, message: dict[str, Any]) -> None:
+        """Encode and write one protocol message."""
+        self.send(self.codec.frame(message))
+
+    def disconnect(self, reason: str, reconnect: bool) -> None:
+        """Tell the client why, then close (the official client honours `reconnect`)."""
+        self.send_message(cable_codec.disconnect(reason, reconnect))
+        self.close(CLOSE_NORMAL if reconnect else CLOSE_POLICY, reason)
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame and close once written."""
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        transport.write(encode_close(code, reason))
+        self.closing = True
+        transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, discarding what is unsent."""
+        transport = self.transport
+        self.closing = True
+        if transport is not None:
+            transport.abort()
+
+
+def parse_identifier(identifier: str) -> dict[str, Any]:
+    """The params object inside an identifier string; raises CommandError if malformed."""
+    try:
+        params = json.loads(identifier)
+    except ValueError:
+        raise CommandError("identifier is not JSON") from None
+    if not isinstance(params, dict) or not isinstance(params.get("channel"), str):
+        raise CommandError("identifier must be a JSON object with a channel name")
+    return params

@@ -1,0 +1,163 @@
+"""Per-node fan-out: stream -> local subscribers, each broadcast framed once per wire format.
+
+Subscribers of a stream are grouped by (identifier, codec): every member of a group receives
+byte-identical frames, so a broadcast costs one encode per codec and one frame per group, then
+one write per subscriber. Broadcasts are queued per stream and flushed once per loop iteration:
+a burst of messages for a stream within one iteration leaves as one write per subscriber
+(coalescing), in offset order. Writes go straight to the socket when the connection has nothing
+queued (the transport's own fast path) and to its buffer otherwise; a connection whose unsent
+bytes pass `slow_consumer_bytes` is cut off (it recovers on reconnect, using `since`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from realtime.cable_codec import CableCodec
+from realtime.wsframe import encode_frame
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a connection."""
+
+    def send(self, data: bytes) -> None:
+        """Write bytes (complete frames) to the connection, in order."""
+
+
+class _Group:
+    """Subscribers of one stream that share identifier and codec, hence frames."""
+
+    __slots__ = ("codec", "members", "prefix")
+
+    def __init__(self, codec: CableCodec, identifier: str) -> None:
+        self.codec = codec
+        self.prefix = codec.broadcast_prefix(identifier)
+        self.members: dict[Subscriber, None] = {}
+
+
+class _Stream:
+    """Local state of one stream: its groups and the bodies waiting for the next flush."""
+
+    __slots__ = ("groups", "pending")
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[str, CableCodec], _Group] = {}
+        self.pending: list[Any] = []
+
+    def codecs(self) -> set[CableCodec]:
+        return {group.codec for group in self.groups.values()}
+
+
+class Hub:
+    """Streams to local subscribers on one node; knows nothing of Redis or HTTP."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop
+        self._streams: dict[str, _Stream] = {}
+        self._dirty: list[_Stream] = []
+        self._flush_scheduled = False
+        self.delivered = 0  # messages written to subscribers (for metrics)
+
+    # --- membership -------------------------------------------------------------------------
+
+    def add(self, stream: str, identifier: str, codec: CableCodec, subscriber: Subscriber) -> bool:
+        """Add a subscriber; True if it is the stream's first on this node."""
+        state = self._streams.get(stream)
+        first = state is None
+        if state is None:
+            state = self._streams[stream] = _Stream()
+        key = (identifier, codec)
+        group = state.groups.get(key)
+        if group is None:
+            group = state.groups[key] = _Group(codec, identifier)
+        group.members[subscriber] = None
+        return first
+
+    def remove(
+        self, stream: str, identifier: str, codec: CableCodec, subscriber: Subscriber
+    ) -> bool:
+        """Remove a subscriber; True if the stream has no local subscribers left."""
+        state = self._streams.get(stream)
+        if state is None:
+            return False
+        key = (identifier, codec)
+        group = state.groups.get(key)
+        if group is not None:
+            group.members.pop(subscriber, None)
+            if not group.members:
+                del state.groups[key]
+        if state.groups:
+            return False
+        del self._streams[stream]
+        return True
+
+    def streams(self) -> list[str]:
+        """Streams with local subscribers."""
+        return list(self._streams)
+
+    def subscriber_count(self, stream: str) -> int:
+        """Local subscribers of `stream`."""
+        state = self._streams.get(stream)
+        return sum(len(g.members) for g in state.groups.values()) if state else 0
+
+    # --- fan-out ----------------------------------------------------------------------------
+
+    def broadcast(self, stream: str, message: Any) -> None:
+        """Queue `message` for every local subscriber of `stream`; sent at the end of this
+        loop iteration together with any other message queued for the stream meanwhile."""
+        state = self._streams.get(stream)
+        if state is None:
+            return
+        bodies = {codec: codec.encode_body(message) for codec in state.codecs()}
+        if not state.pending:
+            self._dirty.append(state)
+        state.pending.append(bodies)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            (self._loop or asyncio.get_running_loop()).call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every queued message: one frame run per group, one write per subscriber."""
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for state in dirty:
+            pending, state.pending = state.pending, []
+            for group in list(state.groups.values()):
+                opcode, prefix, codec = group.codec.opcode, group.prefix, group.codec
+                frames = b"".join(
+                    encode_frame(opcode, prefix + bodies[codec])
+                    for bodies in pending
+                    if codec in bodies
+                )
+                for member in list(group.members):
+                    member.send(frames)
+                self.delivered += len(group.members) * len(pending)
+
+    def send_to(
+        self, subscriber: Subscriber, identifier: str, codec: CableCodec, message: Any
+    ) -> None:
+        """Write one stream message to one subscriber (snapshots and replays)."""
+        subscriber.send(
+            encode_frame(
+                codec.opcode, codec.broadcast_prefix(identifier) + codec.encode_body(message)
+            )
+        )
+
+    def each_group(self, stream: str) -> Iterable[tuple[str, CableCodec, list[Subscriber]]]:
+        """(identifier, codec, members) of each group of `stream` (for resynchronisation)."""
+        state = self._streams.get(stream)
+        if state is None:
+            return []
+        return [
+            (identifier, codec, list(group.members))
+            for (identifier, codec), group in state.groups.items()
+        ]
+
+
+def each_subscriber(hub: Hub, stream: str, action: Callable[[Subscriber], None]) -> None:
+    """Apply `action` to every local subscriber of `stream`."""
+    for _identifier, _codec, members in hub.each_group(stream):
+        for member in members:
+            action(member)
