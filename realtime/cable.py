@@ -77,6 +77,7 @@ class CableServer:
         self._per_ip: dict[str, int] = {}
         self._positions: dict[str, _Position] = {}
         self._catching_up: dict[str, list[Envelope]] = {}
+        self._following: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pinger: asyncio.Task[None] | None = None
         self.slow_consumers = 0
@@ -203,11 +204,7 @@ class CableServer:
             if conn.subscriptions.pop(identifier, 0) is None:
                 conn.send_message(cable_codec.reject(identifier))
             return
-        if stream not in self._positions:
-            await self.broker.subscribe(stream)
-            if stream not in self._positions:
-                offset, epoch = await self.broker.position(stream)
-                self._positions[stream] = _Position(offset, epoch)
+        await self._follow(stream)
         first = await self._first_messages(channel, stream, params, conn.user)
         if conn.closing or identifier not in conn.subscriptions:
             self._release_stream_if_unused(stream)
@@ -218,6 +215,22 @@ class CableServer:
         conn.send_message(cable_codec.confirm(identifier))
         for message in first:
             self.hub.send_to(conn, identifier, conn.codec, message)
+
+    async def _follow(self, stream: str) -> None:
+        """Make this node receive `stream` and know its position; concurrent first
+        subscribers of one stream share one Redis round trip."""
+        if stream in self._positions:
+            return
+        pending = self._following.get(stream)
+        if pending is None:
+            pending = self._following[stream] = asyncio.ensure_future(self._start_following(stream))
+            pending.add_done_callback(lambda _f: self._following.pop(stream, None))
+        await asyncio.shield(pending)
+
+    async def _start_following(self, stream: str) -> None:
+        await self.broker.subscribe(stream)
+        offset, epoch = await self.broker.position(stream)
+        self._positions.setdefault(stream, _Position(offset, epoch))
 
     async def _first_messages(
         self, channel: Channel, stream: str, params: dict[str, Any], user: Session | None

@@ -59,21 +59,21 @@ def run_dev(data_dir: Path, *, port: int, products: int, replicas: bool = False)
     """Run the quick start; returns the process exit code."""
     external = all(os.environ.get(key) for key in _EXTERNAL_KEYS)
     started_infra = False
-    if external:
-        _say("using external PostgreSQL and Redis from FM_* settings")
-    else:
-        started_infra = not infra.is_up(data_dir)
-        for key, value in infra.up(data_dir, replicas=replicas, log=_say).items():
-            os.environ.setdefault(key, value)
-    os.environ.setdefault("FM_SECRET_KEY", dev_secret_key(data_dir))
-    overrides: dict[str, Any] = {"port": port}
-    if "FM_HOST" not in os.environ:
-        overrides["host"] = "127.0.0.1"
-    if "FM_DRAIN_DELAY_S" not in os.environ:
-        overrides["drain_delay_s"] = 0.0  # nobody balances load in front of `dev`
-    if "FM_LOG_FORMAT" not in os.environ:
-        overrides["log_format"] = "console"
     try:
+        if external:
+            _say("using external PostgreSQL and Redis from FM_* settings")
+        else:
+            started_infra = not infra.is_up(data_dir)
+            for key, value in infra.up(data_dir, replicas=replicas, log=_say).items():
+                os.environ.setdefault(key, value)
+        os.environ.setdefault("FM_SECRET_KEY", dev_secret_key(data_dir))
+        overrides: dict[str, Any] = {"port": port}
+        if "FM_HOST" not in os.environ:
+            overrides["host"] = "127.0.0.1"
+        if "FM_DRAIN_DELAY_S" not in os.environ:
+            overrides["drain_delay_s"] = 0.0  # nobody balances load in front of `dev`
+        if "FM_LOG_FORMAT" not in os.environ:
+            overrides["log_format"] = "console"
         settings = load_settings(**overrides)
         configure_logging(settings.log_level, settings.log_format, settings.node_id)
         for line in infra.env_lines({k: os.environ[k] for k in _EXTERNAL_KEYS}):

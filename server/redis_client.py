@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -29,4 +29,13 @@ def open_redis(settings: Settings) -> Any:
     }
     if settings.redis_cluster:
         return RedisCluster.from_url(settings.redis_url, **common)
-    return Redis.from_url(settings.redis_url, health_check_interval=30, **common)
+    # A blocking pool makes a burst of commands (thousands of clients subscribing at once)
+    # wait for a connection instead of failing; pub/sub takes one connection of its own.
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
+        health_check_interval=30,
+        **common,
+    )
+    return Redis(connection_pool=pool)

@@ -167,6 +167,14 @@ class Settings(BaseSettings):
         json_schema_extra=_group("redis"),
     )
 
+    redis_max_connections: int = Field(
+        64,
+        ge=2,
+        le=10_000,
+        description="Most Redis connections a node opens; commands beyond wait for one.",
+        json_schema_extra=_group("redis"),
+    )
+
     # --- lifecycle ------------------------------------------------------------------------------
     readiness_timeout_s: float = Field(
         1.0,

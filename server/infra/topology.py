@@ -28,7 +28,7 @@ import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -210,8 +210,19 @@ def _threadsafe(log: LogFn) -> LogFn:
 
 def _run_parallel(tasks: list[Callable[[], None]]) -> None:
     """Run independent setup tasks concurrently; re-raise the first failure."""
-    with ThreadPoolExecutor(max_workers=max(1, len(tasks))) as pool:
-        futures = [pool.submit(task) for task in tasks]
+    pool = ThreadPoolExecutor(max_workers=max(1, len(tasks)))
+    futures = [pool.submit(task) for task in tasks]
+    try:
+        wait(futures)
+    finally:
+        # Interrupted (Ctrl-C) or not, let running tasks finish before the lock is released,
+        # so a `down` in the caller's cleanup does not race servers that are still starting.
+        while True:
+            try:
+                pool.shutdown(wait=True)
+                break
+            except KeyboardInterrupt:
+                continue
     errors = [exc for f in futures if (exc := f.exception()) is not None]
     if errors:
         raise errors[0]

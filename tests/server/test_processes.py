@@ -1,0 +1,506 @@
+"""The real `finalmarket` command, run as child processes against real embedded servers.
+
+Every process is started in a session of its own (so a "Ctrl-C" can go to its process group
+exactly as a terminal sends it) and is killed in a finaliser if a test leaves it running;
+every data directory a test brings up is taken down again, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+
+from server import infra
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+DEV_PRODUCTS = 40
+SERVER_KEYS = (
+    "FM_CATALOG_DSN",
+    "FM_CATALOG_REPLICA_DSN",
+    "FM_SHARDS",
+    "FM_REDIS_URL",
+    "FM_REDIS_CLUSTER",
+)
+SECRET_KEY = "s" * 48
+# Well-formed but never contacted: the settings tests fail before any connection is made.
+FAKE_SERVER_ENV = {
+    "FM_CATALOG_DSN": "postgresql://postgres@127.0.0.1:1/fm_catalog",
+    "FM_SHARDS": '[{"primary": "postgresql://postgres@127.0.0.1:1/fm_shard_0"}]',
+    "FM_REDIS_URL": "redis://127.0.0.1:1/0",
+    "FM_SECRET_KEY": SECRET_KEY,
+}
+
+
+def quiet(_line: str) -> None:
+    """Log sink for in-process `infra` calls (keeps pytest output short)."""
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def cli_env(config_dir: Path, settings: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: ours minus every `FM_*`, plus `settings`.
+
+    Dropping inherited `FM_*` keeps a developer's exported settings out of the test, and an
+    empty `FM_CONFIG_DIR` keeps `config/*.toml` out of it too.
+    """
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FM_")}
+    env["FM_CONFIG_DIR"] = str(config_dir)
+    env.update(settings or {})
+    return env
+
+
+def run_cli(
+    *args: str, env: Mapping[str, str], timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run `finalmarket ARGS` to completion and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        cwd=PROJECT_ROOT,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@dataclass
+class Running:
+    """A `finalmarket` child still running; its stderr goes to a file (no pipe to fill up)."""
+
+    proc: subprocess.Popen[bytes]
+    stderr_path: Path
+
+    def stderr(self) -> str:
+        """Everything the child has written to stderr so far."""
+        return self.stderr_path.read_text(errors="replace")
+
+    def ctrl_c(self) -> None:
+        """SIGINT to the child's whole process group, as a terminal's Ctrl-C does."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    def wait(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """The exit code, waiting at most `timeout` seconds for it."""
+        return self.proc.wait(timeout=timeout)
+
+
+@contextlib.contextmanager
+def started(*args: str, env: Mapping[str, str], stderr_path: Path) -> Iterator[Running]:
+    """Start `finalmarket ARGS` in its own session; kill its group on exit if still running."""
+    with stderr_path.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", *args],
+            cwd=PROJECT_ROOT,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+        yield Running(proc, stderr_path)
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str) -> tuple[int, dict[str, Any]]:
+    """Status and JSON body of `GET url`; error statuses are returned, not raised."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def wait_ready(base_url: str, child: Running, timeout: float = READY_TIMEOUT_S) -> None:
+    """Poll `/readyz` until it answers 200; fail early (with the child's stderr) if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            pytest.fail(f"exited with {child.proc.returncode} before ready:\n{child.stderr()}")
+        with contextlib.suppress(OSError):  # refused until it listens; 503 while unready
+            if http_get(base_url + "/readyz")[0] == 200:
+                return
+        time.sleep(0.05)
+    pytest.fail(f"{base_url}/readyz not 200 within {timeout:.0f}s:\n{child.stderr()}")
+
+
+def listening_ports(data_dir: Path) -> list[int]:
+    """Ports of the embedded servers recorded in `data_dir` that accept connections now."""
+    state = json.loads((data_dir / "infra.json").read_text())
+    ports = [g["port"] for g in state["postgres"]] + [v["port"] for v in state["valkey"]]
+    answering = []
+    for port in ports:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            answering.append(port)
+    return answering
+
+
+def wait_for_line(child: Running, text: str, timeout: float = READY_TIMEOUT_S) -> None:
+    """Poll the child's stderr until a line contains `text`."""
+    deadline = time.monotonic() + timeout
+    while text not in child.stderr():
+        if child.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no {text!r} in stderr:\n{child.stderr()}")
+        time.sleep(0.02)
+
+
+def exported(text: str) -> dict[str, str]:
+    """The settings in `export KEY=VALUE` lines (values shell-quoted), other lines ignored."""
+    settings = {}
+    for line in text.splitlines():
+        if line.startswith("export "):
+            key, _, value = shlex.split(line)[1].partition("=")
+            settings[key] = value
+    return settings
+
+
+def count_products(catalog_dsn: str) -> int:
+    """How many products the catalog database holds."""
+    conn = psycopg2.connect(catalog_dsn, connect_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM products")
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def server_settings(infra_env: Mapping[str, str]) -> dict[str, str]:
+    """Only the server locations from `infra_env` (which may carry every outer `FM_*`)."""
+    return {key: infra_env[key] for key in SERVER_KEYS if key in infra_env}
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    """An empty config directory, so no `config/*.toml` applies."""
+    path = tmp_path / "config"
+    path.mkdir()
+    return path
+
+
+# --- dev --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DevRun:
+    """What one `finalmarket dev` run showed: while serving, and after Ctrl-C."""
+
+    data_dir: Path
+    products_while_serving: int
+    exit_code: int
+    infra_up_after_exit: bool
+    stderr: str
+
+
+def run_dev_until_ctrl_c(data_dir: Path, config_dir: Path, stderr_path: Path) -> DevRun:
+    """Run `dev` on `data_dir` until ready, count the catalog, Ctrl-C it and wait for it."""
+    port = free_port()
+    env = cli_env(config_dir)
+    args = ("dev", "--data-dir", str(data_dir), "--port", str(port))
+    with started(*args, "--products", str(DEV_PRODUCTS), env=env, stderr_path=stderr_path) as dev:
+        wait_ready(f"http://127.0.0.1:{port}", dev)
+        products = count_products(exported(dev.stderr())["FM_CATALOG_DSN"])
+        dev.ctrl_c()
+        exit_code = dev.wait()
+    return DevRun(data_dir, products, exit_code, infra.is_up(data_dir), dev.stderr())
+
+
+@pytest.fixture(scope="module")
+def dev_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A data directory shared by this module's `dev` runs; its servers are stopped after."""
+    data_dir = tmp_path_factory.mktemp("dev") / "data"
+    try:
+        yield data_dir
+    finally:
+        infra.down(data_dir, log=quiet)
+
+
+@pytest.fixture(scope="module")
+def first_dev_run(dev_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DevRun:
+    """`dev` on an empty data directory, from launch to Ctrl-C (run once for the module)."""
+    work = tmp_path_factory.mktemp("dev-first")
+    (work / "config").mkdir()
+    return run_dev_until_ctrl_c(dev_data_dir, work / "config", work / "stderr.log")
+
+
+def test_dev_seeds_the_requested_number_of_products(first_dev_run: DevRun) -> None:
+    assert first_dev_run.products_while_serving == DEV_PRODUCTS, first_dev_run.stderr
+    assert "seeding catalog" in first_dev_run.stderr
+
+
+def test_dev_exits_0_on_ctrl_c(first_dev_run: DevRun) -> None:
+    assert first_dev_run.exit_code == 0, first_dev_run.stderr
+
+
+def test_dev_stops_the_servers_it_started_on_ctrl_c(first_dev_run: DevRun) -> None:
+    assert not first_dev_run.infra_up_after_exit, first_dev_run.stderr
+    assert "infra: down" in first_dev_run.stderr
+
+
+def test_dev_does_not_seed_an_existing_catalog_again(
+    first_dev_run: DevRun, config_dir: Path, tmp_path: Path
+) -> None:
+    second = run_dev_until_ctrl_c(first_dev_run.data_dir, config_dir, tmp_path / "stderr.log")
+    assert second.products_while_serving == DEV_PRODUCTS, second.stderr
+    assert "seeding catalog" not in second.stderr
+    assert second.exit_code == 0, second.stderr
+
+
+def test_dev_ctrl_c_while_starting_servers_leaves_none_running(
+    tmp_path: Path, config_dir: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    args = ("dev", "--data-dir", str(data_dir), "--port", str(free_port()))
+    env = cli_env(config_dir)
+    try:
+        with started(*args, env=env, stderr_path=tmp_path / "stderr.log") as dev:
+            wait_for_line(dev, "valkey node0: start")  # initdb is running meanwhile
+            dev.ctrl_c()
+            dev.wait()
+        assert listening_ports(data_dir) == [], dev.stderr()
+    finally:
+        infra.down(data_dir, log=quiet)
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DrainedNode:
+    """What a `serve` node showed between SIGTERM and its exit."""
+
+    readyz_while_draining: tuple[int, dict[str, Any]]
+    healthz_while_draining: int
+    seconds_into_drain: float
+    exit_code: int
+    seconds_to_exit: float
+    stderr: str
+
+
+DRAIN_DELAY_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def drained_node(
+    infra_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> DrainedNode:
+    """`serve` until ready, then SIGTERM, probing it during its drain delay until it exits."""
+    work = tmp_path_factory.mktemp("serve")
+    (work / "config").mkdir()
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    env = cli_env(
+        work / "config",
+        {
+            **server_settings(infra_env),
+            "FM_SECRET_KEY": SECRET_KEY,
+            "FM_PORT": str(port),
+            "FM_DRAIN_DELAY_S": str(DRAIN_DELAY_S),
+        },
+    )
+    with started("serve", env=env, stderr_path=work / "stderr.log") as node:
+        wait_ready(base_url, node)
+        node.proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        readyz = http_get(base_url + "/readyz")
+        while readyz[0] == 200 and time.monotonic() - sent < DRAIN_DELAY_S:
+            readyz = http_get(base_url + "/readyz")  # until the loop has seen the signal
+        healthz, _ = http_get(base_url + "/healthz")
+        probed = time.monotonic() - sent
+        exit_code = node.wait(timeout=DRAIN_DELAY_S + 10)
+        return DrainedNode(
+            readyz, healthz, probed, exit_code, time.monotonic() - sent, node.stderr()
+        )
+
+
+def test_serve_readyz_answers_503_draining_after_sigterm(drained_node: DrainedNode) -> None:
+    code, body = drained_node.readyz_while_draining
+    assert code == 503, body
+    assert body["reasons"] == ["draining: node is shutting down"]
+    assert drained_node.seconds_into_drain < DRAIN_DELAY_S  # both probes were in the window
+
+
+def test_serve_healthz_stays_200_while_draining(drained_node: DrainedNode) -> None:
+    assert drained_node.healthz_while_draining == 200
+
+
+def test_serve_exits_0_soon_after_the_drain_delay(drained_node: DrainedNode) -> None:
+    assert drained_node.exit_code == 0, drained_node.stderr
+    assert DRAIN_DELAY_S <= drained_node.seconds_to_exit < DRAIN_DELAY_S + 5
+
+
+def test_serve_logs_json_lines_ending_with_stopped(drained_node: DrainedNode) -> None:
+    events = [json.loads(line) for line in drained_node.stderr.splitlines() if line.strip()]
+    assert all(isinstance(event, dict) for event in events)
+    names = [event["event"] for event in events]
+    assert names[-1] == "stopped", names
+    assert {"listening", "draining"} <= set(names)
+
+
+# --- settings errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"FM_PORT": "abc"}, "FM_PORT: "),
+        ({"FM_SECRET_KEY": None}, "FM_SECRET_KEY: required setting is missing"),
+        ({"FM_SHARDS": "not json"}, "FM_SHARDS: "),
+    ],
+    ids=["port-not-a-number", "secret-key-missing", "shards-not-json"],
+)
+def test_serve_refuses_bad_settings_with_one_line_naming_it(
+    change: dict[str, str | None], expected: str, config_dir: Path
+) -> None:
+    settings = {**FAKE_SERVER_ENV, **change}
+    env = cli_env(config_dir, {k: v for k, v in settings.items() if v is not None})
+    result = run_cli("serve", env=env, timeout=30)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert expected in lines[0]
+
+
+# --- infra ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def infra_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A data directory for `infra up` runs; its servers are stopped after the module."""
+    data_dir = tmp_path_factory.mktemp("infra-cli") / "data"
+    try:
+        yield data_dir
+    finally:
+        infra.down(data_dir, log=quiet)
+
+
+@pytest.fixture(scope="module")
+def infra_up_stdout(infra_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """stdout of the first `finalmarket infra up` on `infra_dir`."""
+    env = cli_env(tmp_path_factory.mktemp("infra-cli-config"))
+    result = run_cli("infra", "up", "--data-dir", str(infra_dir), env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_infra_up_prints_only_export_lines(infra_up_stdout: str) -> None:
+    lines = infra_up_stdout.splitlines()
+    assert lines
+    assert all(re.fullmatch(r"export FM_[A-Z_]+=\S.*", line) for line in lines), lines
+    assert {"FM_CATALOG_DSN", "FM_SHARDS", "FM_REDIS_URL"} <= exported(infra_up_stdout).keys()
+
+
+def test_infra_up_output_is_evaluable_by_bash(
+    infra_up_stdout: str, infra_dir: Path, config_dir: Path
+) -> None:
+    command = shlex.join(
+        [sys.executable, "-m", "server", "infra", "up", "--data-dir", str(infra_dir)]
+    )
+    script = f'eval "$({command})" && printf "%s\\n" "$FM_REDIS_URL" "$FM_SHARDS"'
+    result = subprocess.run(
+        ["bash", "-c", script],
+        cwd=PROJECT_ROOT,
+        env=cli_env(config_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    settings = exported(infra_up_stdout)
+    assert result.stdout.splitlines() == [settings["FM_REDIS_URL"], settings["FM_SHARDS"]]
+
+
+def test_infra_up_again_is_idempotent(
+    infra_up_stdout: str, infra_dir: Path, config_dir: Path
+) -> None:
+    again = run_cli("infra", "up", "--data-dir", str(infra_dir), env=cli_env(config_dir))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == infra_up_stdout
+    assert "already running" in again.stderr
+    assert infra.is_up(infra_dir)
+
+
+def test_infra_down_stops_the_servers(tmp_path: Path, config_dir: Path) -> None:
+    data_dir = tmp_path / "data"
+    try:
+        infra.up(data_dir, log=quiet)
+        result = run_cli("infra", "down", "--data-dir", str(data_dir), env=cli_env(config_dir))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == ""
+        assert not infra.is_up(data_dir)
+    finally:
+        infra.down(data_dir, log=quiet)
+
+
+# --- users ------------------------------------------------------------------------------------
+
+
+def create_user(
+    email: str, infra_env: Mapping[str, str], config_dir: Path
+) -> subprocess.CompletedProcess[str]:
+    """Run `finalmarket users create` for an admin with `email` against the test servers."""
+    env = cli_env(config_dir, {**server_settings(infra_env), "FM_SECRET_KEY": SECRET_KEY})
+    args = ("users", "create", "--email", email, "--password", "correct horse", "--admin")
+    return run_cli(*args, env=env)
+
+
+@pytest.mark.usefixtures("clean_data")
+def test_users_create_makes_an_admin_account(infra_env: dict[str, str], config_dir: Path) -> None:
+    result = create_user("Ada@Example.com", infra_env, config_dir)
+    assert result.returncode == 0, result.stderr
+    match = re.fullmatch(r"created user (\d+) <ada@example\.com> \(admin\)\n", result.stdout)
+    assert match, result.stdout
+    user_id = int(match[1])
+    shards = json.loads(infra_env["FM_SHARDS"])
+    conn = psycopg2.connect(shards[user_id % len(shards)]["primary"], connect_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT email, is_admin FROM users WHERE id = %s", (user_id,))
+            assert cur.fetchall() == [("ada@example.com", True)]
+    finally:
+        conn.close()
+
+
+@pytest.mark.usefixtures("clean_data")
+def test_users_create_refuses_a_taken_email_with_exit_1(
+    infra_env: dict[str, str], config_dir: Path
+) -> None:
+    assert create_user("bob@example.com", infra_env, config_dir).returncode == 0
+    again = create_user("BOB@example.com", infra_env, config_dir)
+    assert again.returncode == 1
+    assert again.stdout == ""
+    assert again.stderr.splitlines() == ["finalmarket: an account with this email exists"]
