@@ -12,8 +12,9 @@ The epoch is a random string stored beside the offset; when Redis loses the stre
 know their offsets mean nothing any more and take a fresh snapshot.
 
 A node subscribes to a stream's channel while it has local subscribers. The reader task
-survives Redis restarts: it reconnects with backoff, redis-py resubscribes, and the node then
-asks for each stream's position so the hub can fill the gap from history or resynchronise.
+survives Redis restarts: it reconnects with backoff on a fresh pub/sub connection, subscribes
+every followed channel again, and the node then asks for each stream's position so the hub
+can fill the gap from history or resynchronise.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -36,6 +36,7 @@ _log = get_logger("finalmarket.broker")
 
 DEFAULT_HISTORY_MAXLEN = 1000
 _RECONNECT_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
 _PUBLISH = """
 local epoch = redis.call('GET', KEYS[3])
@@ -91,17 +92,6 @@ def decode_envelope(data: bytes) -> Envelope:
     )
 
 
-class _CountingPubSub(PubSub):
-    """redis-py's PubSub (which resubscribes on reconnect) that also counts its connects,
-    so the reader can tell a reconnect happened even when redis-py retried internally."""
-
-    connects = 0
-
-    async def on_connect(self, connection: Any) -> None:
-        self.connects += 1
-        await super().on_connect(connection)
-
-
 OnEnvelope = Callable[[Envelope], None]
 OnReconnect = Callable[[], Awaitable[None]]
 
@@ -124,7 +114,7 @@ class RedisBroker:
         self._history_maxlen = history_maxlen
         self._publish = redis.register_script(_PUBLISH)
         self._position = redis.register_script(_POSITION)
-        self._pubsub = _CountingPubSub(redis.connection_pool, ignore_subscribe_messages=True)
+        self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
         self._channels: dict[str, str] = {}  # channel -> stream
         self._reader: asyncio.Task[None] | None = None
         self._has_channels = asyncio.Event()
@@ -153,14 +143,16 @@ class RedisBroker:
         if channel in self._channels:
             return
         self._channels[channel] = stream
-        await self._pubsub.subscribe(channel)
         self._has_channels.set()
+        with contextlib.suppress(*_REDIS_DOWN):  # the reader resubscribes all on reconnect
+            await self._pubsub.subscribe(channel)
 
     async def unsubscribe(self, stream: str) -> None:
         """Stop receiving `stream`'s messages."""
         channel = stream_keys(stream)[3]
         if self._channels.pop(channel, None) is not None:
-            await self._pubsub.unsubscribe(channel)
+            with contextlib.suppress(*_REDIS_DOWN):
+                await self._pubsub.unsubscribe(channel)
 
     # --- publishing and history ---------------------------------------------------------------
 
@@ -206,26 +198,26 @@ class RedisBroker:
 
     async def _read_forever(self) -> None:
         failures = 0
-        connects = self._pubsub.connects
         while True:
             if not self._channels:
                 self._has_channels.clear()
                 await self._has_channels.wait()
             try:
+                if failures:
+                    await self._resubscribe()
+                    failures = 0
+                    _log.info("broker_reconnected", channels=len(self._channels))
+                    if self._on_reconnect is not None:
+                        await self._on_reconnect()
                 message = await self._pubsub.get_message(timeout=1.0)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                delay = _RECONNECT_BACKOFF_S[min(failures, len(_RECONNECT_BACKOFF_S) - 1)]
+            except (*_REDIS_DOWN, RuntimeError) as exc:  # RuntimeError: pub/sub never connected
                 if failures == 0:
                     _log.warning("broker_disconnected", error=str(exc))
+                await asyncio.sleep(
+                    _RECONNECT_BACKOFF_S[min(failures, len(_RECONNECT_BACKOFF_S) - 1)]
+                )
                 failures += 1
-                await asyncio.sleep(delay)
                 continue
-            failures = 0
-            if self._pubsub.connects > max(connects, 1):
-                _log.info("broker_reconnected", channels=len(self._channels))
-                if self._on_reconnect is not None:
-                    await self._on_reconnect()
-            connects = self._pubsub.connects
             if message is None or message.get("type") != "message":
                 continue
             try:
@@ -234,3 +226,11 @@ class RedisBroker:
                 _log.exception("broker_bad_envelope")
                 continue
             self._on_envelope(envelope)
+
+    async def _resubscribe(self) -> None:
+        """A fresh pub/sub connection subscribed to every stream this node follows."""
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()
+        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        if self._channels:
+            await self._pubsub.subscribe(*self._channels)

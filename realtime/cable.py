@@ -198,6 +198,17 @@ class CableServer:
         self, conn: CableConnection, identifier: str, channel: Channel, params: dict[str, Any]
     ) -> None:
         try:
+            await self._subscribe_now(conn, identifier, channel, params)
+        except Exception as exc:  # Redis or PostgreSQL unavailable: the client may retry
+            _log.warning("subscribe_failed", identifier=identifier, error=repr(exc), exc_info=True)
+            if conn.subscriptions.get(identifier, 0) is None:
+                del conn.subscriptions[identifier]
+                conn.send_message(cable_codec.error("temporarily unavailable, retry", identifier))
+
+    async def _subscribe_now(
+        self, conn: CableConnection, identifier: str, channel: Channel, params: dict[str, Any]
+    ) -> None:
+        try:
             stream = await channel.stream_for(params, conn.user)
         except Reject as exc:
             self.log_refusal(conn, "subscription_rejected", str(exc))

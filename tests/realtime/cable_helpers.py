@@ -1,0 +1,148 @@
+"""Helpers for cable tests: a small real WebSocket client speaking Action Cable, and a second
+node in the same process (two nodes share Redis and the databases, as in production)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import psycopg2
+from tornado.httpclient import HTTPRequest
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from server.app import make_app
+from server.infra import ValkeyServer
+from server.services import Services
+from server.settings import Settings
+
+JSON = "actioncable-v1-json"
+MSGPACK = "actioncable-v1-msgpack"
+
+
+class CableClient:
+    """An Action Cable client over a real WebSocket (JSON or msgpack), skipping pings."""
+
+    def __init__(self, ws: WebSocketClientConnection, protocol: str) -> None:
+        self.ws = ws
+        self.protocol = protocol
+
+    @classmethod
+    async def connect(cls, url: str, protocol: str = JSON, **headers: str) -> CableClient:
+        """Connect and consume the `welcome` message."""
+        request = HTTPRequest(url, headers=headers)
+        ws = await websocket_connect(request, subprotocols=[protocol])
+        client = cls(ws, protocol)
+        assert await client.read() == {"type": "welcome"}
+        return client
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Send one command in this connection's encoding."""
+        if self.protocol == MSGPACK:
+            await self.ws.write_message(msgpack.packb(message), binary=True)
+        else:
+            await self.ws.write_message(json.dumps(message))
+
+    async def read(self, timeout: float = 5.0) -> Any:
+        """The next non-ping message (None when the connection closed)."""
+        while True:
+            raw = await asyncio.wait_for(self.ws.read_message(), timeout)
+            if raw is None:
+                return None
+            message = msgpack.unpackb(raw) if isinstance(raw, bytes) else json.loads(raw)
+            if message.get("type") != "ping":
+                return message
+
+    async def subscribe(self, identifier: str) -> None:
+        """Subscribe and wait for the confirmation."""
+        await self.send({"command": "subscribe", "identifier": identifier})
+        reply = await self.read()
+        assert reply == {"identifier": identifier, "type": "confirm_subscription"}, reply
+
+    async def next_message(self, identifier: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The `message` of the next stream message for `identifier`."""
+        reply = await self.read(timeout)
+        assert reply is not None and reply.get("identifier") == identifier, reply
+        return reply["message"]  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Close the WebSocket."""
+        self.ws.close()
+
+
+def identifier(channel: str, **params: Any) -> str:
+    """An identifier string as the official client builds it (JSON of channel + params)."""
+    return json.dumps({"channel": channel, **params})
+
+
+class ExtraNode:
+    """Another node (its own services, app and HTTP server) on the test's loop."""
+
+    def __init__(self, services: Services, server: HTTPServer, port: int) -> None:
+        self.services = services
+        self.server = server
+        self.port = port
+
+    @classmethod
+    async def start(cls, settings: Settings) -> ExtraNode:
+        services = await Services.open(settings)
+        services.start()
+        server = HTTPServer(make_app(services))
+        sockets = bind_sockets(0, "127.0.0.1")
+        server.add_sockets(sockets)
+        return cls(services, server, sockets[0].getsockname()[1])
+
+    def url(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    async def stop(self) -> None:
+        self.server.stop()
+        await self.services.close()
+
+
+def add_product(catalog_dsn: str, stock: int = 10) -> int:
+    """A product with `stock` units; returns its id."""
+    with psycopg2.connect(catalog_dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "WITH p AS (INSERT INTO products (name, price_cents) VALUES ('Test Lamp', 1999) "
+            "RETURNING id) INSERT INTO inventory (product_id, stock) SELECT id, %s FROM p "
+            "RETURNING product_id",
+            (stock,),
+        )
+        (product_id,) = cur.fetchone()
+    conn.close()
+    return int(product_id)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def own_valkey(directory: Path) -> Iterator[ValkeyServer]:
+    """A Valkey server for one test, so restarting it disturbs nobody else."""
+    server = ValkeyServer(directory, port=free_port(), log=lambda line: None)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def restart_losing_data(server: ValkeyServer) -> None:
+    """Stop Redis, delete its persisted data, start it again: a restart that loses history."""
+    server.stop()
+    for path in server.data_dir.iterdir():
+        if path.name.startswith("appendonly") or path.suffix == ".rdb":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    server.start()

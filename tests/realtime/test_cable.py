@@ -1,0 +1,221 @@
+"""The cable across two nodes: the official client, msgpack, recovery with `since`, Redis restarts.
+
+Invariant checked throughout: a subscriber sees every message of its stream exactly once, in
+offset order, or (when history is gone) a fresh snapshot under a new epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.infra import ValkeyServer
+from server.services import Services
+from server.settings import Settings
+from tests.conftest import make_settings
+from tests.realtime.cable_helpers import (
+    MSGPACK,
+    CableClient,
+    ExtraNode,
+    add_product,
+    identifier,
+    own_valkey,
+    restart_losing_data,
+)
+
+JS_CLIENT = Path(__file__).resolve().parents[1] / "js" / "cable-client.mjs"
+
+
+@pytest.fixture
+def product_id(clean_data: None, infra_env: dict[str, str]) -> int:
+    return add_product(infra_env["FM_CATALOG_DSN"], stock=10)
+
+
+@pytest.fixture
+def node_b(io_loop: Any, settings: Settings) -> Iterator[ExtraNode]:
+    """A second node sharing Redis and the databases with the test's node (node A)."""
+    node: ExtraNode = io_loop.run_sync(lambda: ExtraNode.start(settings))
+    yield node
+    io_loop.run_sync(node.stop)
+
+
+def _stock(product_id: int, stock: int) -> dict[str, Any]:
+    return {"event": "stock", "product_id": str(product_id), "stock": stock}
+
+
+async def _js_events(proc: asyncio.subprocess.Process) -> AsyncIterator[dict[str, Any]]:
+    assert proc.stdout is not None
+    while line := await proc.stdout.readline():
+        yield json.loads(line)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_official_client_on_node_b_receives_change_published_on_node_a(
+    services: Services, node_b: ExtraNode, product_id: int
+) -> None:
+    assert (JS_CLIENT.parent / "node_modules" / "@rails" / "actioncable").is_dir(), (
+        "run `npm ci --prefix tests/js` (scripts/test does)"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        str(JS_CLIENT),
+        "--url",
+        node_b.url("/cable"),
+        "--channel",
+        "InventoryChannel",
+        "--params",
+        json.dumps({"product_id": str(product_id)}),
+        "--count",
+        "2",
+        "--timeout-ms",
+        "20000",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        events = _js_events(proc)
+        assert (await anext(events))["event"] == "connected"
+        first = await anext(events)
+        assert first["event"] == "received"
+        assert {k: first["data"][k] for k in ("event", "product_id", "stock")} == _stock(
+            product_id, 10
+        )
+        await services.cable.publish(f"inventory:product:{product_id}", _stock(product_id, 7))
+        second = await anext(events)
+        assert second["data"]["stock"] == 7
+        assert second["data"]["offset"] == first["data"]["offset"] + 1
+        assert second["data"]["epoch"] == first["data"]["epoch"]
+        assert (await anext(events)) == {"event": "done", "received": 2}
+        assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_msgpack_client_on_node_b_receives_change_published_on_node_a(
+    services: Services, node_b: ExtraNode, product_id: int
+) -> None:
+    client = await CableClient.connect(node_b.url("/cable"), MSGPACK)
+    ident = identifier("InventoryChannel", product_id=product_id)
+    await client.subscribe(ident)
+    first = await client.next_message(ident)
+    assert first["stock"] == 10
+    await services.cable.publish(f"inventory:product:{product_id}", _stock(product_id, 3))
+    change = await client.next_message(ident)
+    assert (change["stock"], change["offset"]) == (3, first["offset"] + 1)
+    client.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_resubscribing_with_since_replays_exactly_the_missed_messages(
+    services: Services, node_b: ExtraNode, product_id: int
+) -> None:
+    ident = identifier("InventoryChannel", product_id=product_id)
+    stream = f"inventory:product:{product_id}"
+    client = await CableClient.connect(node_b.url("/cable"))
+    await client.subscribe(ident)
+    await services.cable.publish(stream, _stock(product_id, 9))
+    seen = await client.next_message(ident)  # first the snapshot
+    seen = await client.next_message(ident)
+    assert seen["stock"] == 9
+    client.close()  # the phone drops
+
+    for stock in (8, 7, 6, 5, 4):  # published on the other node while it is away
+        await services.cable.publish(stream, _stock(product_id, stock))
+
+    back = await CableClient.connect(node_b.url("/cable"))
+    resume = identifier(
+        "InventoryChannel", product_id=product_id, since=seen["offset"], epoch=seen["epoch"]
+    )
+    await back.subscribe(resume)
+    replayed = [await back.next_message(resume) for _ in range(5)]
+    assert [m["stock"] for m in replayed] == [8, 7, 6, 5, 4]
+    assert [m["offset"] for m in replayed] == list(range(seen["offset"] + 1, seen["offset"] + 6))
+    await services.cable.publish(stream, _stock(product_id, 3))
+    live = await back.next_message(resume)
+    assert (live["stock"], live["offset"]) == (3, seen["offset"] + 6)
+    back.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_since_beyond_history_gets_a_fresh_snapshot(
+    services: Services, node_b: ExtraNode, product_id: int
+) -> None:
+    stream = f"inventory:product:{product_id}"
+    position = await services.cable.broker.position(stream)
+    await services.cable.publish(stream, _stock(product_id, 6))
+    await services.redis.delete("{" + stream + "}:history")  # trimmed away meanwhile
+    client = await CableClient.connect(node_b.url("/cable"))
+    ident = identifier("InventoryChannel", product_id=product_id, since=0, epoch=position[1])
+    await client.subscribe(ident)
+    fresh = await client.next_message(ident)
+    assert fresh["event"] == "stock" and fresh["stock"] == 10  # the database's count
+    assert fresh["offset"] == position[0] + 1
+    client.close()
+
+
+class TestRedisRestart:
+    """A Redis that restarts and loses its data: epochs change, clients get fresh state."""
+
+    @pytest.fixture
+    def valkey(self, tmp_path: Path) -> Iterator[ValkeyServer]:
+        with own_valkey(tmp_path / "valkey") as server:
+            yield server
+
+    @pytest.fixture
+    def settings(self, infra_env: dict[str, str], valkey: ValkeyServer) -> Settings:
+        return make_settings(infra_env, redis_url=valkey.url, redis_timeout_s=1.0)
+
+    @pytest.mark.gen_test(timeout=60)
+    async def test_since_with_old_epoch_after_data_loss_gets_new_epoch_and_fresh_state(
+        self, services: Services, node_b: ExtraNode, product_id: int, valkey: ValkeyServer
+    ) -> None:
+        stream = f"inventory:product:{product_id}"
+        client = await CableClient.connect(node_b.url("/cable"))
+        ident = identifier("InventoryChannel", product_id=product_id)
+        await client.subscribe(ident)
+        before = await client.next_message(ident)
+        client.close()
+        await asyncio.get_running_loop().run_in_executor(None, restart_losing_data, valkey)
+        await services.cable.publish(stream, _stock(product_id, 2))  # after the restart
+        back = await CableClient.connect(node_b.url("/cable"))
+        resume = identifier(
+            "InventoryChannel", product_id=product_id, since=before["offset"], epoch=before["epoch"]
+        )
+        await back.subscribe(resume)
+        fresh = await back.next_message(resume)
+        assert fresh["epoch"] != before["epoch"]
+        assert fresh["event"] == "stock" and fresh["stock"] == 10
+        back.close()
+
+    @pytest.mark.gen_test(timeout=60)
+    async def test_connected_subscriber_recovers_after_redis_restart(
+        self, services: Services, node_b: ExtraNode, product_id: int, valkey: ValkeyServer
+    ) -> None:
+        stream = f"inventory:product:{product_id}"
+        client = await CableClient.connect(node_b.url("/cable"))
+        ident = identifier("InventoryChannel", product_id=product_id)
+        await client.subscribe(ident)
+        before = await client.next_message(ident)
+        await asyncio.get_running_loop().run_in_executor(None, restart_losing_data, valkey)
+        # Node A publishes once Redis answers again; node B must resubscribe by itself.
+        deadline = asyncio.get_running_loop().time() + 20
+        received: list[dict[str, Any]] = []
+        while asyncio.get_running_loop().time() < deadline:
+            await services.cable.publish(stream, _stock(product_id, 1))
+            try:
+                received.append(await client.next_message(ident, timeout=0.5))
+            except TimeoutError:
+                continue
+            if received[-1]["stock"] == 1:
+                break
+        assert received, "no message reached the subscriber after Redis came back"
+        assert received[0]["epoch"] != before["epoch"]
+        assert received[-1]["stock"] == 1
+        client.close()
