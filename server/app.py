@@ -31,7 +31,6 @@ def make_app(services: Services) -> tornado.web.Application:
         log_function=_log_request,
         serve_traceback=services.settings.debug,
         compress_response=False,
-        xheaders=True,
     )
 
 

@@ -34,7 +34,9 @@ class Node:
         self.services = services
         self.app = make_app(services)
         self.server = HTTPServer(
-            self.app, xheaders=True, max_body_size=services.settings.max_body_bytes
+            self.app,
+            xheaders=services.settings.trust_forwarded_headers,
+            max_body_size=services.settings.max_body_bytes,
         )
         self.port: int | None = None
         self.drain_hooks: list[Callable[[], Awaitable[None]]] = [services.cable.drain]

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         "characters. Required; `finalmarket dev` generates one into its data directory.",
         json_schema_extra=_group("node"),
     )
+    trust_forwarded_headers: bool = Field(
+        False,
+        description="Take the client address and scheme from `X-Forwarded-For`/`X-Real-Ip` and "
+        "`X-Forwarded-Proto` (only behind a proxy that sets them: anyone can send them).",
+        json_schema_extra=_group("node"),
+    )
     debug: bool = Field(
         False,
         description="Show tracebacks in error responses. Never in production.",
