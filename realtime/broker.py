@@ -143,9 +143,12 @@ class RedisBroker:
         if channel in self._channels:
             return
         self._channels[channel] = stream
-        self._has_channels.set()
-        with contextlib.suppress(*_REDIS_DOWN):  # the reader resubscribes all on reconnect
+        try:
             await self._pubsub.subscribe(channel)
+        except Exception as exc:  # a broken pub/sub connection (redis-py may raise anything)
+            # The reader notices the same breakage and resubscribes every channel.
+            _log.info("broker_subscribe_deferred", channel=channel, error=repr(exc))
+        self._has_channels.set()  # only now: reading before the first SUBSCRIBE fails
 
     async def unsubscribe(self, stream: str) -> None:
         """Stop receiving `stream`'s messages."""

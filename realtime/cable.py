@@ -27,6 +27,7 @@ from realtime.cable_codec import CableCodec, CommandError
 from realtime.channels import Channel, Reject, Subscription, build_channels
 from realtime.connection import CLOSE_GOING_AWAY, CableConnection, parse_identifier
 from realtime.hub import Hub
+from realtime.presence import Presence
 from realtime.wsframe import encode_frame
 from server.db.pools import Database
 from server.logs import get_logger
@@ -69,9 +70,12 @@ class CableServer:
     ) -> None:
         self.limits = limits or CableLimits()
         self.hub = Hub()
-        self.channels: dict[str, Channel] = build_channels(db, benchmark=benchmark_channel)
         self.broker = RedisBroker(
             redis, node_id, self._on_envelope, self._on_reconnect, history_maxlen
+        )
+        self.presence = Presence(redis, node_id, self.publish)
+        self.channels: dict[str, Channel] = build_channels(
+            db, self.presence, benchmark=benchmark_channel
         )
         self.connections: dict[CableConnection, None] = {}
         self._per_ip: dict[str, int] = {}
@@ -79,6 +83,8 @@ class CableServer:
         self._catching_up: dict[str, list[Envelope]] = {}
         self._following: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # the latest broadcast task of each connection: the next waits for it (order kept)
+        self._publishing: dict[CableConnection, asyncio.Task[Any]] = {}
         self._pinger: asyncio.Task[None] | None = None
         self.slow_consumers = 0
         self.refusals = 0
@@ -88,6 +94,7 @@ class CableServer:
     def start(self) -> None:
         """Start the broker reader and the ping timer."""
         self.broker.start()
+        self.presence.start()
         self._pinger = asyncio.get_running_loop().create_task(self._ping_forever())
 
     async def drain(self) -> None:
@@ -109,12 +116,14 @@ class CableServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.presence.stop()
         await self.broker.stop()
 
-    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -223,6 +232,7 @@ class CableServer:
         subscription = Subscription(channel, identifier, stream, params)
         conn.subscriptions[identifier] = subscription
         self.hub.add(stream, identifier, conn.codec, conn)
+        channel.joined(params)
         conn.send_message(cable_codec.confirm(identifier))
         for message in first:
             self.hub.send_to(conn, identifier, conn.codec, message)
@@ -279,6 +289,7 @@ class CableServer:
         subscription = conn.subscriptions.pop(identifier, None)
         if subscription is None:
             return
+        subscription.channel.left(subscription.params)
         if self.hub.remove(subscription.stream, identifier, conn.codec, conn):
             self._release_stream_if_unused(subscription.stream)
 
@@ -306,11 +317,24 @@ class CableServer:
         if action == "echo":
             self.hub.send_to(conn, identifier, conn.codec, payload)
         elif action == "broadcast":
-            self._spawn(self._broadcast(conn, subscription, payload))
+            previous = self._publishing.get(conn)
+            task = self._spawn(self._broadcast(conn, subscription, payload, previous))
+            self._publishing[conn] = task
+            task.add_done_callback(
+                lambda done: (
+                    self._publishing.pop(conn, None) if self._publishing.get(conn) is done else None
+                )
+            )
 
     async def _broadcast(
-        self, conn: CableConnection, sub: Subscription, payload: dict[str, Any]
+        self,
+        conn: CableConnection,
+        sub: Subscription,
+        payload: dict[str, Any],
+        previous: asyncio.Task[Any] | None,
     ) -> None:
+        if previous is not None:  # one connection's broadcasts take offsets in its order
+            await asyncio.wait([previous])
         await self.broker.publish(sub.stream, payload, history=sub.channel.keeps_history)
         if not conn.closing:
             result = {**payload, "action": "broadcastResult"}

@@ -129,6 +129,8 @@ class MsgpackCodec(CableCodec):
             obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
         except Exception as exc:  # msgpack raises several unrelated types for bad input
             raise CommandError(f"malformed msgpack: {type(exc).__name__}") from None
+        if isinstance(obj, dict) and isinstance(obj.get("data"), dict):
+            obj = {**obj, "data": _json_dumps(obj["data"])}  # AnyCable clients send a map
         return _command_from(obj)
 
     def broadcast_prefix(self, identifier: str) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from realtime.presence import Presence
 from server.carts import cart_view
 from server.db.pools import Database
 from server.inventory import current_stock
@@ -55,6 +56,12 @@ class Channel:
         """Actions clients may perform on this channel."""
         return frozenset()
 
+    def joined(self, params: dict[str, Any]) -> None:
+        """Invoked when a subscription starts receiving its stream."""
+
+    def left(self, params: dict[str, Any]) -> None:
+        """Invoked when a subscription ends (unsubscribe or connection gone)."""
+
 
 def product_id_param(params: dict[str, Any]) -> int:
     """`product_id` as a positive integer (JSON number or string of digits)."""
@@ -72,6 +79,16 @@ class InventoryChannel(Channel):
     """Live stock of one product: the current count first, then every change."""
 
     name = "InventoryChannel"
+
+    def __init__(self, db: Database, presence: Presence) -> None:
+        super().__init__(db)
+        self.presence = presence
+
+    def joined(self, params: dict[str, Any]) -> None:
+        self.presence.viewer_joined(product_id_param(params))
+
+    def left(self, params: dict[str, Any]) -> None:
+        self.presence.viewer_left(product_id_param(params))
 
     async def stream_for(self, params: dict[str, Any], user: Session | None) -> str:
         product_id = product_id_param(params)
@@ -132,9 +149,13 @@ class BenchmarkChannel(Channel):
         return frozenset({"echo", "broadcast"})
 
 
-def build_channels(db: Database, *, benchmark: bool) -> dict[str, Channel]:
+def build_channels(db: Database, presence: Presence, *, benchmark: bool) -> dict[str, Channel]:
     """The channels a node serves, by name."""
-    classes: list[type[Channel]] = [InventoryChannel, CartChannel, NotificationsChannel]
+    channels: list[Channel] = [
+        InventoryChannel(db, presence),
+        CartChannel(db),
+        NotificationsChannel(db),
+    ]
     if benchmark:
-        classes.append(BenchmarkChannel)
-    return {cls.name: cls(db) for cls in classes}
+        channels.append(BenchmarkChannel(db))
+    return {channel.name: channel for channel in channels}

@@ -92,8 +92,8 @@ class ExtraNode:
         self.port = port
 
     @classmethod
-    async def start(cls, settings: Settings) -> ExtraNode:
-        services = await Services.open(settings)
+    async def start(cls, settings: Settings, node_id: str = "node-b") -> ExtraNode:
+        services = await Services.open(settings.model_copy(update={"node_id": node_id}))
         services.start()
         server = HTTPServer(make_app(services))
         sockets = bind_sockets(0, "127.0.0.1")

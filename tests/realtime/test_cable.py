@@ -219,3 +219,30 @@ class TestRedisRestart:
         assert received[0]["epoch"] != before["epoch"]
         assert received[-1]["stock"] == 1
         client.close()
+
+
+async def _presence_until(client: CableClient, ident: str, viewers: int) -> dict[str, Any]:
+    """Read stream messages until a presence message with `viewers` arrives."""
+    while True:
+        message = await client.next_message(ident, timeout=10)
+        if message["event"] == "presence" and message["viewers"] == viewers:
+            return message
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_presence_counts_viewers_on_every_node_and_drops_those_who_leave(
+    node_b: ExtraNode, product_id: int, http_server: Any, http_port: int
+) -> None:
+    ident = identifier("InventoryChannel", product_id=product_id)
+    url_a = f"ws://127.0.0.1:{http_port}/cable"
+    watcher = await CableClient.connect(url_a)
+    await watcher.subscribe(ident)
+    others = [await CableClient.connect(node_b.url("/cable")) for _ in range(2)]
+    for other in others:
+        await other.subscribe(ident)
+    seen = await _presence_until(watcher, ident, viewers=3)
+    assert seen["product_id"] == str(product_id)
+    others[0].close()
+    await _presence_until(watcher, ident, viewers=2)
+    others[1].close()
+    watcher.close()
