@@ -34,6 +34,7 @@ from server.logs import get_logger
 from server.sessions import Session
 
 _log = get_logger("finalmarket.cable")
+_SHARED_SUBSCRIPTIONS_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +46,14 @@ class CableLimits:
     commands_per_second: float = 50.0
     command_burst: int = 100
     slow_consumer_bytes: int = 1024 * 1024
+    slow_consumer_grace_s: float = 5.0
     max_connections_per_ip: int = 2000
     ping_interval_s: float = 3.0
+
+    @property
+    def slow_consumer_hard_bytes(self) -> int:
+        """Unsent bytes past which a connection is cut off without grace."""
+        return 4 * self.slow_consumer_bytes
 
 
 @dataclass(slots=True)
@@ -69,6 +76,7 @@ class CableServer:
         history_maxlen: int = 1000,
     ) -> None:
         self.limits = limits or CableLimits()
+        self.full_allowance = float(self.limits.command_burst)
         self.hub = Hub()
         self.broker = RedisBroker(
             redis, node_id, self._on_envelope, self._on_reconnect, history_maxlen
@@ -82,11 +90,13 @@ class CableServer:
         self._positions: dict[str, _Position] = {}
         self._catching_up: dict[str, list[Envelope]] = {}
         self._following: dict[str, asyncio.Future[None]] = {}
+        self._subscriptions: dict[tuple[str, str], Subscription] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         # the latest broadcast task of each connection: the next waits for it (order kept)
         self._publishing: dict[CableConnection, asyncio.Task[Any]] = {}
         self._pinger: asyncio.Task[None] | None = None
         self.slow_consumers = 0
+        self._paused: dict[CableConnection, float] = {}  # connection -> cut-off deadline
         self.refusals = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -158,6 +168,7 @@ class CableServer:
 
     def forget(self, conn: CableConnection) -> None:
         """A connection is gone: drop its subscriptions (called from connection_lost)."""
+        self._paused.pop(conn, None)
         if self.connections.pop(conn, 0) is None:
             left = self._per_ip.get(conn.remote_ip, 1) - 1
             if left:
@@ -174,6 +185,21 @@ class CableServer:
         _log.warning(
             "cable_refused", kind=kind, reason=reason, remote=conn.remote_ip, user_id=user_id
         )
+
+    def writer_paused(self, conn: CableConnection) -> None:
+        """`conn` holds more unsent bytes than the soft bound: start its grace period."""
+        self._paused[conn] = time.monotonic() + self.limits.slow_consumer_grace_s
+
+    def writer_resumed(self, conn: CableConnection) -> None:
+        """`conn` caught up."""
+        self._paused.pop(conn, None)
+
+    def _cut_off_expired_slow_consumers(self) -> None:
+        now = time.monotonic()
+        for conn, deadline in list(self._paused.items()):
+            if deadline <= now:
+                del self._paused[conn]
+                conn.cut_off_slow("over the soft bound for longer than the grace period")
 
     def metrics_slow_consumer(self) -> None:
         """Count a connection cut off as a slow consumer."""
@@ -229,13 +255,30 @@ class CableServer:
         if conn.closing or identifier not in conn.subscriptions:
             self._release_stream_if_unused(stream)
             return  # unsubscribed or gone while we were waiting
-        subscription = Subscription(channel, identifier, stream, params)
-        conn.subscriptions[identifier] = subscription
+        subscription = self._shared_subscription(channel, identifier, stream, params)
+        del conn.subscriptions[identifier]  # re-keyed by the shared identifier string
+        conn.subscriptions[subscription.identifier] = subscription
         self.hub.add(stream, identifier, conn.codec, conn)
         channel.joined(params)
         conn.send_message(cable_codec.confirm(identifier))
         for message in first:
             self.hub.send_to(conn, identifier, conn.codec, message)
+
+    def _shared_subscription(
+        self, channel: Channel, identifier: str, stream: str, params: dict[str, Any]
+    ) -> Subscription:
+        """One Subscription object for every connection with the same identifier and stream.
+
+        Thousands of shoppers watching one product send the same identifier; sharing the
+        object (and its identifier string and params) keeps idle connections small.
+        """
+        key = (identifier, stream)
+        shared = self._subscriptions.get(key)
+        if shared is None:
+            if len(self._subscriptions) >= _SHARED_SUBSCRIPTIONS_MAX:
+                self._subscriptions.clear()  # a bound, not a cache policy: rebuilt on demand
+            shared = self._subscriptions[key] = Subscription(channel, identifier, stream, params)
+        return shared
 
     async def _follow(self, stream: str) -> None:
         """Make this node receive `stream` and know its position; concurrent first
@@ -463,6 +506,7 @@ class CableServer:
             }
             for conn in list(self.connections):
                 conn.send(frames[conn.codec])
+            self._cut_off_expired_slow_consumers()
 
 
 def _stamped(payload: Any, offset: int, epoch: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from typing import TYPE_CHECKING, Any, cast
 
@@ -62,13 +63,13 @@ class CableConnection(asyncio.Protocol):
         self.server = server
         self.codec = codec
         self.user = user
-        self.remote_ip = remote_ip
+        self.remote_ip = sys.intern(remote_ip)  # shared by every connection from one address
         self.transport: asyncio.Transport | None = None
         self._decoder: FrameDecoder | None = None
         # identifier -> Subscription, or None while the subscribe command is being processed
         self.subscriptions: dict[str, Subscription | None] = {}
         self.closing = False
-        self._allowance = float(server.limits.command_burst)
+        self._allowance = server.full_allowance  # one float object shared until first use
         self._refilled_at = time.monotonic()
         self._errors = 0
 
@@ -77,6 +78,15 @@ class CableConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but have its interface
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=self.server.limits.slow_consumer_bytes)
+
+    def pause_writing(self) -> None:
+        # More than `slow_consumer_bytes` unsent: the client has `slow_consumer_grace_s` to
+        # catch up before it is cut off.
+        self.server.writer_paused(self)
+
+    def resume_writing(self) -> None:
+        self.server.writer_resumed(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -154,15 +164,22 @@ class CableConnection(asyncio.Protocol):
     # --- writing and closing ------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        """Write frames; past the unsent-bytes bound the connection is a slow consumer."""
+        """Write frames. A connection that still holds more than the hard bound of unsent
+        bytes from earlier writes is a slow consumer and is cut off at once; one above the
+        soft bound for longer than the grace period is cut off by the server's sweep."""
         transport = self.transport
         if transport is None or self.closing:
             return
+        if transport.get_write_buffer_size() > self.server.limits.slow_consumer_hard_bytes:
+            self.cut_off_slow("unsent bytes over the hard bound")
+            return
         transport.write(data)
-        if transport.get_write_buffer_size() > self.server.limits.slow_consumer_bytes:
-            self.server.log_refusal(self, "slow_consumer", "unsent bytes over the bound")
-            self.server.metrics_slow_consumer()
-            self.abort()
+
+    def cut_off_slow(self, reason: str) -> None:
+        """Drop a connection that does not read what it is sent (it recovers on reconnect)."""
+        self.server.log_refusal(self, "slow_consumer", reason)
+        self.server.metrics_slow_consumer()
+        self.abort()
 
     def send_message(self, message: dict[str, Any]) -> None:
         """Encode and write one protocol message."""

@@ -82,6 +82,7 @@ class Services:
                 commands_per_second=settings.cable_commands_per_second,
                 command_burst=settings.cable_command_burst,
                 slow_consumer_bytes=settings.cable_slow_consumer_bytes,
+                slow_consumer_grace_s=settings.cable_slow_consumer_grace_s,
                 max_connections_per_ip=settings.cable_max_connections_per_ip,
                 ping_interval_s=settings.cable_ping_interval_s,
             ),

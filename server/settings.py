@@ -256,8 +256,16 @@ class Settings(BaseSettings):
     cable_slow_consumer_bytes: int = Field(
         1024 * 1024,
         ge=4096,
-        description="Unsent bytes a connection may accumulate before it is cut off as a slow "
-        "consumer (it recovers on reconnect).",
+        description="Unsent bytes past which a connection is a slow consumer: cut off if it "
+        "stays above this for the grace period, or at once above 4 times this (it recovers on "
+        "reconnect).",
+        json_schema_extra=_group("realtime"),
+    )
+    cable_slow_consumer_grace_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="How long a connection may stay above the slow-consumer bound.",
         json_schema_extra=_group("realtime"),
     )
     cable_max_connections_per_ip: int = Field(

@@ -911,6 +911,33 @@ async def test_slow_consumer_is_cut_off_and_others_get_every_broadcast(
     await assert_node_serves(clients, base_url)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [{"cable_slow_consumer_bytes": 4096, "cable_max_frame_bytes": 256 * 1024}],
+    indirect=True,
+    ids=["4KiB"],
+)
+@pytest.mark.gen_test(timeout=30)
+async def test_a_burst_far_over_the_bound_does_not_cut_off_clients_that_read(
+    settings: Settings, http_server: Any, base_url: str, clients: Clients, services: Services
+) -> None:
+    """Only sustained backlog makes a slow consumer: 6 MiB sent at once to clients that keep
+    reading passes the 4 KiB soft bound many times over, and nobody is cut off."""
+    watcher = await connect(clients, base_url)
+    await subscribe(watcher)
+    publisher = await connect(clients, base_url)
+    await subscribe(publisher)
+    count, filler = 48, "y" * (128 * 1024)
+    for n in range(count):  # all at once, no waiting in between
+        data = json.dumps({"action": "broadcast", "n": n, "filler": filler})
+        await send(publisher, {"command": "message", "identifier": BENCH, "data": data})
+    # Both keep reading (the publisher gets each broadcast and its broadcastResult).
+    received, _own = await asyncio.gather(read_n(watcher, count), read_n(publisher, 2 * count))
+    assert [m["message"]["n"] for m in received] == list(range(count))
+    assert services.cable.slow_consumers == 0
+    await assert_echoes(watcher)
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_first_broadcast_on_a_fresh_node_reaches_its_subscribers(
     http_server: Any, base_url: str, clients: Clients

@@ -1,0 +1,158 @@
+"""Rate limiting with GCRA (the generic cell rate algorithm) in Redis: one Lua script per check.
+
+GCRA is the algorithm of Redis Cell and throttled: a bucket is one number per key, its
+*theoretical arrival time* (TAT), the moment the bucket would be empty again if nothing else
+arrived. With an emission interval `T = 1 / rate` and a tolerance `tau = T * burst`, a request
+costing `n` is allowed when `max(TAT, now) + n * T - now <= tau`, and then moves the TAT there.
+That gives exactly `burst` requests at once and `rate` per second sustained, with no background
+refill and no race: the script reads and writes the TAT atomically.
+
+Design points:
+- **Redis server time** (`redis.call('TIME')`) is the clock, so nodes with skewed clocks agree.
+  Times are whole microseconds, kept exactly (Lua numbers are doubles: exact below 2^53).
+- **The TAT key expires** (`PX`) when the bucket is full again, so idle keys cost nothing.
+- **cost > 1** spends several units at once (GraphQL spends its query cost from the same
+  bucket as REST); a refused request consumes nothing. A cost larger than the burst can never
+  be allowed: it is refused with `retry_after_s = inf` (the caller answers "too expensive", not
+  "try later").
+- **Keys are hash-tagged** (`{rl:<name>:<key>}`): one key per script call, Cluster-safe.
+
+Headers follow draft-ietf-httpapi-ratelimit-headers: `RateLimit-Policy: "name";q=<burst>;w=<s>`
+(the window is the time a full burst takes to refill) and `RateLimit: "name";r=<left>;t=<s>`
+(seconds until the bucket is full again), plus `Retry-After` on refusal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tau = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local increment = interval * cost
+if increment > tau then
+  return {0, math.max(0, math.floor((now + tau - tat) / interval + 1e-9)), -1, tat - now}
+end
+local new_tat = tat + increment
+if new_tat - now > tau then
+  local remaining = math.max(0, math.floor((now + tau - tat) / interval + 1e-9))
+  return {0, remaining, math.ceil(new_tat - tau - now), math.ceil(tat - now)}
+end
+if cost > 0 then
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
+             'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
+end
+local remaining = math.max(0, math.floor((now + tau - new_tat) / interval + 1e-9))
+return {1, remaining, 0, math.ceil(new_tat - now)}
+"""
+
+_US = 1_000_000
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_MAX_PLAIN_KEY = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A named policy: `rate_per_s` sustained, `burst` at once (also the most one call may cost).
+
+    The name appears in the `RateLimit` headers and in the Redis key, so it is restricted to
+    letters, digits and `_.:-`.
+    """
+
+    name: str
+    rate_per_s: float
+    burst: int
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"rate limit name {self.name!r}: use 1-64 of [A-Za-z0-9_.:-]")
+        if not (self.rate_per_s > 0 and math.isfinite(self.rate_per_s)):
+            raise ValueError(f"rate limit {self.name}: rate_per_s must be positive")
+        if self.burst < 1:
+            raise ValueError(f"rate limit {self.name}: burst must be at least 1")
+
+    @property
+    def window_s(self) -> int:
+        """Seconds a full burst takes to refill (the policy's `w`), at least 1."""
+        return max(1, math.ceil(self.burst / self.rate_per_s))
+
+    def policy_header(self) -> str:
+        """The `RateLimit-Policy` value of this limit."""
+        return f'"{self.name}";q={self.burst};w={self.window_s}'
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one check.
+
+    `remaining`: units still available now (after this request, if allowed).
+    `retry_after_s`: 0 when allowed; else the wait until this same request would be allowed
+    (`inf` when its cost exceeds the burst: it never will be).
+    `reset_after_s`: time until the bucket is full again.
+    """
+
+    limit: Limit
+    allowed: bool
+    remaining: int
+    retry_after_s: float
+    reset_after_s: float
+
+    def headers(self) -> dict[str, str]:
+        """Response headers: `RateLimit-Policy`, `RateLimit`, and `Retry-After` when refused
+        with a finite wait (integer seconds, rounded up)."""
+        name = self.limit.name
+        values = {
+            "RateLimit-Policy": self.limit.policy_header(),
+            "RateLimit": f'"{name}";r={self.remaining};t={math.ceil(self.reset_after_s)}',
+        }
+        if not self.allowed and math.isfinite(self.retry_after_s):
+            values["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+        return values
+
+
+def limit_key(limit: Limit, key: str) -> str:
+    """The Redis key of `key`'s bucket under `limit`: one hash tag per bucket.
+
+    Keys that could break the tag (braces) or are long are replaced by their SHA-256.
+    """
+    if "{" in key or "}" in key or len(key) > _MAX_PLAIN_KEY:
+        key = "h:" + hashlib.sha256(key.encode()).hexdigest()
+    return f"{{rl:{limit.name}:{key}}}"
+
+
+class RateLimiter:
+    """Checks requests against `Limit`s; each check is one EVALSHA of the GCRA script."""
+
+    def __init__(self, redis: Any) -> None:
+        self._script = redis.register_script(_GCRA)
+
+    async def check(self, limit: Limit, key: str, cost: int = 1) -> Decision:
+        """Spend `cost` units of `key`'s bucket under `limit` if they are available.
+
+        `key` names the client (an IP address, `user:42`); cost 0 only reports the state.
+        """
+        if cost < 0:
+            raise ValueError("cost must not be negative")
+        interval_us = _US / limit.rate_per_s
+        tau_us = interval_us * limit.burst
+        allowed, remaining, retry_us, reset_us = await self._script(
+            keys=[limit_key(limit, key)],
+            args=[repr(interval_us), repr(tau_us), cost],
+        )
+        retry = math.inf if int(retry_us) < 0 else int(retry_us) / _US
+        return Decision(
+            limit=limit,
+            allowed=bool(allowed),
+            remaining=int(remaining),
+            retry_after_s=retry,
+            reset_after_s=max(0, int(reset_us)) / _US,
+        )
