@@ -5,8 +5,9 @@ byte-identical frames, so a broadcast costs one encode per codec and one frame p
 one write per subscriber. Broadcasts are queued per stream and flushed once per loop iteration:
 a burst of messages for a stream within one iteration leaves as one write per subscriber
 (coalescing), in offset order. Writes go straight to the socket when the connection has nothing
-queued (the transport's own fast path) and to its buffer otherwise; a connection whose unsent
-bytes pass `slow_consumer_bytes` is cut off (it recovers on reconnect, using `since`).
+queued (the transport's own fast path) and to its buffer otherwise; connections that do not
+keep up are cut off by their own slow-consumer policy (`CableConnection.send`) and recover on
+reconnect with `since`.
 """
 
 from __future__ import annotations
