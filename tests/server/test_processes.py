@@ -308,9 +308,47 @@ class DrainedNode:
     exit_code: int
     seconds_to_exit: float
     stderr: str
+    cable_messages: list[dict[str, Any]]
 
 
 DRAIN_DELAY_S = 1.5
+
+
+def open_cable(port: int) -> socket.socket:
+    """A raw Action Cable (JSON) connection; returns once the 101 answer has arrived."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+
+            b"GET /cable HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Protocol: actioncable-v1-json\r\n\r\n"
+
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def read_text_frames(sock: socket.socket) -> list[dict[str, Any]]:
+    """Every text frame the server sends until it closes (server frames are unmasked)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    messages, at = [], 0
+    while at + 2 <= len(data):
+        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
+        at += 2
+        if length == 126:
+            length, at = int.from_bytes(data[at : at + 2], "big"), at + 2
+        elif length == 127:
+            length, at = int.from_bytes(data[at : at + 8], "big"), at + 8
+        if opcode == 1:
+            messages.append(json.loads(data[at : at + length]))
+        at += length
+    return messages
 
 
 @pytest.fixture(scope="module")
@@ -333,6 +371,7 @@ def drained_node(
     )
     with started("serve", env=env, stderr_path=work / "stderr.log") as node:
         wait_ready(base_url, node)
+        cable = open_cable(port)
         node.proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         readyz = http_get(base_url + "/readyz")
@@ -340,9 +379,17 @@ def drained_node(
             readyz = http_get(base_url + "/readyz")  # until the loop has seen the signal
         healthz, _ = http_get(base_url + "/healthz")
         probed = time.monotonic() - sent
+        cable_messages = read_text_frames(cable)
+        cable.close()
         exit_code = node.wait(timeout=DRAIN_DELAY_S + 10)
         return DrainedNode(
-            readyz, healthz, probed, exit_code, time.monotonic() - sent, node.stderr()
+            readyz,
+            healthz,
+            probed,
+            exit_code,
+            time.monotonic() - sent,
+            node.stderr(),
+            [m for m in cable_messages if m.get("type") != "ping"],
         )
 
 
@@ -360,6 +407,15 @@ def test_serve_healthz_stays_200_while_draining(drained_node: DrainedNode) -> No
 def test_serve_exits_0_soon_after_the_drain_delay(drained_node: DrainedNode) -> None:
     assert drained_node.exit_code == 0, drained_node.stderr
     assert DRAIN_DELAY_S <= drained_node.seconds_to_exit < DRAIN_DELAY_S + 5
+
+
+def test_serve_tells_cable_clients_to_reconnect_when_draining(
+    drained_node: DrainedNode,
+) -> None:
+    assert drained_node.cable_messages == [
+        {"type": "welcome"},
+        {"type": "disconnect", "reason": "server_restart", "reconnect": True},
+    ]
 
 
 def test_serve_logs_json_lines_ending_with_stopped(drained_node: DrainedNode) -> None:
