@@ -26,7 +26,7 @@ class ReadyzHandler(BaseHandler):
         reasons = ["draining: node is shutting down"] if services.state.draining else []
         if not reasons:
             reasons = await unready_reasons(
-                services.db, services.redis, services.settings.readiness_timeout_s
+                services.router, services.redis, services.settings.readiness_timeout_s
             )
         services.metrics.ready.set(0 if reasons else 1)
         if reasons:

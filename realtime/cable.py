@@ -29,7 +29,7 @@ from realtime.connection import CLOSE_GOING_AWAY, CableConnection, parse_identif
 from realtime.hub import Hub
 from realtime.presence import Presence
 from realtime.wsframe import encode_frame
-from server.db.pools import Database
+from server.db.router import ShardRouter
 from server.logs import get_logger
 from server.sessions import Session
 
@@ -67,7 +67,7 @@ class CableServer:
 
     def __init__(
         self,
-        db: Database,
+        router: ShardRouter,
         redis: Any,
         node_id: str,
         *,
@@ -83,7 +83,7 @@ class CableServer:
         )
         self.presence = Presence(redis, node_id, self.publish)
         self.channels: dict[str, Channel] = build_channels(
-            db, self.presence, benchmark=benchmark_channel
+            router, self.presence, benchmark=benchmark_channel
         )
         self.connections: dict[CableConnection, None] = {}
         self._per_ip: dict[str, int] = {}

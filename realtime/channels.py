@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from realtime.presence import Presence
 from server.carts import cart_view
-from server.db.pools import Database
+from server.db.router import ShardRouter
 from server.inventory import current_stock
 from server.sessions import Session
 
@@ -41,8 +41,8 @@ class Channel:
     name: ClassVar[str]
     keeps_history: ClassVar[bool] = True
 
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self, router: ShardRouter) -> None:
+        self.router = router
 
     async def stream_for(self, params: dict[str, Any], user: Session | None) -> str:
         """The stream this subscription follows; raise `Reject` to refuse it."""
@@ -80,8 +80,8 @@ class InventoryChannel(Channel):
 
     name = "InventoryChannel"
 
-    def __init__(self, db: Database, presence: Presence) -> None:
-        super().__init__(db)
+    def __init__(self, router: ShardRouter, presence: Presence) -> None:
+        super().__init__(router)
         self.presence = presence
 
     def joined(self, params: dict[str, Any]) -> None:
@@ -92,13 +92,13 @@ class InventoryChannel(Channel):
 
     async def stream_for(self, params: dict[str, Any], user: Session | None) -> str:
         product_id = product_id_param(params)
-        if await current_stock(self.db, product_id) is None:
+        if await current_stock(self.router, product_id) is None:
             raise Reject(f"no product {product_id}")
         return f"inventory:product:{product_id}"
 
     async def snapshot(self, params: dict[str, Any], user: Session | None) -> dict[str, Any] | None:
         product_id = product_id_param(params)
-        stock = await current_stock(self.db, product_id)
+        stock = await current_stock(self.router, product_id)
         return {"event": "stock", "product_id": str(product_id), "stock": stock or 0}
 
 
@@ -116,7 +116,7 @@ class CartChannel(Channel):
 
     async def snapshot(self, params: dict[str, Any], user: Session | None) -> dict[str, Any] | None:
         assert user is not None  # stream_for refused anonymous callers
-        return {"event": "cart", "cart": await cart_view(self.db, user.user_id)}
+        return {"event": "cart", "cart": await cart_view(self.router, user.user_id)}
 
 
 class NotificationsChannel(Channel):
@@ -149,13 +149,15 @@ class BenchmarkChannel(Channel):
         return frozenset({"echo", "broadcast"})
 
 
-def build_channels(db: Database, presence: Presence, *, benchmark: bool) -> dict[str, Channel]:
+def build_channels(
+    router: ShardRouter, presence: Presence, *, benchmark: bool
+) -> dict[str, Channel]:
     """The channels a node serves, by name."""
     channels: list[Channel] = [
-        InventoryChannel(db, presence),
-        CartChannel(db),
-        NotificationsChannel(db),
+        InventoryChannel(router, presence),
+        CartChannel(router),
+        NotificationsChannel(router),
     ]
     if benchmark:
-        channels.append(BenchmarkChannel(db))
+        channels.append(BenchmarkChannel(router))
     return {channel.name: channel for channel in channels}

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.db.pools import Database
+from server.db.router import ShardRouter
 
 
-async def cart_view(db: Database, user_id: int) -> dict[str, Any]:
+async def cart_view(router: ShardRouter, user_id: int) -> dict[str, Any]:
     """The contract's `Cart`: items with price snapshots, total and version."""
-    shard = db.shard_for(user_id)
-    async with shard.primary.acquire() as conn, conn.cursor() as cur:
+    async with router.read(user_id) as cur:
         await cur.execute(
             "SELECT c.version, i.product_id, i.quantity, i.unit_price_cents "
             "FROM carts c LEFT JOIN cart_items i ON i.user_id = c.user_id "

@@ -97,7 +97,15 @@ def cmd_users_create(args: argparse.Namespace) -> int:
     settings = _settings()
 
     async def create(db: Database) -> Any:
-        return await UserService(db).create_user(args.email, args.password, args.name, args.admin)
+        from server.db.router import ShardRouter
+
+        router = ShardRouter.for_settings(db, settings)
+        try:
+            return await UserService(router).create_user(
+                args.email, args.password, args.name, args.admin
+            )
+        finally:
+            await router.close()
 
     user = run_async(_with_database(settings, create))
     print(f"created user {user.id} <{user.email}>{' (admin)' if user.is_admin else ''}")

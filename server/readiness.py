@@ -6,15 +6,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
-import aiopg
-
-from server.db.pools import Database
-
-
-async def _ping_postgres(pool: aiopg.Pool) -> None:
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT 1")
-        await cur.fetchone()
+from server.db.router import ShardRouter
 
 
 async def _reason(name: str, check: Awaitable[Any], timeout_s: float) -> str | None:
@@ -28,14 +20,14 @@ async def _reason(name: str, check: Awaitable[Any], timeout_s: float) -> str | N
     return None
 
 
-async def unready_reasons(db: Database, redis: Any, timeout_s: float) -> list[str]:
+async def unready_reasons(router: ShardRouter, redis: Any, timeout_s: float) -> list[str]:
     """Why the node is not ready (empty when it is): one line per unreachable dependency.
 
     All dependencies are probed at once, so the answer takes at most `timeout_s`.
     """
     checks = [_reason("redis", redis.ping(), timeout_s)]
     checks += [
-        _reason(f"postgres {database.name} primary", _ping_postgres(database.primary), timeout_s)
-        for database in db.all_databases()
+        _reason(f"postgres {database.name} primary", router.ping_primary(database), timeout_s)
+        for database in router.db.all_databases()
     ]
     return [reason for reason in await asyncio.gather(*checks) if reason is not None]

@@ -8,6 +8,7 @@ from typing import Any
 
 from realtime.cable import CableLimits, CableServer
 from server.db.pools import Database
+from server.db.router import ShardRouter
 from server.metrics import NodeMetrics
 from server.sessions import SessionStore
 from server.settings import Settings
@@ -57,6 +58,7 @@ class Services:
     redis: Any
     sessions: SessionStore
     cable: CableServer
+    router: ShardRouter
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     state: NodeState = field(default_factory=NodeState)
 
@@ -72,8 +74,9 @@ class Services:
 
         db = await Database.open(settings)
         redis = open_redis(settings)
+        router = ShardRouter.for_settings(db, settings)
         cable = CableServer(
-            db,
+            router,
             redis,
             settings.node_id,
             limits=CableLimits(
@@ -89,7 +92,14 @@ class Services:
             benchmark_channel=settings.benchmark_channel,
             history_maxlen=settings.stream_history_maxlen,
         )
-        return cls(settings=settings, db=db, redis=redis, sessions=SessionStore(redis), cable=cable)
+        return cls(
+            settings=settings,
+            db=db,
+            redis=redis,
+            sessions=SessionStore(redis),
+            cable=cable,
+            router=router,
+        )
 
     def start(self) -> None:
         """Start background work (broker reader, pings); call on the serving loop."""
@@ -98,5 +108,6 @@ class Services:
     async def close(self) -> None:
         """Stop background work, release pools and Redis connections."""
         await self.cable.stop()
+        await self.router.close()
         await self.db.close()
         await self.redis.aclose()

@@ -16,7 +16,7 @@ from datetime import datetime
 import psycopg2.errors
 from argon2 import PasswordHasher
 
-from server.db.pools import Database
+from server.db.router import ShardRouter
 from server.errors import Conflict, InvalidInput
 
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
@@ -65,8 +65,8 @@ def check_password_rules(password: str) -> None:
 class UserService:
     """Creates and finds accounts across the catalog directory and the user shards."""
 
-    def __init__(self, db: Database, hasher: PasswordHasher | None = None) -> None:
-        self.db = db
+    def __init__(self, router: ShardRouter, hasher: PasswordHasher | None = None) -> None:
+        self.router = router
         self.hasher = hasher or PasswordHasher()
 
     async def hash_password(self, password: str) -> str:
@@ -90,7 +90,7 @@ class UserService:
             raise
 
     async def _claim_email(self, email: str) -> int:
-        async with self.db.catalog.primary.acquire() as conn, conn.cursor() as cur:
+        async with self.router.catalog_write() as cur:
             try:
                 await cur.execute(
                     "INSERT INTO user_directory (email) VALUES (%s) RETURNING user_id", (email,)
@@ -101,7 +101,7 @@ class UserService:
             return int(row[0])
 
     async def _release_email(self, email: str, user_id: int) -> None:
-        async with self.db.catalog.primary.acquire() as conn, conn.cursor() as cur:
+        async with self.router.catalog_write() as cur:
             await cur.execute(
                 "DELETE FROM user_directory WHERE email = %s AND user_id = %s", (email, user_id)
             )
@@ -109,8 +109,7 @@ class UserService:
     async def _insert_user(
         self, user_id: int, email: str, name: str, password_hash: str, is_admin: bool
     ) -> User:
-        shard = self.db.shard_for(user_id)
-        async with shard.primary.acquire() as conn, conn.cursor() as cur:
+        async with self.router.write(user_id) as cur:
             await cur.execute(
                 """
                 WITH u AS (

@@ -745,7 +745,7 @@ async def test_inventory_channel_rejects_bad_product_ids(
 async def test_cart_channel_is_only_for_the_signed_in_owner(
     http_server: Any, base_url: str, clients: Clients, services: Services
 ) -> None:
-    users = UserService(services.db)
+    users = UserService(services.router)
     alice = await users.create_user("alice@example.com", "correct horse battery")
     bob = await users.create_user("bob@example.com", "correct horse battery")
     token = await services.sessions.create(alice.id)

@@ -318,12 +318,10 @@ def open_cable(port: int) -> socket.socket:
     """A raw Action Cable (JSON) connection; returns once the 101 answer has arrived."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(
-
-            b"GET /cable HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Protocol: actioncable-v1-json\r\n\r\n"
-
+        b"GET /cable HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Protocol: actioncable-v1-json\r\n\r\n"
     )
     head = b""
     while b"\r\n\r\n" not in head:

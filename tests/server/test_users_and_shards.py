@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import psycopg2
 import pytest
 
 from server.db.pools import Database, shard_index
+from server.db.router import ShardRouter
 from server.errors import Conflict, InvalidInput
 from server.settings import Settings
 from server.users import UserService
@@ -18,6 +21,18 @@ def test_shard_index_is_id_modulo_shard_count() -> None:
     assert [shard_index(user_id, 4) for user_id in (1, 2, 3, 4, 5, 8, 13)] == [1, 2, 3, 0, 1, 0, 1]
     with pytest.raises(ValueError):
         shard_index(0, 4)
+
+
+@asynccontextmanager
+async def user_service(settings: Settings) -> AsyncIterator[UserService]:
+    """A UserService on its own pools and router, closed afterwards."""
+    db = await Database.open(settings)
+    router = ShardRouter.for_settings(db, settings)
+    try:
+        yield UserService(router)
+    finally:
+        await router.close()
+        await db.close()
 
 
 def _emails_by_shard(dsns: list[str]) -> list[dict[int, str]]:
@@ -35,14 +50,10 @@ def _emails_by_shard(dsns: list[str]) -> list[dict[int, str]]:
 async def test_each_user_lives_on_the_shard_its_id_names(
     settings: Settings, infra_env: dict[str, str]
 ) -> None:
-    db = await Database.open(settings)
-    try:
-        users = UserService(db)
+    async with user_service(settings) as users:
         created = await asyncio.gather(
             *(users.create_user(f"shopper{n}@example.com", "correct horse") for n in range(12))
         )
-    finally:
-        await db.close()
     assert len({user.id for user in created}) == 12
     by_shard = _emails_by_shard(primary_dsns(infra_env)[1:])
     for user in created:
@@ -55,14 +66,10 @@ async def test_each_user_lives_on_the_shard_its_id_names(
 @pytest.mark.gen_test(timeout=30)
 @pytest.mark.usefixtures("clean_data")
 async def test_taken_email_is_a_conflict_on_any_shard(settings: Settings) -> None:
-    db = await Database.open(settings)
-    try:
-        users = UserService(db)
+    async with user_service(settings) as users:
         first = await users.create_user("Ada@Example.com", "correct horse", "Ada")
         with pytest.raises(Conflict):
             await users.create_user("ada@example.com", "another password")
-    finally:
-        await db.close()
     assert first.email == "ada@example.com"
 
 
@@ -71,15 +78,11 @@ async def test_taken_email_is_a_conflict_on_any_shard(settings: Settings) -> Non
 async def test_bad_email_or_password_is_refused_before_anything_is_written(
     settings: Settings, infra_env: dict[str, str]
 ) -> None:
-    db = await Database.open(settings)
-    try:
-        users = UserService(db)
+    async with user_service(settings) as users:
         with pytest.raises(InvalidInput, match="email"):
             await users.create_user("not-an-address", "correct horse")
         with pytest.raises(InvalidInput, match="password"):
             await users.create_user("bob@example.com", "short")
-    finally:
-        await db.close()
     with psycopg2.connect(infra_env["FM_CATALOG_DSN"]) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM user_directory")
         assert cur.fetchone() == (0,)
@@ -91,11 +94,8 @@ async def test_bad_email_or_password_is_refused_before_anything_is_written(
 async def test_passwords_are_stored_as_argon2id_hashes(
     settings: Settings, infra_env: dict[str, str]
 ) -> None:
-    db = await Database.open(settings)
-    try:
-        user = await UserService(db).create_user("carol@example.com", "correct horse")
-    finally:
-        await db.close()
+    async with user_service(settings) as users:
+        user = await users.create_user("carol@example.com", "correct horse")
     dsn = primary_dsns(infra_env)[1 + user.id % 4]
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT password_hash FROM users WHERE id = %s", (user.id,))
