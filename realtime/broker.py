@@ -11,32 +11,27 @@ The epoch is a random string stored beside the offset; when Redis loses the stre
 (restart without persistence, eviction) the epoch is made anew, so clients holding the old one
 know their offsets mean nothing any more and take a fresh snapshot.
 
-A node subscribes to a stream's channel while it has local subscribers. The reader task
-survives Redis restarts: it reconnects with backoff on a fresh pub/sub connection, subscribes
-every followed channel again, and the node then asks for each stream's position so the hub
-can fill the gap from history or resynchronise.
+A node subscribes to a stream's channel while it has local subscribers. The subscription
+(`server.pubsub.ResilientSubscription`) survives Redis restarts; after each reconnect the node
+asks for every followed stream's position so the hub can fill the gap from history or
+resynchronise.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.logs import get_logger
+from server.pubsub import ResilientSubscription
 
 _log = get_logger("finalmarket.broker")
 
 DEFAULT_HISTORY_MAXLEN = 1000
-_RECONNECT_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
-_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
 _PUBLISH = """
 local epoch = redis.call('GET', KEYS[3])
@@ -114,48 +109,29 @@ class RedisBroker:
         self._history_maxlen = history_maxlen
         self._publish = redis.register_script(_PUBLISH)
         self._position = redis.register_script(_POSITION)
-        self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
-        self._channels: dict[str, str] = {}  # channel -> stream
-        self._reader: asyncio.Task[None] | None = None
-        self._has_channels = asyncio.Event()
+        self._subscription = ResilientSubscription(
+            redis, self._on_message, self._reconnected, "broker"
+        )
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the reader task (owned by the broker; `stop` cancels it)."""
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+        """Start reading (the subscription task is owned here; `stop` cancels it)."""
+        self._subscription.start()
 
     async def stop(self) -> None:
         """Stop reading and release the pub/sub connection."""
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
-        await self._pubsub.aclose()
+        await self._subscription.stop()
 
     # --- subscriptions ------------------------------------------------------------------------
 
     async def subscribe(self, stream: str) -> None:
         """Receive `stream`'s messages on this node."""
-        channel = stream_keys(stream)[3]
-        if channel in self._channels:
-            return
-        self._channels[channel] = stream
-        try:
-            await self._pubsub.subscribe(channel)
-        except Exception as exc:  # a broken pub/sub connection (redis-py may raise anything)
-            # The reader notices the same breakage and resubscribes every channel.
-            _log.info("broker_subscribe_deferred", channel=channel, error=repr(exc))
-        self._has_channels.set()  # only now: reading before the first SUBSCRIBE fails
+        await self._subscription.subscribe(stream_keys(stream)[3])
 
     async def unsubscribe(self, stream: str) -> None:
         """Stop receiving `stream`'s messages."""
-        channel = stream_keys(stream)[3]
-        if self._channels.pop(channel, None) is not None:
-            with contextlib.suppress(*_REDIS_DOWN):
-                await self._pubsub.unsubscribe(channel)
+        await self._subscription.unsubscribe(stream_keys(stream)[3])
 
     # --- publishing and history ---------------------------------------------------------------
 
@@ -199,41 +175,14 @@ class RedisBroker:
 
     # --- reading ------------------------------------------------------------------------------
 
-    async def _read_forever(self) -> None:
-        failures = 0
-        while True:
-            if not self._channels:
-                self._has_channels.clear()
-                await self._has_channels.wait()
-            try:
-                if failures:
-                    await self._resubscribe()
-                    failures = 0
-                    _log.info("broker_reconnected", channels=len(self._channels))
-                    if self._on_reconnect is not None:
-                        await self._on_reconnect()
-                message = await self._pubsub.get_message(timeout=1.0)
-            except (*_REDIS_DOWN, RuntimeError) as exc:  # RuntimeError: pub/sub never connected
-                if failures == 0:
-                    _log.warning("broker_disconnected", error=str(exc))
-                await asyncio.sleep(
-                    _RECONNECT_BACKOFF_S[min(failures, len(_RECONNECT_BACKOFF_S) - 1)]
-                )
-                failures += 1
-                continue
-            if message is None or message.get("type") != "message":
-                continue
-            try:
-                envelope = decode_envelope(message["data"])
-            except Exception:
-                _log.exception("broker_bad_envelope")
-                continue
-            self._on_envelope(envelope)
+    def _on_message(self, _channel: str, data: bytes) -> None:
+        try:
+            envelope = decode_envelope(data)
+        except Exception:
+            _log.exception("broker_bad_envelope")
+            return
+        self._on_envelope(envelope)
 
-    async def _resubscribe(self) -> None:
-        """A fresh pub/sub connection subscribed to every stream this node follows."""
-        with contextlib.suppress(Exception):
-            await self._pubsub.aclose()
-        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        if self._channels:
-            await self._pubsub.subscribe(*self._channels)
+    async def _reconnected(self) -> None:
+        if self._on_reconnect is not None:
+            await self._on_reconnect()

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from realtime.cable import CableLimits, CableServer
+from server.cache import CachedLoader, CacheInvalidationListener, CacheStatsCollector
 from server.db.pools import Database
 from server.db.router import ShardRouter
 from server.metrics import NodeMetrics
+from server.ratelimit import Limit, RateLimiter
 from server.sessions import SessionStore
 from server.settings import Settings
 
@@ -59,6 +61,11 @@ class Services:
     sessions: SessionStore
     cable: CableServer
     router: ShardRouter
+    cache: CachedLoader
+    cache_listener: CacheInvalidationListener
+    rate_limiter: RateLimiter
+    ip_limit: Limit
+    user_limit: Limit
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     state: NodeState = field(default_factory=NodeState)
 
@@ -66,6 +73,7 @@ class Services:
         # Gauges read the lifecycle state when scraped, so there is one source of truth.
         self.metrics.http_in_flight.set_function(lambda: self.state.in_flight)
         self.metrics.draining.set_function(lambda: int(self.state.draining))
+        self.metrics.registry.register(CacheStatsCollector(self.cache.all_stats))
 
     @classmethod
     async def open(cls, settings: Settings) -> Services:
@@ -92,6 +100,12 @@ class Services:
             benchmark_channel=settings.benchmark_channel,
             history_maxlen=settings.stream_history_maxlen,
         )
+        cache = CachedLoader(
+            redis,
+            node_id=settings.node_id,
+            local_max_entries=settings.cache_local_max_entries,
+            local_max_staleness_s=settings.cache_local_max_staleness_s,
+        )
         return cls(
             settings=settings,
             db=db,
@@ -99,15 +113,25 @@ class Services:
             sessions=SessionStore(redis),
             cable=cable,
             router=router,
+            cache=cache,
+            cache_listener=CacheInvalidationListener(redis, cache),
+            rate_limiter=RateLimiter(redis),
+            ip_limit=Limit("ip", settings.ratelimit_ip_per_second, settings.ratelimit_ip_burst),
+            user_limit=Limit(
+                "user", settings.ratelimit_user_per_second, settings.ratelimit_user_burst
+            ),
         )
 
     def start(self) -> None:
         """Start background work (broker reader, pings); call on the serving loop."""
         self.cable.start()
+        self.cache_listener.start()
 
     async def close(self) -> None:
         """Stop background work, release pools and Redis connections."""
         await self.cable.stop()
+        await self.cache_listener.stop()
+        await self.cache.aclose()
         await self.router.close()
         await self.db.close()
         await self.redis.aclose()

@@ -213,6 +213,49 @@ class Settings(BaseSettings):
         description="Largest request body accepted by JSON endpoints (413 beyond it).",
         json_schema_extra=_group("limits"),
     )
+    ratelimit_ip_per_second: float = Field(
+        50.0,
+        gt=0,
+        description="Sustained REST (and GraphQL cost) units per second per client address "
+        "(GCRA in Redis, shared by all nodes).",
+        json_schema_extra=_group("limits"),
+    )
+    ratelimit_ip_burst: int = Field(
+        200,
+        ge=1,
+        description="Units a client address may spend at once before the rate applies "
+        "(429 with `Retry-After` beyond).",
+        json_schema_extra=_group("limits"),
+    )
+    ratelimit_user_per_second: float = Field(
+        20.0,
+        gt=0,
+        description="Sustained REST (and GraphQL cost) units per second per signed-in user.",
+        json_schema_extra=_group("limits"),
+    )
+    ratelimit_user_burst: int = Field(
+        100,
+        ge=1,
+        description="Units a signed-in user may spend at once before the rate applies.",
+        json_schema_extra=_group("limits"),
+    )
+
+    # --- cache ----------------------------------------------------------------------------------
+    cache_local_max_entries: int = Field(
+        10_000,
+        ge=0,
+        le=10_000_000,
+        description="Entries of the per-node in-memory cache in front of Redis (0: none).",
+        json_schema_extra=_group("cache"),
+    )
+    cache_local_max_staleness_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="Longest an in-memory cache entry is served after it was read from Redis "
+        "(bounds staleness when an invalidation message is lost).",
+        json_schema_extra=_group("cache"),
+    )
 
     # --- realtime -------------------------------------------------------------------------------
     benchmark_channel: bool = Field(

@@ -2,7 +2,8 @@
 
 One job per module: `keys` (names and hash tags), `versions` (invalidation by INCR, announced
 over pub/sub), `store` (one-round-trip reads, locks, writes), `xfetch` (early refresh),
-`local` (the bounded in-memory layer), `stats` (counters), `loader` (`CachedLoader`, tying them
+`local` (the bounded in-memory layer), `stats` (counters), `metrics` (their Prometheus
+export), `loader` (`CachedLoader`, tying them
 together) and `listener` (other nodes' bumps).
 
 Typical use on a node::
@@ -19,6 +20,7 @@ from server.cache.keys import BUMP_CHANNEL
 from server.cache.listener import CacheInvalidationListener
 from server.cache.loader import CachedLoader, Loader
 from server.cache.local import LocalLRU
+from server.cache.metrics import CacheStatsCollector
 from server.cache.stats import CacheStats
 from server.cache.versions import MAX_VALUE_TTL_S
 from server.cache.xfetch import should_refresh_early
@@ -38,6 +40,7 @@ __all__ = [
     "NS_USER",
     "CacheInvalidationListener",
     "CacheStats",
+    "CacheStatsCollector",
     "CachedLoader",
     "Loader",
     "LocalLRU",

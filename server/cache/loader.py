@@ -82,30 +82,35 @@ class CachedLoader:
         self._rand = rand
         self._clock = clock
         self._stats: dict[str, CacheStats] = {}
-        self._in_flight: dict[tuple[str, str], asyncio.Task[tuple[Any, str]]] = {}
+        self._in_flight: dict[tuple[str, str, bool], asyncio.Task[tuple[Any, str]]] = {}
         self._refreshing: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     # --- reading ------------------------------------------------------------------------------
 
-    async def get_or_load(self, ns: str, key: str | int, loader: Loader, ttl_s: float) -> Any:
+    async def get_or_load(
+        self, ns: str, key: str | int, loader: Loader, ttl_s: float, *, local: bool = True
+    ) -> Any:
         """The cached value of `key` in `ns`, calling `loader()` to compute it on a miss.
 
-        `ttl_s` is the value's lifetime in Redis (at most `MAX_VALUE_TTL_S`).
+        `ttl_s` is the value's lifetime in Redis (at most `MAX_VALUE_TTL_S`). `local=False`
+        skips the in-memory layer (reads always reach Redis): for data that must not lag a
+        bump by even the freshness bound, such as resolved sessions after a revocation.
         """
         keys.check_namespace(ns)
         if not 0 < ttl_s <= MAX_VALUE_TTL_S:
             raise ValueError(f"ttl_s must be in (0, {MAX_VALUE_TTL_S}]")
         ident = keys.id_part(key)
         stats = self.stats(ns)
-        found, value = self.local.get(ns, ident)
-        if found:
-            stats.local_hits += 1
-            return value
-        flight = (ns, ident)
+        if local:
+            found, value = self.local.get(ns, ident)
+            if found:
+                stats.local_hits += 1
+                return value
+        flight = (ns, ident, local)
         task = self._in_flight.get(flight)
         if task is None:
             task = asyncio.get_running_loop().create_task(
-                self._fetch(ns, ident, loader, ttl_s, self.local.ticket())
+                self._fetch(ns, ident, loader, ttl_s, self.local.ticket() if local else None)
             )
             self._in_flight[flight] = task
             task.add_done_callback(self._fetch_done(flight))
@@ -119,7 +124,7 @@ class CachedLoader:
             stats.misses += 1
         return value
 
-    def _fetch_done(self, flight: tuple[str, str]) -> Callable[[asyncio.Task[Any]], None]:
+    def _fetch_done(self, flight: tuple[str, str, bool]) -> Callable[[asyncio.Task[Any]], None]:
         def done(task: asyncio.Task[Any]) -> None:
             if self._in_flight.get(flight) is task:
                 del self._in_flight[flight]
@@ -129,8 +134,9 @@ class CachedLoader:
         return done
 
     async def _fetch(
-        self, ns: str, ident: str, loader: Loader, ttl_s: float, ticket: int
+        self, ns: str, ident: str, loader: Loader, ttl_s: float, ticket: int | None
     ) -> tuple[Any, str]:
+        """One fetch shared by this node's concurrent callers; `ticket` None: no local copy."""
         token = secrets.token_hex(8)
         try:
             read = await self._store.read(ns, ident, token, self._lock_ms)
@@ -142,14 +148,16 @@ class CachedLoader:
         if read.found is not None:
             found = read.found
             if should_refresh_early(found.delta_s, found.ttl_left_s, self._beta, self._rand):
-                self._refresh_in_background(ns, ident, read.version, loader, ttl_s)
-            self.local.put(ns, ident, found.value, ticket, found.ttl_left_s)
+                self._refresh_in_background(ns, ident, read.version, loader, ttl_s, ticket)
+            if ticket is not None:
+                self.local.put(ns, ident, found.value, ticket, found.ttl_left_s)
             return found.value, _HIT
         if read.locked:
             value = await self._load_and_store(ns, ident, read.version, loader, ttl_s, token)
         else:
             value = await self._wait_for_other_node(ns, ident, read.version, loader, ttl_s, token)
-        self.local.put(ns, ident, value, ticket, ttl_s)
+        if ticket is not None:
+            self.local.put(ns, ident, value, ticket, ttl_s)
         return value, _MISS
 
     async def _wait_for_other_node(
@@ -203,19 +211,19 @@ class CachedLoader:
         return value
 
     def _refresh_in_background(
-        self, ns: str, ident: str, version: str, loader: Loader, ttl_s: float
+        self, ns: str, ident: str, version: str, loader: Loader, ttl_s: float, ticket: int | None
     ) -> None:
         flight = (ns, ident)
         if flight in self._refreshing:
             return
         task = asyncio.get_running_loop().create_task(
-            self._refresh(ns, ident, version, loader, ttl_s, self.local.ticket())
+            self._refresh(ns, ident, version, loader, ttl_s, ticket)
         )
         self._refreshing[flight] = task
         task.add_done_callback(lambda _task: self._refreshing.pop(flight, None))
 
     async def _refresh(
-        self, ns: str, ident: str, version: str, loader: Loader, ttl_s: float, ticket: int
+        self, ns: str, ident: str, version: str, loader: Loader, ttl_s: float, ticket: int | None
     ) -> None:
         token = secrets.token_hex(8)
         try:
@@ -226,7 +234,8 @@ class CachedLoader:
         except Exception as exc:
             _log.warning("cache_refresh_failed", ns=ns, error=repr(exc))
             return
-        self.local.put(ns, ident, value, ticket, ttl_s)
+        if ticket is not None:  # the refreshed value replaces this node's copy too
+            self.local.put(ns, ident, value, ticket, ttl_s)
 
     async def wait_refreshes(self) -> None:
         """Wait for the background refreshes running now (tests, shutdown)."""
@@ -255,7 +264,8 @@ class CachedLoader:
             for flight in [flight for flight in self._in_flight if flight[0] == ns]:
                 del self._in_flight[flight]
         else:
-            self._in_flight.pop((ns, ident), None)
+            self._in_flight.pop((ns, ident, True), None)
+            self._in_flight.pop((ns, ident, False), None)
 
     def on_remote_bump(self, ns: str, ident: str | None = None) -> None:
         """Hook for the invalidation listener: another node bumped `ns` (or one id of it)."""

@@ -1,0 +1,136 @@
+"""GCRA rate limiting against the real Redis: bursts, refusals, recovery, cost, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import pytest
+
+from server.ratelimit import Decision, Limit, RateLimiter, limit_key
+from server.redis_client import open_redis
+from server.settings import Settings
+
+
+async def _with_limiter(settings: Settings) -> tuple[Any, RateLimiter]:
+    redis = open_redis(settings)
+    return redis, RateLimiter(redis)
+
+
+def test_limit_validates_and_formats_policy() -> None:
+    limit = Limit("api", rate_per_s=20, burst=10)
+    assert limit.policy_header() == '"api";q=10;w=1'
+    assert Limit("slow", rate_per_s=0.5, burst=30).policy_header() == '"slow";q=30;w=60'
+    bad: list[tuple[str, float, int]] = [('a"b', 1, 1), ("a", 0, 1), ("a", 1, 0)]
+    for name, rate, burst in bad:
+        with pytest.raises(ValueError):
+            Limit(name, rate, burst)
+    assert limit_key(limit, "1.2.3.4") == "{rl:api:1.2.3.4}"
+    assert limit_key(limit, "x}y").startswith("{rl:api:h:")
+
+
+def test_header_values() -> None:
+    limit = Limit("ip", rate_per_s=20, burst=10)
+    allowed = Decision(limit, True, 7, 0.0, 0.15)
+    assert allowed.headers() == {"RateLimit-Policy": '"ip";q=10;w=1', "RateLimit": '"ip";r=7;t=1'}
+    refused = Decision(limit, False, 0, 0.05, 0.5)
+    assert refused.headers() == {
+        "RateLimit-Policy": '"ip";q=10;w=1',
+        "RateLimit": '"ip";r=0;t=1',
+        "Retry-After": "1",
+    }
+    assert Decision(limit, False, 0, 2.2, 3.0).headers()["Retry-After"] == "3"
+    assert "Retry-After" not in Decision(limit, False, 10, math.inf, 0.0).headers()
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.usefixtures("clean_data")
+async def test_burst_then_refusal_then_recovery(settings: Settings) -> None:
+    redis, limiter = await _with_limiter(settings)
+    limit = Limit("burst", rate_per_s=5, burst=5)  # one unit back every 200 ms
+    try:
+        decisions = [await limiter.check(limit, "client") for _ in range(5)]
+        assert all(d.allowed for d in decisions)
+        assert [d.remaining for d in decisions] == [4, 3, 2, 1, 0]
+        refused = await limiter.check(limit, "client")
+        assert not refused.allowed
+        assert refused.remaining == 0
+        # The wait is until one unit is back: under 200 ms since the first check.
+        assert 0.0 < refused.retry_after_s <= 0.2
+        assert 0.8 < refused.reset_after_s <= 1.0
+        assert refused.headers() == {
+            "RateLimit-Policy": '"burst";q=5;w=1',
+            "RateLimit": '"burst";r=0;t=1',
+            "Retry-After": "1",
+        }
+
+        await asyncio.sleep(refused.retry_after_s + 0.01)
+        again = await limiter.check(limit, "client")
+        assert again.allowed and again.remaining == 0
+        assert not (await limiter.check(limit, "client")).allowed
+
+        # A full bucket again after reset_after_s; the key then expires in Redis.
+        await asyncio.sleep(1.01)
+        assert await redis.exists(limit_key(limit, "client")) == 0
+        assert (await limiter.check(limit, "client", cost=0)).remaining == 5
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.usefixtures("clean_data")
+async def test_cost_spends_several_units_and_too_costly_consumes_nothing(
+    settings: Settings,
+) -> None:
+    redis, limiter = await _with_limiter(settings)
+    limit = Limit("cost", rate_per_s=20, burst=10)
+    try:
+        too_big = await limiter.check(limit, "gql", cost=11)
+        assert not too_big.allowed and too_big.retry_after_s == math.inf
+        assert too_big.remaining == 10
+        assert await redis.exists(limit_key(limit, "gql")) == 0
+
+        spent = await limiter.check(limit, "gql", cost=7)
+        assert spent.allowed and spent.remaining == 3
+        refused = await limiter.check(limit, "gql", cost=4)
+        assert not refused.allowed and refused.remaining == 3
+        assert 0.0 < refused.retry_after_s <= 0.05  # one unit short
+        assert (await limiter.check(limit, "gql", cost=3)).allowed
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.usefixtures("clean_data")
+async def test_keys_and_limits_are_independent(settings: Settings) -> None:
+    redis, limiter = await _with_limiter(settings)
+    per_ip = Limit("ip", rate_per_s=1, burst=2)
+    per_user = Limit("user", rate_per_s=1, burst=2)
+    try:
+        for _ in range(2):
+            assert (await limiter.check(per_ip, "a")).allowed
+        assert not (await limiter.check(per_ip, "a")).allowed
+        assert (await limiter.check(per_ip, "b")).allowed
+        assert (await limiter.check(per_user, "a")).allowed
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.usefixtures("clean_data")
+async def test_concurrent_checks_allow_exactly_the_burst(settings: Settings) -> None:
+    # Two clients (two "nodes") so the checks also race across connections pools.
+    redis_a, limiter_a = await _with_limiter(settings)
+    redis_b, limiter_b = await _with_limiter(settings)
+    limit = Limit("race", rate_per_s=0.1, burst=10)  # nothing refills during the test
+    try:
+        decisions = await asyncio.gather(
+            *((limiter_a if n % 2 else limiter_b).check(limit, "hot") for n in range(100))
+        )
+        assert sum(d.allowed for d in decisions) == 10
+        assert sorted(d.remaining for d in decisions if d.allowed) == list(range(10))
+        assert all(d.retry_after_s > 9 for d in decisions if not d.allowed)
+    finally:
+        await redis_a.aclose()
+        await redis_b.aclose()
