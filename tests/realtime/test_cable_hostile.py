@@ -31,6 +31,7 @@ from server.services import Services
 from server.settings import Settings
 from server.users import UserService
 from tests.conftest import make_settings
+from tests.realtime.frames import client_frame
 
 JSON = "actioncable-v1-json"
 MSGPACK = "actioncable-v1-msgpack"
@@ -196,31 +197,6 @@ def problem_of(response: Any) -> dict[str, Any]:
 
 
 # --- hostile clients (raw sockets) --------------------------------------------------------------
-
-
-def client_frame(
-    opcode: int,
-    payload: bytes = b"",
-    *,
-    masked: bool = True,
-    rsv: int = 0,
-    length: int | None = None,
-) -> bytes:
-    """A client frame (FIN set). `length` overrides the declared length, `masked=False` and
-    `rsv` break the protocol on purpose."""
-    n = len(payload) if length is None else length
-    b0 = 0x80 | (rsv << 4) | opcode
-    mask_bit = 0x80 if masked else 0
-    if n < 126:
-        header = bytes((b0, mask_bit | n))
-    elif n < 0x10000:
-        header = struct.pack("!BBH", b0, mask_bit | 126, n)
-    else:
-        header = struct.pack("!BBQ", b0, mask_bit | 127, n)
-    if not masked:
-        return header + payload
-    key = os.urandom(4)
-    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def text_frame(command: dict[str, Any]) -> bytes:
@@ -544,7 +520,7 @@ async def assert_closed_for(
 async def test_unmasked_frame_closes_the_connection_with_1002(
     http_server: Any, http_port: int, base_url: str, clients: Clients
 ) -> None:
-    frame = client_frame(OP_TEXT, json.dumps(subscribe_command(BENCH)).encode(), masked=False)
+    frame = client_frame(OP_TEXT, json.dumps(subscribe_command(BENCH)).encode(), mask=None)
     await assert_closed_for(clients, http_port, frame, 1002, "client frame is not masked")
     await assert_node_serves(clients, base_url)
 
