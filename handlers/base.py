@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import traceback
 import uuid
+from collections.abc import Awaitable
 from http import HTTPStatus
 from typing import Any
 
@@ -51,7 +52,7 @@ class BaseHandler(tornado.web.RequestHandler):
         """Receive the node's services through the route (never module globals)."""
         self.services = services
 
-    def prepare(self) -> None:
+    def prepare(self) -> Awaitable[None] | None:
         """Adopt the caller's `X-Request-Id` when it is well formed, or make one."""
         offered = self.request.headers.get("X-Request-Id", "")
         self.request_id = offered if _REQUEST_ID.match(offered) else uuid.uuid4().hex
@@ -59,6 +60,7 @@ class BaseHandler(tornado.web.RequestHandler):
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
         self.services.state.request_started()
         self._counted_in_flight = True
+        return None
 
     def on_finish(self) -> None:
         """Invoked after the response is sent: update metrics, drop the log context."""

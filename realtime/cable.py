@@ -77,6 +77,7 @@ class CableServer:
     ) -> None:
         self.limits = limits or CableLimits()
         self.full_allowance = float(self.limits.command_burst)
+        self.hard_bytes = self.limits.slow_consumer_hard_bytes
         self.hub = Hub()
         self.broker = RedisBroker(
             redis, node_id, self._on_envelope, self._on_reconnect, history_maxlen

@@ -45,6 +45,7 @@ class CableConnection(asyncio.Protocol):
 
     __slots__ = (
         "_allowance",
+        "_backlogged",
         "_decoder",
         "_errors",
         "_refilled_at",
@@ -69,6 +70,7 @@ class CableConnection(asyncio.Protocol):
         # identifier -> Subscription, or None while the subscribe command is being processed
         self.subscriptions: dict[str, Subscription | None] = {}
         self.closing = False
+        self._backlogged = False
         self._allowance = server.full_allowance  # one float object shared until first use
         self._refilled_at = time.monotonic()
         self._errors = 0
@@ -83,9 +85,11 @@ class CableConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # More than `slow_consumer_bytes` unsent: the client has `slow_consumer_grace_s` to
         # catch up before it is cut off.
+        self._backlogged = True
         self.server.writer_paused(self)
 
     def resume_writing(self) -> None:
+        self._backlogged = False
         self.server.writer_resumed(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -170,7 +174,9 @@ class CableConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closing:
             return
-        if transport.get_write_buffer_size() > self.server.limits.slow_consumer_hard_bytes:
+        # The hot path (fan-out) pays only the flag test: the size is asked only when the
+        # transport has already reported a backlog.
+        if self._backlogged and transport.get_write_buffer_size() > self.server.hard_bytes:
             self.cut_off_slow("unsent bytes over the hard bound")
             return
         transport.write(data)

@@ -6,6 +6,7 @@ from typing import Any
 
 import tornado.web
 
+from handlers.auth import MeHandler, SessionsHandler, UsersHandler
 from handlers.base import BaseHandler, NotFoundHandler
 from handlers.cable import CableHandler
 from handlers.health import HealthzHandler, MetricsHandler, ReadyzHandler
@@ -23,6 +24,9 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/readyz", ReadyzHandler, deps),
         (r"/metrics", MetricsHandler, deps),
         (r"/cable", CableHandler, {**deps, "cable": services.cable}),
+        (r"/api/v1/users", UsersHandler, deps),
+        (r"/api/v1/sessions", SessionsHandler, deps),
+        (r"/api/v1/me", MeHandler, deps),
     ]
     return tornado.web.Application(
         routes,

@@ -35,3 +35,9 @@ class Conflict(DomainError):
     """The request contradicts the current state (taken email, stale version, no stock)."""
 
     kind = "conflict"
+
+
+class Unauthenticated(DomainError):
+    """The credentials given do not identify anyone."""
+
+    kind = "unauthorized"

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         "`X-Forwarded-Proto` (only behind a proxy that sets them: anyone can send them).",
         json_schema_extra=_group("node"),
     )
+    cookie_secure: bool = Field(
+        True,
+        description="Mark session cookies `Secure` (browsers still accept them from "
+        "http://localhost and http://127.0.0.1).",
+        json_schema_extra=_group("node"),
+    )
     debug: bool = Field(
         False,
         description="Show tracebacks in error responses. Never in production.",

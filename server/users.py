@@ -9,19 +9,28 @@ failed sign-up leaves the email free.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg2.errors
 from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerifyMismatchError
 
 from server.db.router import ShardRouter
-from server.errors import Conflict, InvalidInput
+from server.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_CHARS = 1024
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A real argon2id hash nobody's password matches: unknown emails cost a verification too."""
+    return PasswordHasher().hash(secrets.token_urlsafe(16))
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,55 @@ class UserService:
         except BaseException:
             await self._release_email(email, user_id)
             raise
+
+    async def authenticate(self, email: str, password: str) -> User:
+        """The account for `email` if `password` is right; `Unauthenticated` otherwise (one
+        message for unknown email and wrong password, so neither can be probed)."""
+        try:
+            email = normalise_email(email)
+        except InvalidInput:
+            raise Unauthenticated("email or password is wrong") from None
+        async with self.router.catalog_read() as cur:
+            await cur.execute("SELECT user_id FROM user_directory WHERE email = %s", (email,))
+            row = await cur.fetchone()
+        stored = None
+        if row is not None:
+            user_id = int(row[0])
+            async with self.router.read(user_id, fresh=True) as cur:
+                await cur.execute(
+                    "SELECT id, email, name, is_admin, created_at, password_hash "
+                    "FROM users WHERE id = %s",
+                    (user_id,),
+                )
+                stored = await cur.fetchone()
+        # Verify against a dummy hash when the account is unknown: equal time either way.
+        password_hash = stored[5] if stored else _dummy_hash()
+        if not await self._verify(password_hash, password) or stored is None:
+            raise Unauthenticated("email or password is wrong")
+        return User(
+            id=stored[0], email=stored[1], name=stored[2], is_admin=stored[3], created_at=stored[4]
+        )
+
+    async def get(self, user_id: int) -> User:
+        """The account `user_id` (`NotFound` if it does not exist)."""
+        async with self.router.read(user_id) as cur:
+            await cur.execute(
+                "SELECT id, email, name, is_admin, created_at FROM users WHERE id = %s",
+                (user_id,),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"no user {user_id}")
+        return User(id=row[0], email=row[1], name=row[2], is_admin=row[3], created_at=row[4])
+
+    async def _verify(self, password_hash: str, password: str) -> bool:
+        def verify() -> bool:
+            try:
+                return bool(self.hasher.verify(password_hash, password))
+            except (VerifyMismatchError, InvalidHashError):
+                return False
+
+        return await asyncio.get_running_loop().run_in_executor(None, verify)
 
     async def _claim_email(self, email: str) -> int:
         async with self.router.catalog_write() as cur:

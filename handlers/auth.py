@@ -1,0 +1,90 @@
+"""Sign-up, sign-in and sign-out (CONTRACT "Auth")."""
+
+from __future__ import annotations
+
+import secrets
+
+from pydantic import BaseModel, Field
+
+from handlers.api import CSRF_COOKIE, SESSION_COOKIE, ApiHandler
+from server.sessions import SESSION_TTL_S, Session
+from server.users import User, UserService
+
+
+class SignUp(BaseModel):
+    """`POST /api/v1/users` body."""
+
+    email: str = Field(min_length=3, max_length=254)
+    password: str = Field(min_length=1, max_length=1024)
+    name: str = Field(default="", max_length=200)
+
+
+class SignIn(BaseModel):
+    """`POST /api/v1/sessions` body."""
+
+    email: str = Field(min_length=1, max_length=254)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class _SessionIssuer(ApiHandler):
+    """Shared by sign-up and sign-in: issue a token and the cookies that carry it."""
+
+    def users(self) -> UserService:
+        return UserService(self.services.router)
+
+    async def issue(self, user: User, status: int) -> None:
+        token = await self.services.sessions.create(user.id, user.is_admin)
+        secure = self.services.settings.cookie_secure
+        self.set_cookie(
+            SESSION_COOKIE,
+            token,
+            httponly=True,
+            secure=secure,
+            samesite="Lax",
+            expires_days=SESSION_TTL_S / 86400,
+        )
+        # Readable by the page's script, which echoes it in X-CSRF-Token (double submit).
+        self.set_cookie(
+            CSRF_COOKIE,
+            secrets.token_urlsafe(24),
+            secure=secure,
+            samesite="Lax",
+            expires_days=SESSION_TTL_S / 86400,
+        )
+        self.write_json({"user": user.to_dict(), "token": token}, status=status)
+
+
+class UsersHandler(_SessionIssuer):
+    """`POST /api/v1/users`: create an account and sign it in."""
+
+    async def post(self) -> None:
+        body = self.json_body(SignUp)
+        user = await self.users().create_user(body.email, body.password, body.name)
+        await self.issue(user, 201)
+
+
+class SessionsHandler(_SessionIssuer):
+    """`POST /api/v1/sessions` signs in; `DELETE /api/v1/sessions` signs out."""
+
+    async def post(self) -> None:
+        body = self.json_body(SignIn)
+        user = await self.users().authenticate(body.email, body.password)
+        await self.issue(user, 200)
+
+    async def delete(self) -> None:
+        self.require_user()
+        assert self.token is not None
+        await self.services.sessions.revoke(self.token)
+        self.clear_cookie(SESSION_COOKIE)
+        self.clear_cookie(CSRF_COOKIE)
+        self.set_status(204)
+        self.finish()
+
+
+class MeHandler(ApiHandler):
+    """`GET /api/v1/me`: the caller's account."""
+
+    async def get(self) -> None:
+        session: Session = self.require_user()
+        user = await UserService(self.services.router).get(session.user_id)
+        self.write_json(user.to_dict())
