@@ -19,6 +19,7 @@ resynchronise.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -108,6 +109,8 @@ class RedisBroker:
         self._on_reconnect = on_reconnect
         self._history_maxlen = history_maxlen
         self._publish = redis.register_script(_PUBLISH)
+        self._outbox: list[tuple[tuple[list[str], list[Any]], asyncio.Future[Any]]] = []
+        self._drainer: asyncio.Task[None] | None = None
         self._position = redis.register_script(_POSITION)
         self._subscription = ResilientSubscription(
             redis, self._on_message, self._reconnected, "broker"
@@ -120,7 +123,9 @@ class RedisBroker:
         self._subscription.start()
 
     async def stop(self) -> None:
-        """Stop reading and release the pub/sub connection."""
+        """Stop reading and release the pub/sub connection (queued publishes finish first)."""
+        if self._drainer is not None:
+            await asyncio.gather(self._drainer, return_exceptions=True)
         await self._subscription.stop()
 
     # --- subscriptions ------------------------------------------------------------------------
@@ -136,11 +141,17 @@ class RedisBroker:
     # --- publishing and history ---------------------------------------------------------------
 
     async def publish(self, stream: str, message: Any, *, history: bool = True) -> tuple[int, str]:
-        """Publish `message` on `stream` to every node; returns its (offset, epoch)."""
+        """Publish `message` on `stream` to every node; returns its (offset, epoch).
+
+        Publishes leave this node in call order: they are queued and sent by one drainer,
+        everything queued meanwhile in one pipeline on one connection. Order is kept (one
+        connection is FIFO), and a burst costs one round trip and reaches subscribers as one
+        batch, which the hub then coalesces.
+        """
         offset_key, history_key, epoch_key, channel = stream_keys(stream)
-        offset, epoch = await self._publish(
-            keys=[offset_key, history_key, epoch_key, channel],
-            args=[
+        request = (
+            [offset_key, history_key, epoch_key, channel],
+            [
                 stream,
                 msgpack.packb(message),
                 _new_epoch(),
@@ -148,7 +159,34 @@ class RedisBroker:
                 self._node_id,
             ],
         )
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._outbox.append((request, done))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain_outbox())
+        offset, epoch = await done
         return int(offset), epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+
+    async def _drain_outbox(self) -> None:
+        while self._outbox:
+            batch, self._outbox = self._outbox, []
+            try:
+                if len(batch) == 1:
+                    (keys, args), _ = batch[0]
+                    results = [await self._publish(keys=keys, args=args)]
+                else:
+                    pipe = self._redis.pipeline(transaction=False)
+                    for (keys, args), _ in batch:
+                        await self._publish(keys=keys, args=args, client=pipe)
+                    results = await pipe.execute(raise_on_error=False)
+            except Exception as exc:
+                results = [exc] * len(batch)
+            for (_, done), result in zip(batch, results, strict=True):
+                if done.done():
+                    continue
+                if isinstance(result, Exception):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
 
     async def position(self, stream: str) -> tuple[int, str]:
         """(last offset, epoch) of `stream`, creating the epoch if the stream is new."""

@@ -35,6 +35,7 @@ from server.sessions import Session
 
 _log = get_logger("finalmarket.cable")
 _SHARED_SUBSCRIPTIONS_MAX = 100_000
+SLOW_CONSUMER_SWEEP_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +94,6 @@ class CableServer:
         self._following: dict[str, asyncio.Future[None]] = {}
         self._subscriptions: dict[tuple[str, str], Subscription] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        # the latest broadcast task of each connection: the next waits for it (order kept)
-        self._publishing: dict[CableConnection, asyncio.Task[Any]] = {}
         self._pinger: asyncio.Task[None] | None = None
         self.slow_consumers = 0
         self._paused: dict[CableConnection, float] = {}  # connection -> cut-off deadline
@@ -195,12 +194,21 @@ class CableServer:
         """`conn` caught up."""
         self._paused.pop(conn, None)
 
-    def _cut_off_expired_slow_consumers(self) -> None:
+    def _cut_off_slow_consumers(self) -> None:
+        """Cut off backlogged connections past the hard bound, or past the soft bound for
+        longer than the grace period. Runs every `SLOW_CONSUMER_SWEEP_S`, so the fan-out path
+        checks nothing and a burst that briefly exceeds the bounds costs a reader nothing."""
         now = time.monotonic()
         for conn, deadline in list(self._paused.items()):
-            if deadline <= now:
-                del self._paused[conn]
-                conn.cut_off_slow("over the soft bound for longer than the grace period")
+            transport = conn.transport
+            if transport is not None and transport.get_write_buffer_size() > self.hard_bytes:
+                reason = "unsent bytes over the hard bound"
+            elif deadline <= now:
+                reason = "over the soft bound for longer than the grace period"
+            else:
+                continue
+            del self._paused[conn]
+            conn.cut_off_slow(reason)
 
     def metrics_slow_consumer(self) -> None:
         """Count a connection cut off as a slow consumer."""
@@ -361,24 +369,16 @@ class CableServer:
         if action == "echo":
             self.hub.send_to(conn, identifier, conn.codec, payload)
         elif action == "broadcast":
-            previous = self._publishing.get(conn)
-            task = self._spawn(self._broadcast(conn, subscription, payload, previous))
-            self._publishing[conn] = task
-            task.add_done_callback(
-                lambda done: (
-                    self._publishing.pop(conn, None) if self._publishing.get(conn) is done else None
-                )
-            )
+            # Tasks start in creation order and the broker sends publishes in call order,
+            # so one connection's broadcasts keep their order.
+            self._spawn(self._broadcast(conn, subscription, payload))
 
     async def _broadcast(
         self,
         conn: CableConnection,
         sub: Subscription,
         payload: dict[str, Any],
-        previous: asyncio.Task[Any] | None,
     ) -> None:
-        if previous is not None:  # one connection's broadcasts take offsets in its order
-            await asyncio.wait([previous])
         await self.broker.publish(sub.stream, payload, history=sub.channel.keeps_history)
         if not conn.closing:
             result = {**payload, "action": "broadcastResult"}
@@ -498,16 +498,19 @@ class CableServer:
                         position.offset = offset
 
     async def _ping_forever(self) -> None:
-        interval = self.limits.ping_interval_s
+        next_ping = time.monotonic() + self.limits.ping_interval_s
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(SLOW_CONSUMER_SWEEP_S, self.limits.ping_interval_s))
+            self._cut_off_slow_consumers()
+            if time.monotonic() < next_ping:
+                continue
+            next_ping += self.limits.ping_interval_s
             frames = {
                 codec: codec.frame(cable_codec.ping(int(time.time())))
                 for codec in cable_codec.CODECS.values()
             }
             for conn in list(self.connections):
                 conn.send(frames[conn.codec])
-            self._cut_off_expired_slow_consumers()
 
 
 def _stamped(payload: Any, offset: int, epoch: str) -> dict[str, Any]:

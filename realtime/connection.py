@@ -45,7 +45,6 @@ class CableConnection(asyncio.Protocol):
 
     __slots__ = (
         "_allowance",
-        "_backlogged",
         "_decoder",
         "_errors",
         "_refilled_at",
@@ -70,7 +69,6 @@ class CableConnection(asyncio.Protocol):
         # identifier -> Subscription, or None while the subscribe command is being processed
         self.subscriptions: dict[str, Subscription | None] = {}
         self.closing = False
-        self._backlogged = False
         self._allowance = server.full_allowance  # one float object shared until first use
         self._refilled_at = time.monotonic()
         self._errors = 0
@@ -85,11 +83,9 @@ class CableConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # More than `slow_consumer_bytes` unsent: the client has `slow_consumer_grace_s` to
         # catch up before it is cut off.
-        self._backlogged = True
         self.server.writer_paused(self)
 
     def resume_writing(self) -> None:
-        self._backlogged = False
         self.server.writer_resumed(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -168,16 +164,10 @@ class CableConnection(asyncio.Protocol):
     # --- writing and closing ------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        """Write frames. A connection that still holds more than the hard bound of unsent
-        bytes from earlier writes is a slow consumer and is cut off at once; one above the
-        soft bound for longer than the grace period is cut off by the server's sweep."""
+        """Write frames (the fan-out's hot path: no checks beyond liveness). Backlogged
+        connections are watched by the server's slow-consumer sweep."""
         transport = self.transport
         if transport is None or self.closing:
-            return
-        # The hot path (fan-out) pays only the flag test: the size is asked only when the
-        # transport has already reported a backlog.
-        if self._backlogged and transport.get_write_buffer_size() > self.server.hard_bytes:
-            self.cut_off_slow("unsent bytes over the hard bound")
             return
         transport.write(data)
 
