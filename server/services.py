@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from realtime.cable import CableLimits, CableServer
+from realtime.metrics import CableStatsCollector
 from server.cache import CachedLoader, CacheInvalidationListener, CacheStatsCollector
 from server.db.pools import Database
 from server.db.router import ShardRouter
@@ -74,6 +75,7 @@ class Services:
         self.metrics.http_in_flight.set_function(lambda: self.state.in_flight)
         self.metrics.draining.set_function(lambda: int(self.state.draining))
         self.metrics.registry.register(CacheStatsCollector(self.cache.all_stats))
+        self.metrics.registry.register(CableStatsCollector(self.cable))
 
     @classmethod
     async def open(cls, settings: Settings) -> Services:

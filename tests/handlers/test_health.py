@@ -76,3 +76,5 @@ async def test_metrics_expose_request_counts(http_client: Any, base_url: str) ->
     text = response.body.decode()
     assert 'fm_http_requests_total{method="GET",route="Healthz",status="200"} 1.0' in text
     assert "fm_http_requests_in_flight" in text
+    assert "fm_cable_connections 0.0" in text
+    assert "fm_cable_delivered_messages_total" in text

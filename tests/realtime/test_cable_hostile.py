@@ -966,3 +966,28 @@ async def test_drain_tells_every_client_to_reconnect_and_closes_them(
         assert await read(ws) is None
         assert ws.close_code == 1001
     await assert_node_serves(clients, base_url)
+
+
+@pytest.mark.parametrize(
+    "settings", [{"cable_max_connections_per_ip": 3}], indirect=True, ids=["3-per-ip"]
+)
+@pytest.mark.gen_test(timeout=30)
+async def test_connections_past_the_per_address_bound_get_429_and_a_freed_slot_is_reusable(
+    settings: Settings, http_server: Any, base_url: str, clients: Clients
+) -> None:
+    held = [await connect(clients, base_url) for _ in range(3)]
+    response = await expect_http_error(HTTPRequest(cable_url(base_url)), [JSON])
+    assert response.code == 429 and int(response.headers["Retry-After"]) >= 1
+    assert problem_of(response)["type"] == "/problems/too-many-connections"
+    held[0].close()
+    for _ in range(50):  # the server notices the close on its next loop iterations
+        try:
+            again = await connect(clients, base_url)
+        except HTTPClientError:
+            await asyncio.sleep(0.05)
+            continue
+        break
+    else:
+        pytest.fail("the closed connection's slot was never freed")
+    await subscribe(again)
+    await assert_echoes(again)

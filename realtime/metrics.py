@@ -1,0 +1,50 @@
+"""Exports the cable's counters to Prometheus, read when /metrics is scraped.
+
+The cable keeps plain ints on its hot paths (no label lookups while fanning out); this
+collector turns them into metric families on each scrape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from realtime.cable import CableServer
+
+
+class CableStatsCollector(Collector):
+    """Connections, streams, deliveries, refusals and slow consumers of one node's cable."""
+
+    def __init__(self, cable: CableServer) -> None:
+        self._cable = cable
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """The current figures (called by the registry on each scrape)."""
+        cable = self._cable
+        yield GaugeMetricFamily(
+            "fm_cable_connections", "Open /cable connections.", value=len(cable.connections)
+        )
+        yield GaugeMetricFamily(
+            "fm_cable_streams",
+            "Streams with local subscribers (each one Redis channel followed).",
+            value=len(cable.hub.streams()),
+        )
+        yield CounterMetricFamily(
+            "fm_cable_delivered_messages",
+            "Stream messages written to subscribers.",
+            value=cable.hub.delivered,
+        )
+        yield CounterMetricFamily(
+            "fm_cable_refusals",
+            "Frames, commands and subscriptions refused (malformed, unknown, forbidden, flood).",
+            value=cable.refusals,
+        )
+        yield CounterMetricFamily(
+            "fm_cable_slow_consumers",
+            "Connections cut off for not reading what they were sent.",
+            value=cable.slow_consumers,
+        )
