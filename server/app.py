@@ -6,6 +6,7 @@ from typing import Any
 
 import tornado.web
 
+from handlers import products
 from handlers.auth import MeHandler, SessionsHandler, UsersHandler
 from handlers.base import BaseHandler, NotFoundHandler
 from handlers.cable import CableHandler
@@ -27,6 +28,7 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/api/v1/users", UsersHandler, deps),
         (r"/api/v1/sessions", SessionsHandler, deps),
         (r"/api/v1/me", MeHandler, deps),
+        *products.routes(deps),
     ]
     return tornado.web.Application(
         routes,

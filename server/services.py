@@ -9,6 +9,7 @@ from typing import Any
 from realtime.cable import CableLimits, CableServer
 from realtime.metrics import CableStatsCollector
 from server.cache import CachedLoader, CacheInvalidationListener, CacheStatsCollector
+from server.catalog import STOCK_FRESH_S, CatalogService
 from server.db.pools import Database
 from server.db.router import ShardRouter
 from server.metrics import NodeMetrics
@@ -63,6 +64,7 @@ class Services:
     cable: CableServer
     router: ShardRouter
     cache: CachedLoader
+    catalog: CatalogService
     cache_listener: CacheInvalidationListener
     rate_limiter: RateLimiter
     ip_limit: Limit
@@ -116,6 +118,12 @@ class Services:
             cable=cable,
             router=router,
             cache=cache,
+            catalog=CatalogService(
+                router,
+                cache,
+                cable.publish,
+                stock_fresh_s=min(STOCK_FRESH_S, settings.cache_local_max_staleness_s),
+            ),
             cache_listener=CacheInvalidationListener(redis, cache),
             rate_limiter=RateLimiter(redis),
             ip_limit=Limit("ip", settings.ratelimit_ip_per_second, settings.ratelimit_ip_burst),
