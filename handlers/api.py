@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from handlers.base import ApiError, BaseHandler
+from handlers.openapi import Documented
 from server.errors import Conflict, DomainError, InvalidInput, NotFound, Unauthenticated
 from server.logs import get_logger
 from server.ratelimit import Decision
@@ -45,7 +46,7 @@ def problem_from(error: DomainError) -> ApiError:
     return ApiError(status, error.kind, error.detail, **error.fields)
 
 
-class ApiHandler(BaseHandler):
+class ApiHandler(BaseHandler, Documented):
     """Parent of REST handlers; `self.session` is the caller's session or None."""
 
     session: Session | None = None

@@ -7,6 +7,7 @@ import secrets
 from pydantic import BaseModel, Field
 
 from handlers.api import CSRF_COOKIE, SESSION_COOKIE, ApiHandler
+from handlers.openapi import Operation
 from server.sessions import SESSION_TTL_S, Session
 from server.users import User, UserService
 
@@ -57,6 +58,17 @@ class _SessionIssuer(ApiHandler):
 class UsersHandler(_SessionIssuer):
     """`POST /api/v1/users`: create an account and sign it in."""
 
+    openapi_path = "/api/v1/users"
+    openapi = {
+        "POST": Operation(
+            "Create an account; answers {user, token} and sets the session cookie",
+            ok=201,
+            body=SignUp,
+            auth="none",
+            problems={409: "email taken"},
+        )
+    }
+
     async def post(self) -> None:
         body = self.json_body(SignUp)
         user = await self.users().create_user(body.email, body.password, body.name)
@@ -65,6 +77,17 @@ class UsersHandler(_SessionIssuer):
 
 class SessionsHandler(_SessionIssuer):
     """`POST /api/v1/sessions` signs in; `DELETE /api/v1/sessions` signs out."""
+
+    openapi_path = "/api/v1/sessions"
+    openapi = {
+        "POST": Operation(
+            "Sign in; answers {user, token} and sets the session cookie",
+            body=SignIn,
+            auth="none",
+            problems={401: "email or password is wrong"},
+        ),
+        "DELETE": Operation("Sign out: revoke the token on every node", ok=204, auth="user"),
+    }
 
     async def post(self) -> None:
         body = self.json_body(SignIn)
@@ -83,6 +106,9 @@ class SessionsHandler(_SessionIssuer):
 
 class MeHandler(ApiHandler):
     """`GET /api/v1/me`: the caller's account."""
+
+    openapi_path = "/api/v1/me"
+    openapi = {"GET": Operation("The caller's account", auth="user")}
 
     async def get(self) -> None:
         session: Session = self.require_user()

@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from handlers.api import ApiHandler
 from handlers.base import ApiError
+from handlers.openapi import Operation
 from server.catalog import (
     MAX_DESCRIPTION_CHARS,
     MAX_NAME_CHARS,
@@ -151,6 +152,20 @@ class _CatalogHandler(ApiHandler):
 
 
 class ProductsHandler(_CatalogHandler):
+    openapi_path = "/api/v1/products"
+    openapi = {
+        "GET": Operation(
+            "List products: {items, next_cursor}",
+            query={
+                "first": "page size 1..100 (20)",
+                "after": "cursor from next_cursor",
+                "q": "full-text search",
+            },
+            problems={422: "bad first, after or q"},
+        ),
+        "POST": Operation("Create a product (admin)", ok=201, body=ProductCreate, auth="admin"),
+    }
+
     """`GET /api/v1/products?first=&after=&q=` (anyone); `POST /api/v1/products` (admins)."""
 
     async def get(self) -> None:
@@ -173,6 +188,20 @@ class ProductsHandler(_CatalogHandler):
 
 
 class ProductHandler(_CatalogHandler):
+    openapi_path = "/api/v1/products/{id}"
+    openapi = {
+        "GET": Operation(
+            "One product, with a strong ETag; 304 on If-None-Match",
+            problems={404: "no such product"},
+        ),
+        "PATCH": Operation(
+            "Change name, description, price or currency (admin; not stock)",
+            body=ProductPatch,
+            auth="admin",
+            problems={404: "no such product"},
+        ),
+    }
+
     """`GET /api/v1/products/{id}` (anyone); `PATCH /api/v1/products/{id}` (admins)."""
 
     async def get(self, raw_id: str) -> None:
@@ -189,6 +218,16 @@ class ProductHandler(_CatalogHandler):
 
 
 class StockHandler(_CatalogHandler):
+    openapi_path = "/api/v1/products/{id}/stock"
+    openapi = {
+        "POST": Operation(
+            "Change stock by {delta} or to {set} (admin); broadcasts to InventoryChannel",
+            body=StockChange,
+            auth="admin",
+            problems={404: "no such product", 409: "out-of-stock or stock-limit"},
+        )
+    }
+
     """`POST /api/v1/products/{id}/stock` (admins): `{delta}` or `{set}` -> `{product_id,
     stock}`; the change is broadcast to `InventoryChannel` subscribers."""
 

@@ -11,6 +11,7 @@ from handlers.auth import MeHandler, SessionsHandler, UsersHandler
 from handlers.base import BaseHandler, NotFoundHandler
 from handlers.cable import CableHandler
 from handlers.health import HealthzHandler, MetricsHandler, ReadyzHandler
+from handlers.openapi import OpenApiHandler
 from server.logs import get_logger
 from server.services import Services
 
@@ -29,6 +30,7 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/api/v1/sessions", SessionsHandler, deps),
         (r"/api/v1/me", MeHandler, deps),
         *products.routes(deps),
+        (r"/api/v1/openapi\.json", OpenApiHandler, deps),
     ]
     return tornado.web.Application(
         routes,
