@@ -6,6 +6,8 @@ from typing import Any
 
 import tornado.web
 
+from handlers import cart as cart_handlers
+from handlers import checkout as checkout_handlers
 from handlers import products
 from handlers.auth import MeHandler, SessionsHandler, UsersHandler
 from handlers.base import BaseHandler, NotFoundHandler
@@ -30,6 +32,8 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/api/v1/sessions", SessionsHandler, deps),
         (r"/api/v1/me", MeHandler, deps),
         *products.routes(deps),
+        *cart_handlers.routes(deps),
+        *checkout_handlers.routes(deps),
         (r"/api/v1/openapi\.json", OpenApiHandler, deps),
     ]
     return tornado.web.Application(

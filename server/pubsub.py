@@ -26,6 +26,8 @@ RECONNECT_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 # RuntimeError: redis-py's "pubsub connection not set" after a failed (re)subscribe.
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError)
 
+_FIRST_SUBSCRIBE_WAIT_S = 2.0
+
 OnMessage = Callable[[str, bytes], None]
 OnReconnect = Callable[[], Awaitable[None]]
 
@@ -84,12 +86,18 @@ class ResilientSubscription:
         if channel in self._channels:
             return
         self._channels[channel] = None
-        if self._pubsub is not None:
-            try:
-                await self._pubsub.subscribe(channel)
-            except Exception as exc:  # a broken connection (redis-py may raise anything)
-                # The reader notices the same breakage and subscribes every channel again.
-                _log.info("pubsub_subscribe_deferred", name=self._name, error=repr(exc))
+        if self._pubsub is None:
+            # The reader connects and subscribes every channel; return once it has, so a
+            # caller that reads a stream's position next cannot miss what follows it.
+            self._has_channels.set()
+            with contextlib.suppress(TimeoutError):
+                await self.wait_subscribed(_FIRST_SUBSCRIBE_WAIT_S)
+            return
+        try:
+            await self._pubsub.subscribe(channel)
+        except Exception as exc:  # a broken connection (redis-py may raise anything)
+            # The reader notices the same breakage and subscribes every channel again.
+            _log.info("pubsub_subscribe_deferred", name=self._name, error=repr(exc))
         self._has_channels.set()
 
     async def unsubscribe(self, channel: str) -> None:

@@ -10,12 +10,18 @@ from realtime.cable import CableLimits, CableServer
 from realtime.metrics import CableStatsCollector
 from server.cache import CachedLoader, CacheInvalidationListener, CacheStatsCollector
 from server.catalog import STOCK_FRESH_S, CatalogService
+from server.checkout import CheckoutSweeper
 from server.db.pools import Database
 from server.db.router import ShardRouter
 from server.metrics import NodeMetrics
 from server.ratelimit import Limit, RateLimiter
 from server.sessions import SessionStore
 from server.settings import Settings
+
+# A checkout's reservation left 'held' this long is repaired by the sweeper (every node runs
+# one; a sweep is safe to run concurrently): far above a saga's normal duration.
+CHECKOUT_SWEEP_PERIOD_S = 30.0
+CHECKOUT_STALE_AFTER_S = 60.0
 
 
 @dataclass
@@ -65,6 +71,7 @@ class Services:
     router: ShardRouter
     cache: CachedLoader
     catalog: CatalogService
+    sweeper: CheckoutSweeper
     cache_listener: CacheInvalidationListener
     rate_limiter: RateLimiter
     ip_limit: Limit
@@ -125,6 +132,12 @@ class Services:
                 stock_fresh_s=min(STOCK_FRESH_S, settings.cache_local_max_staleness_s),
             ),
             cache_listener=CacheInvalidationListener(redis, cache),
+            sweeper=CheckoutSweeper(
+                router,
+                cable.publish,
+                period_s=CHECKOUT_SWEEP_PERIOD_S,
+                stale_after_s=CHECKOUT_STALE_AFTER_S,
+            ),
             rate_limiter=RateLimiter(redis),
             ip_limit=Limit("ip", settings.ratelimit_ip_per_second, settings.ratelimit_ip_burst),
             user_limit=Limit(
@@ -136,9 +149,11 @@ class Services:
         """Start background work (broker reader, pings); call on the serving loop."""
         self.cable.start()
         self.cache_listener.start()
+        self.sweeper.start()
 
     async def close(self) -> None:
         """Stop background work, release pools and Redis connections."""
+        await self.sweeper.stop()
         await self.cable.stop()
         await self.cache_listener.stop()
         await self.cache.aclose()

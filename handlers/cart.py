@@ -1,0 +1,134 @@
+"""The caller's cart (CONTRACT "REST": `/api/v1/cart`, `/api/v1/cart/items[/{product_id}]`).
+
+Every answer is the whole `Cart` (`{items, total_cents, version}`), so a client never has
+to merge; every change is also published to the caller's `CartChannel` on every node.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from handlers.api import ApiHandler
+from handlers.openapi import Operation
+from server.carts import MAX_ID, MAX_QUANTITY, MIN_QUANTITY, CartService
+
+
+def parse_id(value: Any) -> int:
+    """An id given as a JSON integer or a string of digits (CONTRACT: both are ids)."""
+    if isinstance(value, bool):
+        raise ValueError("must be an integer or a string of digits")
+    if isinstance(value, str):
+        if not value.isascii() or not value.isdigit() or len(value) > 19:
+            raise ValueError("must be an integer or a string of digits")
+        value = int(value)
+    if not isinstance(value, int):
+        raise ValueError("must be an integer or a string of digits")
+    if not 1 <= value <= MAX_ID:
+        raise ValueError(f"must be between 1 and {MAX_ID}")
+    return value
+
+
+def require_int(value: Any) -> Any:
+    """Only JSON integers: `"2"`, `2.0` and `true` are refused (json_body validates in lax
+    mode, which would coerce them, and `StrictInt` does not survive that)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be an integer")
+    return value
+
+
+Id = Annotated[int, BeforeValidator(parse_id)]
+Quantity = Annotated[int, BeforeValidator(require_int), Field(ge=MIN_QUANTITY, le=MAX_QUANTITY)]
+
+
+class AddItem(BaseModel):
+    """`POST /api/v1/cart/items` body: add `quantity` units of a product."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    product_id: Id
+    quantity: Quantity = 1
+
+
+class SetQuantity(BaseModel):
+    """`PATCH /api/v1/cart/items/{product_id}` body: the line's new quantity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quantity: Quantity
+
+
+class _CartBase(ApiHandler):
+    def carts(self) -> CartService:
+        return CartService(self.services.router, self.services.cable.publish)
+
+
+class CartHandler(_CartBase):
+    """`GET /api/v1/cart`: the caller's cart."""
+
+    openapi_path = "/api/v1/cart"
+    openapi = {"GET": Operation("The caller's cart", auth="user")}
+
+    async def get(self) -> None:
+        session = self.require_user()
+        self.write_json(await self.carts().get(session.user_id))
+
+
+class CartItemsHandler(_CartBase):
+    """`POST /api/v1/cart/items`: add a product (at its current price) to the cart."""
+
+    openapi_path = "/api/v1/cart/items"
+    openapi = {
+        "POST": Operation(
+            "Add units of a product at its current price; answers the Cart",
+            body=AddItem,
+            auth="user",
+            problems={404: "unknown product"},
+        )
+    }
+
+    async def post(self) -> None:
+        session = self.require_user()
+        body = self.json_body(AddItem)
+        self.write_json(
+            await self.carts().add_item(session.user_id, body.product_id, body.quantity)
+        )
+
+
+class CartItemHandler(_CartBase):
+    """`PATCH` (set the quantity) and `DELETE` (remove) one line of the cart."""
+
+    openapi_path = "/api/v1/cart/items/{product_id}"
+    openapi = {
+        "PATCH": Operation(
+            "Set a line's quantity (takes the current price); answers the Cart",
+            body=SetQuantity,
+            auth="user",
+            problems={404: "the product is not in the cart"},
+        ),
+        "DELETE": Operation(
+            "Remove a line; answers the Cart",
+            auth="user",
+            problems={404: "the product is not in the cart"},
+        ),
+    }
+
+    async def patch(self, product_id: str) -> None:
+        session = self.require_user()
+        body = self.json_body(SetQuantity)
+        cart = await self.carts().set_quantity(session.user_id, int(product_id), body.quantity)
+        self.write_json(cart)
+
+    async def delete(self, product_id: str) -> None:
+        session = self.require_user()
+        self.write_json(await self.carts().remove_item(session.user_id, int(product_id)))
+
+
+def routes(deps: dict[str, Any]) -> list[Any]:
+    """The cart routes, for `server.app.make_app`."""
+    return [
+        (r"/api/v1/cart", CartHandler, deps),
+        (r"/api/v1/cart/items", CartItemsHandler, deps),
+        (r"/api/v1/cart/items/([0-9]+)", CartItemHandler, deps),
+    ]
