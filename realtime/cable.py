@@ -96,7 +96,8 @@ class CableServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pinger: asyncio.Task[None] | None = None
         self.slow_consumers = 0
-        self._paused: dict[CableConnection, float] = {}  # connection -> cut-off deadline
+        # backlogged connection -> [cut-off deadline, unsent bytes at the previous sweep]
+        self._paused: dict[CableConnection, list[float]] = {}
         self.refusals = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -188,24 +189,28 @@ class CableServer:
 
     def writer_paused(self, conn: CableConnection) -> None:
         """`conn` holds more unsent bytes than the soft bound: start its grace period."""
-        self._paused[conn] = time.monotonic() + self.limits.slow_consumer_grace_s
+        self._paused[conn] = [time.monotonic() + self.limits.slow_consumer_grace_s, 0.0]
 
     def writer_resumed(self, conn: CableConnection) -> None:
         """`conn` caught up."""
         self._paused.pop(conn, None)
 
     def _cut_off_slow_consumers(self) -> None:
-        """Cut off backlogged connections past the hard bound, or past the soft bound for
-        longer than the grace period. Runs every `SLOW_CONSUMER_SWEEP_S`, so the fan-out path
-        checks nothing and a burst that briefly exceeds the bounds costs a reader nothing."""
+        """Cut off backlogged connections that are past the hard bound and not draining
+        (no smaller than at the previous sweep), or past the soft bound for longer than the
+        grace period. Runs every `SLOW_CONSUMER_SWEEP_S`, so the fan-out path checks nothing,
+        and a reader working through a big burst is never mistaken for a stuck one."""
         now = time.monotonic()
-        for conn, deadline in list(self._paused.items()):
+        for conn, watch in list(self._paused.items()):
+            deadline, previous = watch
             transport = conn.transport
-            if transport is not None and transport.get_write_buffer_size() > self.hard_bytes:
-                reason = "unsent bytes over the hard bound"
+            unsent = transport.get_write_buffer_size() if transport is not None else 0
+            if unsent > self.hard_bytes and unsent >= previous:
+                reason = "unsent bytes over the hard bound and not draining"
             elif deadline <= now:
                 reason = "over the soft bound for longer than the grace period"
             else:
+                watch[1] = float(unsent)
                 continue
             del self._paused[conn]
             conn.cut_off_slow(reason)

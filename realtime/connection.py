@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
-CLOSE_TRY_AGAIN_LATER = 1013
 # Errors tolerated before the connection is cut off as abusive.
 MAX_COMMAND_ERRORS = 20
 

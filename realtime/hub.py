@@ -13,7 +13,7 @@ reconnect with `since`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from realtime.cable_codec import CableCodec
@@ -155,10 +155,3 @@ class Hub:
             (identifier, codec, list(group.members))
             for (identifier, codec), group in state.groups.items()
         ]
-
-
-def each_subscriber(hub: Hub, stream: str, action: Callable[[Subscriber], None]) -> None:
-    """Apply `action` to every local subscriber of `stream`."""
-    for _identifier, _codec, members in hub.each_group(stream):
-        for member in members:
-            action(member)

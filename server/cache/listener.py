@@ -34,7 +34,6 @@ class CacheInvalidationListener:
 
     def __init__(self, redis: Any, cache: BumpTarget, channel: str = BUMP_CHANNEL) -> None:
         self._cache = cache
-        self._channel = channel
         self._subscription = ResilientSubscription(
             redis, self._on_message, self._reconnected, "cache", channels=(channel,)
         )

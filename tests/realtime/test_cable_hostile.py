@@ -904,11 +904,12 @@ async def test_a_burst_far_over_the_bound_does_not_cut_off_clients_that_read(
     publisher = await connect(clients, base_url)
     await subscribe(publisher)
     count, filler = 48, "y" * (128 * 1024)
+    # Both keep reading all along (the publisher gets each broadcast and its broadcastResult).
+    reading = asyncio.gather(read_n(watcher, count), read_n(publisher, 2 * count))
     for n in range(count):  # all at once, no waiting in between
         data = json.dumps({"action": "broadcast", "n": n, "filler": filler})
         await send(publisher, {"command": "message", "identifier": BENCH, "data": data})
-    # Both keep reading (the publisher gets each broadcast and its broadcastResult).
-    received, _own = await asyncio.gather(read_n(watcher, count), read_n(publisher, 2 * count))
+    received, _own = await reading
     assert [m["message"]["n"] for m in received] == list(range(count))
     assert services.cable.slow_consumers == 0
     await assert_echoes(watcher)
