@@ -11,6 +11,7 @@ from realtime.metrics import CableStatsCollector
 from server.cache import CachedLoader, CacheInvalidationListener, CacheStatsCollector
 from server.catalog import STOCK_FRESH_S, CatalogService
 from server.checkout import CheckoutSweeper
+from server.data_metrics import DataStatsCollector
 from server.db.pools import Database
 from server.db.router import ShardRouter
 from server.metrics import NodeMetrics
@@ -85,6 +86,7 @@ class Services:
         self.metrics.draining.set_function(lambda: int(self.state.draining))
         self.metrics.registry.register(CacheStatsCollector(self.cache.all_stats))
         self.metrics.registry.register(CableStatsCollector(self.cable))
+        self.metrics.registry.register(DataStatsCollector(self.router, self.catalog))
 
     @classmethod
     async def open(cls, settings: Settings) -> Services:

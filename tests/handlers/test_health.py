@@ -78,3 +78,5 @@ async def test_metrics_expose_request_counts(http_client: Any, base_url: str) ->
     assert "fm_http_requests_in_flight" in text
     assert "fm_cable_connections 0.0" in text
     assert "fm_cable_delivered_messages_total" in text
+    assert 'fm_db_router_total{db="catalog",what="primary_reads"}' in text
+    assert 'fm_catalog_db_loads_total{what="product_loads"}' in text
