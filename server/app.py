@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import tornado.web
@@ -18,6 +19,7 @@ from server.logs import get_logger
 from server.services import Services
 
 _access_log = get_logger("finalmarket.access")
+_ACCESS_LOGGER = logging.getLogger("finalmarket.access")
 
 
 def make_app(services: Services) -> tornado.web.Application:
@@ -60,8 +62,11 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
         metrics = handler.services.metrics
         metrics.http_requests.labels(route, method, str(status)).inc()
         metrics.http_latency.labels(route, method).observe(elapsed_s)
-    level = "info" if status < 400 else "warning" if status < 500 else "error"
-    getattr(_access_log, level)(
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if not _ACCESS_LOGGER.isEnabledFor(level):
+        return  # build nothing for a line that would be dropped (the hot path of every request)
+    _access_log.log(
+        level,
         "request",
         method=handler.request.method,
         path=handler.request.path,
