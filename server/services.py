@@ -15,7 +15,7 @@ from server.data_metrics import DataStatsCollector
 from server.db.pools import Database
 from server.db.router import ShardRouter
 from server.metrics import NodeMetrics
-from server.ratelimit import Limit, RateLimiter
+from server.ratelimit import LeasedRateLimiter, Limit, RateLimiter
 from server.sessions import SessionStore
 from server.settings import Settings
 
@@ -74,7 +74,7 @@ class Services:
     catalog: CatalogService
     sweeper: CheckoutSweeper
     cache_listener: CacheInvalidationListener
-    rate_limiter: RateLimiter
+    rate_limiter: LeasedRateLimiter
     ip_limit: Limit
     user_limit: Limit
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
@@ -140,7 +140,7 @@ class Services:
                 period_s=CHECKOUT_SWEEP_PERIOD_S,
                 stale_after_s=CHECKOUT_STALE_AFTER_S,
             ),
-            rate_limiter=RateLimiter(redis),
+            rate_limiter=LeasedRateLimiter(RateLimiter(redis)),
             ip_limit=Limit("ip", settings.ratelimit_ip_per_second, settings.ratelimit_ip_burst),
             user_limit=Limit(
                 "user", settings.ratelimit_user_per_second, settings.ratelimit_user_burst

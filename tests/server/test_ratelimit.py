@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.ratelimit import Decision, Limit, RateLimiter, limit_key
+from server.ratelimit import Decision, LeasedRateLimiter, Limit, RateLimiter, limit_key
 from server.redis_client import open_redis
 from server.settings import Settings
 
@@ -134,3 +134,39 @@ async def test_concurrent_checks_allow_exactly_the_burst(settings: Settings) -> 
     finally:
         await redis_a.aclose()
         await redis_b.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.usefixtures("clean_data")
+async def test_leases_never_exceed_the_shared_limit_across_nodes(settings: Settings) -> None:
+    """Two nodes lease units of one bucket (burst 200: leases of 10); together they never
+    allow more than the burst, and lose at most one lease each to rounding."""
+    redis_a, limiter_a = await _with_limiter(settings)
+    redis_b, limiter_b = await _with_limiter(settings)
+    nodes = [LeasedRateLimiter(limiter_a), LeasedRateLimiter(limiter_b)]
+    limit = Limit("leased", rate_per_s=0.01, burst=200)  # nothing refills during the test
+    try:
+        allowed = 0
+        for n in range(600):
+            decision = await nodes[n % 2].check(limit, "busy")
+            allowed += decision.allowed
+            if not decision.allowed:
+                assert decision.retry_after_s > 0 and "Retry-After" in decision.headers()
+        assert 200 - 2 * 10 <= allowed <= 200
+    finally:
+        await redis_a.aclose()
+        await redis_b.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.usefixtures("clean_data")
+async def test_small_bursts_are_not_leased(settings: Settings) -> None:
+    redis, limiter = await _with_limiter(settings)
+    leased = LeasedRateLimiter(limiter)
+    limit = Limit("tiny", rate_per_s=0.01, burst=3)
+    try:
+        decisions = [await leased.check(limit, "k") for _ in range(5)]
+        assert [d.allowed for d in decisions] == [True, True, True, False, False]
+        assert [d.remaining for d in decisions[:3]] == [2, 1, 0]
+    finally:
+        await redis.aclose()
