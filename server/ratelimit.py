@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
