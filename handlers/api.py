@@ -16,7 +16,10 @@ import hmac
 import json
 from typing import Any, TypeVar
 
+import psycopg2
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from handlers.base import ApiError, BaseHandler
 from handlers.openapi import Documented
@@ -38,6 +41,13 @@ _STATUS_OF: dict[type[DomainError], int] = {
 
 Body = TypeVar("Body", bound=BaseModel)
 _log = get_logger("finalmarket.api")
+
+
+def _is_overload(error: BaseException) -> bool:
+    """Failures that mean "busy or briefly unreachable", not "this request is wrong"."""
+    return isinstance(
+        error, TimeoutError | psycopg2.OperationalError | RedisConnectionError | RedisTimeoutError
+    )
 
 
 def problem_from(error: DomainError) -> ApiError:
@@ -76,6 +86,18 @@ class ApiHandler(BaseHandler, Documented):
             problem = problem_from(e)
             _log.info("domain_error", kind=e.kind, detail=e.detail, status=problem.status_code)
             self.send_error(problem.status_code, exc_info=(ApiError, problem, None))
+            return
+        if _is_overload(e) and not self._finished:
+            # A database or Redis that is down or saturated (pool wait timed out): the request
+            # may succeed shortly, on this node or another, so say so instead of a bare 500.
+            _log.warning("unavailable", error=repr(e))
+            problem = ApiError(
+                503,
+                "temporarily-unavailable",
+                "a backing service is busy or down; retry",
+                headers={"Retry-After": "1"},
+            )
+            self.send_error(503, exc_info=(ApiError, problem, None))
             return
         super()._handle_request_exception(e)
 
