@@ -38,6 +38,7 @@ MSGPACK = "actioncable-v1-msgpack"
 BENCH = '{"channel":"BenchmarkChannel"}'
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING = 1, 2, 8, 9
 READ_TIMEOUT_S = 5.0
+SLOW_CONSUMER_WAIT_S = 10.0  # above the 5 s grace period plus sweeps
 SERVE_BOUND_S = 1.0
 MAX_FRAME_BYTES = 64 * 1024  # the default cable_max_frame_bytes
 
@@ -880,9 +881,15 @@ async def test_slow_consumer_is_cut_off_and_others_get_every_broadcast(
     offsets = [b["offset"] for b in bodies]
     assert offsets == list(range(offsets[0], offsets[0] + count))
 
+    # `slow` still reads nothing: the sweep cuts it off (over the hard bound and not draining,
+    # or at the latest when the grace period ends). Only then does the test drain its socket.
+    for _ in range(int(SLOW_CONSUMER_WAIT_S / 0.05)):
+        if services.cable.slow_consumers:
+            break
+        await asyncio.sleep(0.05)
+    assert services.cable.slow_consumers == 1
     drained = await slow.expect_eof()  # EOF or reset once the kernel buffers are drained
     assert drained < count * len(filler)
-    assert services.cable.slow_consumers == 1
     await assert_echoes(watcher)
     await assert_node_serves(clients, base_url)
 
