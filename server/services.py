@@ -14,6 +14,7 @@ from server.checkout import CheckoutSweeper
 from server.data_metrics import DataStatsCollector
 from server.db.pools import Database
 from server.db.router import ShardRouter
+from server.logs import get_logger
 from server.metrics import NodeMetrics
 from server.ratelimit import LeasedRateLimiter, Limit, RateLimiter
 from server.sessions import SessionStore
@@ -23,6 +24,8 @@ from server.settings import Settings
 # one; a sweep is safe to run concurrently): far above a saga's normal duration.
 CHECKOUT_SWEEP_PERIOD_S = 30.0
 CHECKOUT_STALE_AFTER_S = 60.0
+SHUTDOWN_STEP_TIMEOUT_S = 5.0
+_log = get_logger("finalmarket.services")
 
 
 @dataclass
@@ -154,11 +157,20 @@ class Services:
         self.sweeper.start()
 
     async def close(self) -> None:
-        """Stop background work, release pools and Redis connections."""
-        await self.sweeper.stop()
-        await self.cable.stop()
-        await self.cache_listener.stop()
-        await self.cache.aclose()
-        await self.router.close()
+        """Stop background work, release pools and Redis connections.
+
+        Each step is bounded, so one stuck dependency cannot hold a node's exit forever.
+        """
+        for name, step in (
+            ("sweeper", self.sweeper.stop),
+            ("cable", self.cable.stop),
+            ("cache_listener", self.cache_listener.stop),
+            ("cache", self.cache.aclose),
+            ("router", self.router.close),
+        ):
+            try:
+                await asyncio.wait_for(step(), SHUTDOWN_STEP_TIMEOUT_S)
+            except TimeoutError:
+                _log.warning("shutdown_step_timed_out", step=name)
         await self.db.close()
         await self.redis.aclose()

@@ -15,6 +15,8 @@ import aiopg
 
 from server.settings import Settings, ShardDsn
 
+POOL_CLOSE_TIMEOUT_S = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class PoolOptions:
@@ -73,11 +75,19 @@ class RolePools:
         """Every pool of this database, primary first."""
         return [self.primary] + ([self.replica] if self.replica is not None else [])
 
-    async def close(self) -> None:
-        """Close both pools and wait for their connections to go."""
+    async def close(self, timeout_s: float = POOL_CLOSE_TIMEOUT_S) -> None:
+        """Close both pools, waiting up to `timeout_s` for connections in use to come back;
+        then terminate the rest (a stuck statement must not hold shutdown forever)."""
         for pool in self.pools():
             pool.close()
-        await asyncio.gather(*(pool.wait_closed() for pool in self.pools()))
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(pool.wait_closed() for pool in self.pools())), timeout_s
+            )
+        except TimeoutError:
+            for pool in self.pools():
+                pool.terminate()
+            await asyncio.gather(*(pool.wait_closed() for pool in self.pools()))
 
 
 def shard_index(user_id: int, shard_count: int) -> int:

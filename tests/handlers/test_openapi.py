@@ -32,7 +32,10 @@ def _api_routes(app: tornado.web.Application) -> dict[str, type]:
     return routes
 
 
-def test_every_api_route_is_documented_and_every_documented_method_exists(app: Any) -> None:
+@pytest.mark.gen_test(timeout=30)  # async, so the node's background tasks run normally
+async def test_every_api_route_is_documented_and_every_documented_method_exists(
+    app: Any,
+) -> None:
     routes = _api_routes(app)
     assert routes, "no /api/v1 routes found"
     documented = {handler.openapi_path: handler for handler in documented_handlers(app)}
