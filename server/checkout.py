@@ -46,18 +46,13 @@ from typing import Any
 from server.carts import Publish, cart_stream, load_cart, publish_quietly
 from server.db.router import ShardRouter
 from server.errors import Conflict, InvalidInput, NotFound
+from server.inventory import OutOfStock
 from server.logs import get_logger
 from server.notifications import NotificationService, insert_notification
 from server.orders import order_dict
 
 MAX_KEY_CHARS = 255
 _log = get_logger("finalmarket.checkout")
-
-
-class OutOfStock(Conflict):
-    """A cart line asks for more units than the catalog has (`product_id`, `available`)."""
-
-    kind = "out-of-stock"
 
 
 class CheckoutInProgress(Conflict):
@@ -263,12 +258,7 @@ class CheckoutService:
                             product_id=str(line.product_id),
                         )
                     available = int(found[0])
-                    raise OutOfStock(
-                        f"product {line.product_id}: {line.quantity} wanted, {available} available",
-                        product_id=str(line.product_id),
-                        available=available,
-                        requested=line.quantity,
-                    )
+                    raise OutOfStock(line.product_id, available, line.quantity)
                 stock[line.product_id] = int(row[0])
             # A key retried after a failed attempt finds that attempt's rows `released`.
             await cur.execute(

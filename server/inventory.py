@@ -36,6 +36,7 @@ class OutOfStock(Conflict):
             f"product {product_id} has {available} in stock; {wanted} requested",
             product_id=str(product_id),
             available=available,
+            requested=wanted,
         )
 
 
