@@ -21,6 +21,12 @@ from server.orders import DEFAULT_PAGE, MAX_PAGE, OrderService
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
+PAGE_QUERY = {
+    "first": "page size, 1..100 (default 20)",
+    "after": "next_cursor of the previous page",
+}
+
+
 class _Paged(ApiHandler):
     def page_args(self) -> tuple[int, str | None]:
         """`first` (1..MAX_PAGE, default DEFAULT_PAGE) and `after` from the query string."""
@@ -95,10 +101,7 @@ class OrdersHandler(_Paged):
         "GET": Operation(
             "The caller's orders, newest first",
             auth="user",
-            query={
-                "first": "page size, 1..100 (default 20)",
-                "after": "next_cursor of the previous page",
-            },
+            query=PAGE_QUERY,
         )
     }
 
@@ -132,10 +135,7 @@ class NotificationsHandler(_Paged):
         "GET": Operation(
             "The caller's notifications, newest first",
             auth="user",
-            query={
-                "first": "page size, 1..100 (default 20)",
-                "after": "next_cursor of the previous page",
-            },
+            query=PAGE_QUERY,
         )
     }
 

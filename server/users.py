@@ -119,7 +119,7 @@ class UserService:
                 )
                 stored = await cur.fetchone()
         # Verify against a dummy hash when the account is unknown: equal time either way.
-        password_hash = stored[5] if stored else _dummy_hash()
+        password_hash = stored[5] if stored else None
         if not await self._verify(password_hash, password) or stored is None:
             raise Unauthenticated("email or password is wrong")
         return User(
@@ -138,10 +138,13 @@ class UserService:
             raise NotFound(f"no user {user_id}")
         return User(id=row[0], email=row[1], name=row[2], is_admin=row[3], created_at=row[4])
 
-    async def _verify(self, password_hash: str, password: str) -> bool:
+    async def _verify(self, password_hash: str | None, password: str) -> bool:
+        """argon2 verification off the loop; `None` verifies against the dummy hash (made,
+        the first time, in the same worker thread: hashing is as costly as verifying)."""
+
         def verify() -> bool:
             try:
-                return bool(self.hasher.verify(password_hash, password))
+                return bool(self.hasher.verify(password_hash or _dummy_hash(), password))
             except (VerifyMismatchError, InvalidHashError):
                 return False
 
