@@ -17,7 +17,8 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +29,13 @@ from realtime.channels import Channel, Reject, Subscription, build_channels
 from realtime.connection import CLOSE_GOING_AWAY, CableConnection, parse_identifier
 from realtime.hub import Hub
 from realtime.presence import Presence
+from realtime.watch import DEFAULT_MAX_PENDING, StreamWatch, WatchOverflow
 from realtime.wsframe import encode_frame
 from server.db.router import ShardRouter
 from server.logs import get_logger
 from server.sessions import Session
+
+__all__ = ["CableLimits", "CableServer", "StreamWatch", "WatchOverflow"]
 
 _log = get_logger("finalmarket.cable")
 _SHARED_SUBSCRIPTIONS_MAX = 100_000
@@ -349,6 +353,24 @@ class CableServer:
         subscription.channel.left(subscription.params)
         if self.hub.remove(subscription.stream, identifier, conn.codec, conn):
             self._release_stream_if_unused(subscription.stream)
+
+    @asynccontextmanager
+    async def watch(
+        self, stream: str, *, max_pending: int = DEFAULT_MAX_PENDING
+    ) -> AsyncIterator[StreamWatch]:
+        """Follow `stream` from any node while the context is open: `async for message in
+        watch` yields each message delivered from now on (as published, plus `offset` and
+        `epoch`), in order. Snapshots are the caller's business (read current state after
+        entering); a consumer more than `max_pending` behind gets `WatchOverflow`."""
+        watcher = StreamWatch(stream, max_pending)
+        self.hub.listen(stream, watcher.push)
+        try:
+            await self._follow(stream)
+            yield watcher
+        finally:
+            watcher.close()
+            if self.hub.unlisten(stream, watcher.push):
+                self._release_stream_if_unused(stream)
 
     def _release_stream_if_unused(self, stream: str) -> None:
         if self.hub.subscriber_count(stream) == 0 and stream in self._positions:

@@ -13,7 +13,7 @@ reconnect with `since`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from realtime.cable_codec import CableCodec
@@ -38,14 +38,22 @@ class _Group:
         self.members: dict[Subscriber, None] = {}
 
 
-class _Stream:
-    """Local state of one stream: its groups and the bodies waiting for the next flush."""
+Listener = Callable[[Any], None]
 
-    __slots__ = ("groups", "pending")
+
+class _Stream:
+    """Local state of one stream: its groups, in-process listeners, and the bodies waiting
+    for the next flush."""
+
+    __slots__ = ("groups", "listeners", "pending")
 
     def __init__(self) -> None:
         self.groups: dict[tuple[str, CableCodec], _Group] = {}
+        self.listeners: dict[Listener, None] = {}
         self.pending: list[Any] = []
+
+    def empty(self) -> bool:
+        return not self.groups and not self.listeners
 
     def codecs(self) -> set[CableCodec]:
         return {group.codec for group in self.groups.values()}
@@ -89,7 +97,29 @@ class Hub:
             group.members.pop(subscriber, None)
             if not group.members:
                 del state.groups[key]
-        if state.groups:
+        if not state.empty():
+            return False
+        del self._streams[stream]
+        return True
+
+    def listen(self, stream: str, listener: Listener) -> bool:
+        """Call `listener` with every message broadcast to `stream`, in order, as it is
+        queued (in-process consumers such as GraphQL subscriptions, which frame their own
+        messages); True if `stream` had no local subscribers before."""
+        state = self._streams.get(stream)
+        first = state is None
+        if state is None:
+            state = self._streams[stream] = _Stream()
+        state.listeners[listener] = None
+        return first
+
+    def unlisten(self, stream: str, listener: Listener) -> bool:
+        """Stop calling `listener`; True if the stream has no local subscribers left."""
+        state = self._streams.get(stream)
+        if state is None:
+            return False
+        state.listeners.pop(listener, None)
+        if not state.empty():
             return False
         del self._streams[stream]
         return True
@@ -101,7 +131,9 @@ class Hub:
     def subscriber_count(self, stream: str) -> int:
         """Local subscribers of `stream`."""
         state = self._streams.get(stream)
-        return sum(len(g.members) for g in state.groups.values()) if state else 0
+        if state is None:
+            return 0
+        return sum(len(g.members) for g in state.groups.values()) + len(state.listeners)
 
     # --- fan-out ----------------------------------------------------------------------------
 
@@ -110,6 +142,10 @@ class Hub:
         loop iteration together with any other message queued for the stream meanwhile."""
         state = self._streams.get(stream)
         if state is None:
+            return
+        for listener in list(state.listeners):
+            listener(message)
+        if not state.groups:
             return
         bodies = {codec: codec.encode_body(message) for codec in state.codecs()}
         if not state.pending:
