@@ -1,0 +1,1 @@
+"""GraphQL: schema, resolvers and execution over the domain services (CONTRACT "GraphQL")."""
