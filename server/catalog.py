@@ -72,6 +72,7 @@ MAX_PAGE = 100
 PRODUCT_TTL_S = 300.0  # Redis lifetime of a rendered product (bumps invalidate earlier)
 LIST_TTL_S = 60.0  # Redis lifetime of a rendered list page
 STOCK_FRESH_S = 1.0  # longest a node serves a stock count after reading it
+RENDERED_PAGES_MAX = 1024  # list pages kept rendered per node (with the counts they show)
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _CURSOR = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -357,6 +358,8 @@ class CatalogService:
         self.list_ttl_s = list_ttl_s
         self.counters = CatalogCounters()
         self.stock = LiveStock(router, self.counters, stock_fresh_s)
+        # list page key -> (cached heads, stock counts, the page rendered from them)
+        self._rendered_pages: dict[str, tuple[list[bytes], tuple[int, ...], Rendered]] = {}
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -421,11 +424,20 @@ class CatalogService:
             NS_PRODUCT_LIST, key, load, self.list_ttl_s
         )
         stocks = await self.stock.get_many(ids)
+        counts = tuple([stocks[pid] for pid in ids])
+        # A hot page is rendered once per (cached page, stock counts), not once per request.
+        rendered = self._rendered_pages.get(key)
+        if rendered is not None and rendered[1] == counts and rendered[0] == heads:
+            return rendered[2]
         items = b",".join(
-            _with_stock(head, stocks[pid]) for pid, head in zip(ids, heads, strict=True)
+            _with_stock(head, stock) for head, stock in zip(heads, counts, strict=True)
         )
         body = b'{"items":[%s],"next_cursor":%s}' % (items, json.dumps(next_cursor).encode())
-        return Rendered(body, f'"{_digest(body)}"')
+        page = Rendered(body, f'"{_digest(body)}"')
+        if len(self._rendered_pages) >= RENDERED_PAGES_MAX:
+            self._rendered_pages.clear()  # a bound, not a cache policy: rebuilt on demand
+        self._rendered_pages[key] = (heads, counts, page)
+        return page
 
     async def list_products(
         self, first: int | None = None, after: str | None = None, q: str | None = None

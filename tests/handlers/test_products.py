@@ -169,6 +169,28 @@ async def test_create_read_update_and_stock(
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_list_page_rendered_before_shows_every_later_change(
+    http_client: Any, base_url: str, lamp: int, admin: dict[str, str]
+) -> None:
+    # Invariant: pages are kept rendered per node, but never past a stock or product change.
+    url = base_url + "/api/v1/products"
+    first = await call(http_client, url)
+    assert [item["stock"] for item in body(first)["items"]] == [10]
+    assert (await call(http_client, url)).headers["ETag"] == first.headers["ETag"]
+
+    await call(http_client, f"{url}/{lamp}/stock", "POST", {"delta": -4}, **admin)
+    after_stock = await call(http_client, url)
+    assert [item["stock"] for item in body(after_stock)["items"]] == [6]
+    assert after_stock.headers["ETag"] != first.headers["ETag"]
+
+    await call(http_client, f"{url}/{lamp}", "PATCH", {"name": "Reading Lamp"}, **admin)
+    assert [item["name"] for item in body(await call(http_client, url))["items"]] == [
+        "Reading Lamp"
+    ]
+
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_pagination_walks_every_product_exactly_once(
     http_client: Any, base_url: str, infra_env: dict[str, str]
 ) -> None:
