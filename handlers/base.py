@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import traceback
 import uuid
@@ -18,6 +19,15 @@ from server.services import Services
 _log = get_logger("finalmarket.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PROBLEM_CONTENT_TYPE = "application/problem+json"
+# Request ids: a random prefix per process and a counter. Unique without a getrandom()
+# system call per request (uuid4 was 2% of a hot read's CPU).
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A request id unique across processes and nodes (random prefix, then a counter)."""
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
 class ApiError(tornado.web.HTTPError):
@@ -55,7 +65,7 @@ class BaseHandler(tornado.web.RequestHandler):
     def prepare(self) -> Awaitable[None] | None:
         """Adopt the caller's `X-Request-Id` when it is well formed, or make one."""
         offered = self.request.headers.get("X-Request-Id", "")
-        self.request_id = offered if _REQUEST_ID.match(offered) else uuid.uuid4().hex
+        self.request_id = offered if _REQUEST_ID.match(offered) else new_request_id()
         self.set_header("X-Request-Id", self.request_id)
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
         self.services.state.request_started()
