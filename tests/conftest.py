@@ -1,5 +1,8 @@
 """Test fixtures: real embedded PostgreSQL and Valkey, started once per test session.
 
+With `FM_TEST_PGBOUNCER=1` the session also starts PgBouncer (transaction mode) in front of every
+database, after migrating directly, and every DSN the tests get goes through it.
+
 When `FM_CATALOG_DSN`, `FM_SHARDS` and `FM_REDIS_URL` are all set, the suite uses those
 servers instead (their data is wiped between tests: never point it at anything you keep).
 Each test that touches data asks for `clean_data`, which empties every table and Redis.
@@ -22,6 +25,7 @@ import redis
 from server import infra
 from server.db.migrate import migrate_all
 from server.db.pools import Database
+from server.infra import pgbouncer
 from server.services import Services
 from server.settings import Settings
 
@@ -41,12 +45,26 @@ def infra_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     else:
         data_dir = tmp_path_factory.mktemp("infra")
         env = infra.up(data_dir, log=lambda line: None)
+    bouncer: pgbouncer.PgBouncer | None = None
     try:
         run_in_private_loop(_migrate(env))
+        if os.environ.get("FM_TEST_PGBOUNCER") == "1":  # scripts/test's transaction-mode pass
+            bouncer, env = front_with_pgbouncer(env, tmp_path_factory.mktemp("pgbouncer"))
         yield env
     finally:
+        if bouncer is not None:
+            bouncer.stop()
         if data_dir is not None:
             infra.down(data_dir, log=lambda line: None)
+
+
+def front_with_pgbouncer(
+    env: dict[str, str], directory: Path
+) -> tuple[pgbouncer.PgBouncer, dict[str, str]]:
+    """Start PgBouncer (transaction mode) in front of every database of `env`; return it and
+    `env` with DSNs through it. It re-applies the nodes' statement timeout (see the module)."""
+    timeout_ms = make_settings(env).statement_timeout_ms
+    return pgbouncer.front(env, directory, statement_timeout_ms=timeout_ms, log=lambda line: None)
 
 
 def run_in_private_loop(coro: Any) -> Any:

@@ -29,6 +29,10 @@ write never runs on a server that has become read-only. Connections that failed 
 before they go back to their pool, and the idle connections of a pool that failed are dropped,
 so work resumes without a restart.
 
+A statement the server cancels (``statement_timeout``) reaches callers as psycopg2's
+``QueryCanceled``, an ``OperationalError`` (503 at the API), not as the bare
+``asyncio.CancelledError`` aiopg makes of it.
+
 Nothing here uses session state (no SET, no prepared statements, no temp tables): every
 transaction and every read stands alone, so the router works behind PgBouncer in transaction
 mode.
@@ -97,6 +101,34 @@ def is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def _statement_cancelled(exc: BaseException) -> psycopg2.extensions.QueryCanceledError | None:
+    """The server's QueryCanceled (e.g. statement_timeout) hidden in `exc`, if that is all it is.
+
+    aiopg 1.4 turns a QueryCanceled answer into a bare `asyncio.CancelledError` (its
+    `__context__` is the original), which `except Exception` blocks (saga compensation, the
+    sweeper loop, handlers' 503 mapping) do not catch. Returns the original unless the current
+    task is really being cancelled.
+    """
+    if not isinstance(exc, asyncio.CancelledError):
+        return None
+    original = exc.__context__
+    if not isinstance(original, psycopg2.extensions.QueryCanceledError):
+        return None
+    task = asyncio.current_task()
+    return None if task is not None and task.cancelling() else original
+
+
+async def _execute(cur: aiopg.Cursor, sql: str, params: Any = None) -> None:
+    """`cur.execute`, raising a timed-out statement as QueryCanceled (see above)."""
+    try:
+        await cur.execute(sql, params)
+    except asyncio.CancelledError as exc:
+        original = _statement_cancelled(exc)
+        if original is None:
+            raise
+        raise original from None
+
+
 def _is_read_only_error(exc: BaseException) -> bool:
     return isinstance(exc, psycopg2.Error) and exc.pgcode in _READ_ONLY_STATES
 
@@ -129,6 +161,7 @@ class RouterCounters:
     replica_fallbacks: int = 0  # ... because the replica failed or is in its backoff
     replica_errors: int = 0  # connection errors seen on the replica (each starts a backoff)
     read_retries: int = 0  # read statements re-run on the primary after a connection error
+    read_statements: int = 0  # statements run in read blocks (the N+1 tests count these)
     writes: int = 0  # transactions begun
     write_retries: int = 0  # BEGINs retried on a fresh primary connection
     primary_errors: int = 0  # connection errors seen on the primary
@@ -272,8 +305,9 @@ class ReadCursor:
         """Run one statement; after a connection error (or a standby's recovery conflict),
         once per block, again on the primary."""
         counters = self._router._counters(self._role)
+        counters.read_statements += 1
         try:
-            await self._cursor().execute(sql, params)
+            await _execute(self._cursor(), sql, params)
             return
         except Exception as exc:
             was_replica = self.on_replica
@@ -291,7 +325,7 @@ class ReadCursor:
         counters.read_retries += 1
         await self._open_primary(retry=False)
         try:
-            await self._cursor().execute(sql, params)
+            await _execute(self._cursor(), sql, params)
         except Exception as exc:
             if is_connection_error(exc):
                 await self._discard(exc)
@@ -592,6 +626,9 @@ class ShardRouter:
                 if is_connection_error(exc) or _is_read_only_error(exc):
                     self._primary_failed(role, exc)
                 await self._end(role, pool, conn, cur, "ROLLBACK")
+                original = _statement_cancelled(exc)
+                if original is not None:
+                    raise original from None
                 raise
             await self._end(role, pool, conn, cur, "COMMIT")
         finally:
@@ -646,7 +683,7 @@ class ShardRouter:
                 if statement == "COMMIT":
                     raise psycopg2.InterfaceError("connection closed before COMMIT")
                 return
-            await cur.execute(statement)
+            await _execute(cur, statement)
         except Exception as exc:
             conn.close()
             if is_connection_error(exc):
