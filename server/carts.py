@@ -179,14 +179,21 @@ class CartService:
         """The product's current price and currency (the snapshot), or `NotFound`."""
         if not 1 <= product_id <= MAX_ID:
             raise NotFound(f"no product {product_id}", product_id=str(product_id))
-        async with self.router.catalog_read() as cur:
-            await cur.execute(
-                "SELECT price_cents, currency FROM products WHERE id = %s", (product_id,)
-            )
-            row = await cur.fetchone()
+        row = await self._price_row(product_id, fresh=False)
+        if row is None:
+            # A product created moments ago may not have reached the catalog replica yet:
+            # ask the primary before telling the shopper it does not exist.
+            row = await self._price_row(product_id, fresh=True)
         if row is None:
             raise NotFound(f"no product {product_id}", product_id=str(product_id))
         return int(row[0]), str(row[1])
+
+    async def _price_row(self, product_id: int, *, fresh: bool) -> Any:
+        async with self.router.catalog_read(fresh=fresh) as cur:
+            await cur.execute(
+                "SELECT price_cents, currency FROM products WHERE id = %s", (product_id,)
+            )
+            return await cur.fetchone()
 
     @staticmethod
     async def _bump(cur: Any, user_id: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -115,14 +116,38 @@ async def read_user(router: ShardRouter, reader: int, wanted: int, **kw: Any) ->
     return row[0] == 1, standby[0]
 
 
+_markers = itertools.count(1)
+
+
 def wait_caught_up(primary: PostgresServer, replica: PostgresServer) -> None:
-    """Wait until the standby has applied everything the primary has written so far."""
-    lsn = primary.psql("SELECT pg_current_wal_lsn()")
-    for _ in range(200):
-        if replica.psql(f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn") == "t":
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{replica} did not catch up with {primary}")
+    """Wait until the standby has applied every transaction committed on the primary so far.
+
+    Commits a marker row (in the `postgres` database, not the product's) and waits until the
+    standby shows it: WAL is replayed in order, so every commit acknowledged before is applied
+    too. (Comparing LSNs is brittle here: the servers run with `synchronous_commit = off`, so
+    `pg_current_wal_lsn()` can be short of an acknowledged commit.)
+    """
+    marker = next(_markers)
+    primary.psql(
+        "CREATE TABLE IF NOT EXISTS fm_test_marker (n bigint); "
+        f"INSERT INTO fm_test_marker VALUES ({marker})"
+    )
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            conn = psycopg2.connect(replica.dsn(), connect_timeout=5)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT count(*) FROM fm_test_marker WHERE n = %s", (marker,))
+                    if cur.fetchone()[0] == 1:
+                        return
+            finally:
+                conn.close()
+        except psycopg2.errors.UndefinedTable:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{replica} did not catch up with {primary}")
+        time.sleep(0.02)
 
 
 async def pause_replay(topology: Topology, group: str) -> PostgresServer:
