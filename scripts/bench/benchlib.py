@@ -1,0 +1,255 @@
+"""Plumbing shared by the benchmarks: embedded servers, a node process, users, machine facts.
+
+Each benchmark (`scripts/bench/*`) starts its own deployment in a temporary directory with
+`Deployment` (embedded PostgreSQL + Valkey, migrations, one `finalmarket serve` node with
+rate limits out of the way) and stops all of it at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from argon2 import PasswordHasher  # noqa: E402
+
+from server import infra  # noqa: E402
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+
+
+def progress(line: str) -> None:
+    """A progress line on stderr (stdout carries only the results)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def readyz_status(port: int) -> int | None:
+    """Status of `GET /readyz`, or None while nothing accepts connections."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/readyz")
+        return conn.getresponse().status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def machine() -> dict[str, object]:
+    """What the figures were measured on."""
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 1024**2, 1)
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "mem_gib": mem_gib,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "loadavg": list(os.getloadavg()),
+    }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of `values`, None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+class Deployment:
+    """Embedded servers, migrations and one node process; `stop()` undoes all of it."""
+
+    def __init__(self, work: Path, python: str, pool_max_size: int) -> None:
+        self.work = work
+        self.python = python
+        self.pool_max_size = pool_max_size
+        self.data_dir = work / "data"
+        self.env: dict[str, str] = {}
+        self.node: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.log_path = work / "node.log"
+        self.infra_started = False
+
+    def child_env(self) -> dict[str, str]:
+        """Our environment without `FM_*`, plus the deployment's settings."""
+        env = {key: value for key, value in os.environ.items() if not key.startswith("FM_")}
+        env.update(self.env)
+        env["FM_SECRET_KEY"] = self.secret
+        env["FM_LOG_LEVEL"] = "warning"
+        return env
+
+    def up(self) -> None:
+        """Start the servers and migrate."""
+        self.secret = secrets.token_urlsafe(48)
+        self.infra_started = True
+        self.env = infra.up(self.data_dir, log=progress)
+        run = subprocess.run(
+            [self.python, "-m", "server", "migrate"],
+            cwd=ROOT,
+            env=self.child_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if run.returncode != 0:
+            raise RuntimeError(f"migrate failed: {run.stdout}{run.stderr}")
+
+    def run_cli(self, *args: str) -> None:
+        """`finalmarket ARGS` against the deployment (raises on failure)."""
+        run = subprocess.run(
+            [self.python, "-m", "server", *args],
+            cwd=ROOT,
+            env=self.child_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if run.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed: {run.stdout}{run.stderr}")
+
+    def start_node(self, extra_env: dict[str, str] | None = None) -> None:
+        """`finalmarket serve` with rate limits out of the way (plus `extra_env`); waits for
+        /readyz."""
+        self.port = free_port()
+        env = self.child_env()
+        env.update(
+            {
+                "FM_RATELIMIT_IP_PER_SECOND": "1000000",
+                "FM_RATELIMIT_IP_BURST": "1000000",
+                "FM_RATELIMIT_USER_PER_SECOND": "1000000",
+                "FM_RATELIMIT_USER_BURST": "1000000",
+                "FM_POOL_MAX_SIZE": str(self.pool_max_size),
+                **(extra_env or {}),
+            }
+        )
+        command = [self.python, "-m", "server", "serve", "--port", str(self.port)]
+        command += ["--node-id", "bench"]
+        with self.log_path.open("wb") as log:
+            self.node = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if readyz_status(self.port) == 200:
+                return
+            if self.node.poll() is not None:
+                raise RuntimeError(f"node exited {self.node.returncode}; see {self.log_path}")
+            time.sleep(0.05)
+        raise RuntimeError(f"node not ready within {READY_TIMEOUT_S:.0f}s; see {self.log_path}")
+
+    def stop_node(self) -> int | None:
+        """SIGINT the node (then SIGKILL); its exit code."""
+        proc, self.node = self.node, None
+        if proc is None or proc.poll() is not None:
+            return None if proc is None else proc.returncode
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            return proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait()
+
+    def node_log(self) -> list[str]:
+        """The node's log lines (at warning, every line is noteworthy)."""
+        with contextlib.suppress(OSError):
+            return [line for line in self.log_path.read_text().splitlines() if line.strip()]
+        return []
+
+    def stop(self) -> None:
+        """Stop the node and the servers."""
+        self.stop_node()
+        if self.infra_started:
+            with contextlib.suppress(Exception):
+                infra.down(self.data_dir, log=lambda line: None)
+
+    def settings(self, **overrides: Any) -> Any:
+        """Settings for in-process use of the deployment (small pools)."""
+        from server.settings import Settings
+
+        values: dict[str, Any] = {
+            "catalog_dsn": self.env["FM_CATALOG_DSN"],
+            "catalog_replica_dsn": self.env.get("FM_CATALOG_REPLICA_DSN"),
+            "shards": json.loads(self.env["FM_SHARDS"]),
+            "redis_url": self.env["FM_REDIS_URL"],
+            "redis_cluster": self.env.get("FM_REDIS_CLUSTER") == "1",
+            "secret_key": self.secret,
+            "pool_max_size": 3,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    def shard_dsns(self) -> list[str]:
+        return [shard["primary"] for shard in json.loads(self.env["FM_SHARDS"])]
+
+
+async def make_users(deploy: Deployment, count: int, admin: bool = False) -> list[tuple[int, str]]:
+    """`count` users (cheap hashes) with session tokens, written directly (no HTTP)."""
+    from server.db.pools import Database
+    from server.db.router import ShardRouter
+    from server.redis_client import open_redis
+    from server.sessions import SessionStore
+    from server.users import UserService
+
+    settings = deploy.settings()
+    db = await Database.open(settings)
+    redis = open_redis(settings)
+    router = ShardRouter.for_settings(db, settings)
+    try:
+        users = UserService(router, CHEAP_HASHER)
+        sessions = SessionStore(redis)
+        gate = asyncio.Semaphore(20)
+
+        async def one(index: int) -> tuple[int, str]:
+            async with gate:
+                prefix = "admin" if admin else "buyer"
+                email = f"{prefix}{index}-{secrets.token_hex(4)}@example.com"
+                user = await users.create_user(email, "correct horse battery", is_admin=admin)
+                return user.id, await sessions.create(user.id, is_admin=admin)
+
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+    finally:
+        await router.close()
+        await db.close()
+        await redis.aclose()
