@@ -56,8 +56,9 @@ def problem_from(error: DomainError) -> ApiError:
     return ApiError(status, error.kind, error.detail, **error.fields)
 
 
-class ApiHandler(BaseHandler, Documented):
-    """Parent of REST handlers; `self.session` is the caller's session or None."""
+class SessionHandler(BaseHandler):
+    """Parent of handlers that authenticate like the REST API (bearer token or session cookie
+    with CSRF) and share its rate limits; `self.session` is the caller's session or None."""
 
     session: Session | None = None
     token: str | None = None
@@ -66,12 +67,11 @@ class ApiHandler(BaseHandler, Documented):
     async def prepare(self) -> None:
         super().prepare()
         length = int(self.request.headers.get("Content-Length") or 0)
-        if length > self.services.settings.max_body_bytes:
+        if length > self.max_body_bytes():
             raise ApiError(
                 413,
                 "body-too-large",
-                f"request body is {length} bytes; at most "
-                f"{self.services.settings.max_body_bytes} are accepted",
+                f"request body is {length} bytes; at most {self.max_body_bytes()} are accepted",
             )
         await self._rate_limit(self.services.ip_limit, f"ip:{self.request.remote_ip}")
         await self._authenticate()
@@ -79,6 +79,11 @@ class ApiHandler(BaseHandler, Documented):
             await self._rate_limit(self.services.user_limit, f"user:{self.session.user_id}")
         if self._authenticated_by_cookie and self.request.method not in _SAFE_METHODS:
             self._check_csrf()
+
+    def max_body_bytes(self) -> int:
+        """The largest request body this handler accepts (413 beyond it). Override for
+        handlers that take more than JSON, such as uploads."""
+        return self.services.settings.max_body_bytes
 
     def _handle_request_exception(self, e: BaseException) -> None:
         # Domain errors are answers, not failures: render them as problems, no traceback.
@@ -195,3 +200,7 @@ class ApiHandler(BaseHandler, Documented):
                 "; ".join(f"{e['field']}: {e['message']}" for e in errors),
                 errors=errors,
             ) from None
+
+
+class ApiHandler(SessionHandler, Documented):
+    """Parent of REST handlers (each documented in the OpenAPI document)."""

@@ -51,6 +51,7 @@ class Operation:
     query: dict[str, str] = field(default_factory=dict)  # name -> description
     problems: dict[int, str] = field(default_factory=dict)  # extra statuses -> when
     headers: dict[str, str] = field(default_factory=dict)  # request headers -> description
+    upload: str | None = None  # the multipart/form-data field carrying a file, if any
 
 
 class Documented:
@@ -105,6 +106,20 @@ def _operation(op: Operation, path: str, schemas: dict[str, Any]) -> dict[str, A
             "content": {"application/problem+json": {"schema": _PROBLEM_REF}},
         }
     document: dict[str, Any] = {"summary": op.summary, "responses": responses}
+    if op.upload is not None:
+        upload_schema = {"type": "string", "contentMediaType": "application/octet-stream"}
+        document["requestBody"] = {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {op.upload: upload_schema},
+                        "required": [op.upload],
+                    }
+                }
+            },
+        }
     if params:
         document["parameters"] = params
     if op.auth in ("user", "admin"):

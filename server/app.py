@@ -9,6 +9,8 @@ import tornado.web
 
 from handlers import cart as cart_handlers
 from handlers import checkout as checkout_handlers
+from handlers import graphql as graphql_handlers
+from handlers import images as image_handlers
 from handlers import products
 from handlers.auth import MeHandler, SessionsHandler, UsersHandler
 from handlers.base import BaseHandler, NotFoundHandler
@@ -30,12 +32,14 @@ def make_app(services: Services) -> tornado.web.Application:
         (r"/readyz", ReadyzHandler, deps),
         (r"/metrics", MetricsHandler, deps),
         (r"/cable", CableHandler, {**deps, "cable": services.cable}),
+        *graphql_handlers.routes(deps),
         (r"/api/v1/users", UsersHandler, deps),
         (r"/api/v1/sessions", SessionsHandler, deps),
         (r"/api/v1/me", MeHandler, deps),
         *products.routes(deps),
         *cart_handlers.routes(deps),
         *checkout_handlers.routes(deps),
+        *image_handlers.routes(deps),
         (r"/api/v1/openapi\.json", OpenApiHandler, deps),
     ]
     return tornado.web.Application(

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg2.errors
+
 from server.cache import NS_PRODUCT, NS_PRODUCT_LIST, CachedLoader
 from server.db.router import ShardRouter
 from server.errors import InvalidInput, NotFound
@@ -73,6 +75,7 @@ PRODUCT_TTL_S = 300.0  # Redis lifetime of a rendered product (bumps invalidate 
 LIST_TTL_S = 60.0  # Redis lifetime of a rendered list page
 STOCK_FRESH_S = 1.0  # longest a node serves a stock count after reading it
 RENDERED_PAGES_MAX = 1024  # list pages kept rendered per node (with the counts they show)
+DECODED_HEADS_MAX = 10_000  # product dicts kept decoded per node (GraphQL reads dicts)
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _CURSOR = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -83,12 +86,26 @@ _COLUMNS = """
     p.id, p.name, p.description, p.price_cents, p.currency, p.updated_at,
     COALESCE(i.stock, 0),
     COALESCE((SELECT json_agg(json_build_object(
-                  'id', im.id::text, 'placeholder', im.placeholder, 'variants', im.variants)
+                  'id', im.id::text, 'placeholder', im.placeholder, 'variants', im.variants,
+                  'src', im.src, 'width', im.width, 'height', im.height)
                   ORDER BY im.position, im.id)
               FROM product_images im WHERE im.product_id = p.id), '[]'::json)
 FROM products p LEFT JOIN inventory i ON i.product_id = p.id
 """
 _ONE_SQL = f"SELECT {_COLUMNS} WHERE p.id = %s"
+_IMAGE_JSON = """json_build_object('id', id::text, 'placeholder', placeholder,
+    'variants', variants, 'src', src, 'width', width, 'height', height)"""
+_FIND_IMAGE_SQL = (
+    f"SELECT {_IMAGE_JSON} FROM product_images WHERE product_id = %s AND content_hash = %s"
+)
+_ADD_IMAGE_SQL = f"""
+INSERT INTO product_images
+    (product_id, content_hash, placeholder, variants, src, width, height, position)
+SELECT %s, %s, %s, %s, %s, %s, %s, COALESCE(MAX(position) + 1, 0)
+FROM product_images WHERE product_id = %s
+ON CONFLICT (product_id, content_hash) DO NOTHING
+RETURNING {_IMAGE_JSON}
+"""
 _CREATE_SQL = """
 WITH p AS (
     INSERT INTO products (name, description, price_cents, currency)
@@ -360,6 +377,7 @@ class CatalogService:
         self.stock = LiveStock(router, self.counters, stock_fresh_s)
         # list page key -> (cached heads, stock counts, the page rendered from them)
         self._rendered_pages: dict[str, tuple[list[bytes], tuple[int, ...], Rendered]] = {}
+        self._decoded_heads: dict[bytes, dict[str, Any]] = {}
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -403,6 +421,28 @@ class CatalogService:
         Keyset pagination on id (`after` is the opaque cursor of the previous page's
         `next_cursor`, None at the end); `q` is a web-search style full-text query.
         """
+        key, ids, heads, next_cursor = await self._cached_list(first, after, q)
+        stocks = await self.stock.get_many(ids)
+        counts = tuple([stocks[pid] for pid in ids])
+        # A hot page is rendered once per (cached page, stock counts), not once per request.
+        rendered = self._rendered_pages.get(key)
+        if rendered is not None and rendered[1] == counts and rendered[0] == heads:
+            return rendered[2]
+        items = b",".join(
+            _with_stock(head, stock) for head, stock in zip(heads, counts, strict=True)
+        )
+        body = b'{"items":[%s],"next_cursor":%s}' % (items, json.dumps(next_cursor).encode())
+        page = Rendered(body, f'"{_digest(body)}"')
+        if len(self._rendered_pages) >= RENDERED_PAGES_MAX:
+            self._rendered_pages.clear()  # a bound, not a cache policy: rebuilt on demand
+        self._rendered_pages[key] = (heads, counts, page)
+        return page
+
+    async def _cached_list(
+        self, first: int | None, after: str | None, q: str | None
+    ) -> tuple[str, list[int], list[bytes], str | None]:
+        """(cache key, ids, heads, next cursor) of a list page, from the cache or one
+        statement; REST and GraphQL share these entries."""
         first, after_id, q = self._page_args(first, after, q)
 
         async def load() -> list[Any]:
@@ -423,21 +463,76 @@ class CatalogService:
         ids, heads, next_cursor = await self.cache.get_or_load(
             NS_PRODUCT_LIST, key, load, self.list_ttl_s
         )
-        stocks = await self.stock.get_many(ids)
-        counts = tuple([stocks[pid] for pid in ids])
-        # A hot page is rendered once per (cached page, stock counts), not once per request.
-        rendered = self._rendered_pages.get(key)
-        if rendered is not None and rendered[1] == counts and rendered[0] == heads:
-            return rendered[2]
-        items = b",".join(
-            _with_stock(head, stock) for head, stock in zip(heads, counts, strict=True)
-        )
-        body = b'{"items":[%s],"next_cursor":%s}' % (items, json.dumps(next_cursor).encode())
-        page = Rendered(body, f'"{_digest(body)}"')
-        if len(self._rendered_pages) >= RENDERED_PAGES_MAX:
-            self._rendered_pages.clear()  # a bound, not a cache policy: rebuilt on demand
-        self._rendered_pages[key] = (heads, counts, page)
-        return page
+        return key, ids, heads, next_cursor
+
+    async def product_list(
+        self, first: int | None = None, after: str | None = None, q: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A list page as product dicts **without** `stock` (read it from `self.stock`), and
+        the next cursor: for callers that build their own answer (GraphQL). The dicts are
+        shared between requests: do not change them."""
+        _key, _ids, heads, next_cursor = await self._cached_list(first, after, q)
+        return [self._decoded(head) for head in heads], next_cursor
+
+    async def products_by_ids(self, product_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Products (dicts without `stock`, shared: do not change them) by id; unknown ids
+        are left out. Cached entries cost no statement; all misses together cost one."""
+        ids = list(dict.fromkeys(pid for pid in product_ids if 0 < pid <= MAX_PRODUCT_ID))
+        if not ids:
+            return {}
+        batch: asyncio.Task[dict[int, bytes]] | None = None
+
+        async def load_all() -> dict[int, bytes]:
+            ticket = self.stock.ticket()
+            self.counters.product_loads += 1
+            async with self.router.catalog_read(fresh=True) as cur:
+                await cur.execute(f"SELECT {_COLUMNS} WHERE p.id = ANY(%s)", (ids,))
+                rows = await cur.fetchall()
+            heads = {}
+            for row in rows:
+                product_id, head, stock = _head(row)
+                self.stock.seed(product_id, stock, ticket)
+                heads[product_id] = head
+            return heads
+
+        def loader(product_id: int) -> Callable[[], Awaitable[list[Any]]]:
+            async def load() -> list[Any]:
+                # The first miss reads every id of the batch; later misses share that read.
+                nonlocal batch
+                if batch is None:
+                    batch = asyncio.ensure_future(load_all())
+                head = (await asyncio.shield(batch)).get(product_id)
+                if head is None:
+                    raise NotFound(f"no product {product_id}", product_id=str(product_id))
+                return [head, _digest(head)]
+
+            return load
+
+        async def one(product_id: int) -> bytes | None:
+            try:
+                entry = await self.cache.get_or_load(
+                    NS_PRODUCT, str(product_id), loader(product_id), self.product_ttl_s
+                )
+            except NotFound:
+                return None
+            head: bytes = entry[0]
+            return head
+
+        if len(ids) == 1:
+            heads = [await one(ids[0])]
+        else:
+            heads = await asyncio.gather(*(one(pid) for pid in ids))
+        return {pid: self._decoded(head) for pid, head in zip(ids, heads, strict=True) if head}
+
+    def _decoded(self, head: bytes) -> dict[str, Any]:
+        """The product dict of a cached head, decoded once per distinct head on this node."""
+        product = self._decoded_heads.get(head)
+        if product is None:
+            product = json.loads(head + b"}")
+            if len(self._decoded_heads) >= DECODED_HEADS_MAX:
+                self._decoded_heads.clear()  # a bound, not a cache policy: rebuilt on demand
+            self._decoded_heads[head] = product
+        return product
 
     async def list_products(
         self, first: int | None = None, after: str | None = None, q: str | None = None
@@ -571,6 +666,53 @@ class CatalogService:
             # The change stands; cable subscribers resynchronise from snapshots on reconnect.
             _log.warning("stock_publish_failed", product_id=product_id, error=repr(exc))
         return {"product_id": str(product_id), "stock": stock}
+
+    # --- images (admins) ----------------------------------------------------------------------
+
+    async def find_image(self, product_id: int, content_hash: str) -> dict[str, Any] | None:
+        """The product's image made from an upload with this digest, if there is one."""
+        async with self.router.catalog_read(fresh=True) as cur:
+            await cur.execute(_FIND_IMAGE_SQL, (product_id, content_hash))
+            row = await cur.fetchone()
+        return None if row is None else dict(row[0])
+
+    async def add_image(
+        self,
+        product_id: int,
+        *,
+        content_hash: str,
+        placeholder: str,
+        variants: Mapping[str, Mapping[str, str]],
+        src: Mapping[str, str],
+        width: int,
+        height: int,
+        actor: int | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Record an image (after the last existing one); returns it and whether it is new.
+
+        The same upload twice (same `content_hash`) records nothing and returns the first.
+        The product's cached page and the list pages are invalidated, so readers see it.
+        """
+        check_product_id(product_id)
+        image = (content_hash, placeholder, json.dumps(variants), json.dumps(src), width, height)
+        try:
+            async with self.router.catalog_write(actor) as cur:
+                await cur.execute(_ADD_IMAGE_SQL, (product_id, *image, product_id))
+                row = await cur.fetchone()
+                if row is not None:
+                    await cur.execute(
+                        "UPDATE products SET updated_at = now() WHERE id = %s", (product_id,)
+                    )
+        except psycopg2.errors.ForeignKeyViolation:
+            raise NotFound(f"no product {product_id}", product_id=str(product_id)) from None
+        if row is None:
+            existing = await self.find_image(product_id, content_hash)
+            if existing is None:  # removed between the two statements
+                raise NotFound(f"no product {product_id}", product_id=str(product_id))
+            return existing, False
+        await self._bump(NS_PRODUCT, str(product_id))
+        await self._bump(NS_PRODUCT_LIST)
+        return dict(row[0]), True
 
     # --- helpers ------------------------------------------------------------------------------
 

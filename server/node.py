@@ -39,7 +39,10 @@ class Node:
             max_body_size=services.settings.max_body_bytes,
         )
         self.port: int | None = None
-        self.drain_hooks: list[Callable[[], Awaitable[None]]] = [services.cable.drain]
+        self.drain_hooks: list[Callable[[], Awaitable[None]]] = [
+            services.cable.drain,
+            services.graphql.drain,
+        ]
 
     def listen(self) -> int:
         """Bind the configured address (port 0 picks a free one) and return the port."""

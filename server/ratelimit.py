@@ -56,6 +56,25 @@ local remaining = math.max(0, math.floor((now + tau - new_tat) / interval + 1e-9
 return {1, remaining, 0, math.ceil(new_tat - now)}
 """
 
+# Gives back `units` a request was charged but did not use (GraphQL charges its requested cost
+# up front and refunds the difference to the actual cost, as Shopify does); never past full.
+_REFUND = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tau = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = math.max(now, tat - interval * tonumber(ARGV[3]))
+if new_tat <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
+             'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
+end
+return {math.max(0, math.floor((now + tau - new_tat) / interval + 1e-9)), math.ceil(new_tat - now)}
+"""
+
 _US = 1_000_000
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _MAX_PLAIN_KEY = 128
@@ -135,6 +154,7 @@ class RateLimiter:
 
     def __init__(self, redis: Any) -> None:
         self._script = redis.register_script(_GCRA)
+        self._refund = redis.register_script(_REFUND)
 
     async def check(self, limit: Limit, key: str, cost: int = 1) -> Decision:
         """Spend `cost` units of `key`'s bucket under `limit` if they are available.
@@ -157,6 +177,17 @@ class RateLimiter:
             retry_after_s=retry,
             reset_after_s=max(0, int(reset_us)) / _US,
         )
+
+    async def refund(self, limit: Limit, key: str, units: int) -> Decision:
+        """Give `units` back to `key`'s bucket (never beyond full); returns its new state."""
+        if units < 0:
+            raise ValueError("units must not be negative")
+        interval_us = _US / limit.rate_per_s
+        remaining, reset_us = await self._refund(
+            keys=[limit_key(limit, key)],
+            args=[repr(interval_us), repr(interval_us * limit.burst), units],
+        )
+        return Decision(limit, True, int(remaining), 0.0, max(0, int(reset_us)) / _US)
 
 
 LEASE_FRACTION = 0.05  # of the burst, taken from Redis at once by a busy key

@@ -14,6 +14,9 @@ from server.checkout import CheckoutSweeper
 from server.data_metrics import DataStatsCollector
 from server.db.pools import Database
 from server.db.router import ShardRouter
+from server.graphql import GraphQLService
+from server.images import ImageWorkers, IntakeLimits, open_storage
+from server.images.service import ImageService
 from server.logs import get_logger
 from server.metrics import NodeMetrics
 from server.ratelimit import LeasedRateLimiter, Limit, RateLimiter
@@ -80,8 +83,11 @@ class Services:
     rate_limiter: LeasedRateLimiter
     ip_limit: Limit
     user_limit: Limit
+    images: ImageService
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     state: NodeState = field(default_factory=NodeState)
+    # Built by `open` once the rest exists (resolvers reach the services through it).
+    graphql: GraphQLService = field(init=False)
 
     def __post_init__(self) -> None:
         # Gauges read the lifecycle state when scraped, so there is one source of truth.
@@ -122,7 +128,19 @@ class Services:
             local_max_entries=settings.cache_local_max_entries,
             local_max_staleness_s=settings.cache_local_max_staleness_s,
         )
-        return cls(
+        catalog = CatalogService(
+            router,
+            cache,
+            cable.publish,
+            stock_fresh_s=min(STOCK_FRESH_S, settings.cache_local_max_staleness_s),
+        )
+        images = ImageService(
+            catalog,
+            open_storage(settings.image_storage, settings.image_storage_dir),
+            ImageWorkers(settings.image_workers, settings.image_queue_limit),
+            IntakeLimits(settings.image_max_upload_bytes, settings.image_max_pixels),
+        )
+        services = cls(
             settings=settings,
             db=db,
             redis=redis,
@@ -130,12 +148,7 @@ class Services:
             cable=cable,
             router=router,
             cache=cache,
-            catalog=CatalogService(
-                router,
-                cache,
-                cable.publish,
-                stock_fresh_s=min(STOCK_FRESH_S, settings.cache_local_max_staleness_s),
-            ),
+            catalog=catalog,
             cache_listener=CacheInvalidationListener(redis, cache),
             sweeper=CheckoutSweeper(
                 router,
@@ -148,13 +161,17 @@ class Services:
             user_limit=Limit(
                 "user", settings.ratelimit_user_per_second, settings.ratelimit_user_burst
             ),
+            images=images,
         )
+        services.graphql = await GraphQLService.open(services)
+        return services
 
     def start(self) -> None:
         """Start background work (broker reader, pings); call on the serving loop."""
         self.cable.start()
         self.cache_listener.start()
         self.sweeper.start()
+        self.graphql.start()
 
     async def close(self) -> None:
         """Stop background work, release pools and Redis connections.
@@ -163,8 +180,10 @@ class Services:
         """
         for name, step in (
             ("sweeper", self.sweeper.stop),
+            ("graphql", self.graphql.stop),
             ("cable", self.cable.stop),
             ("cache_listener", self.cache_listener.stop),
+            ("images", self.images.aclose),
             ("cache", self.cache.aclose),
             ("router", self.router.close),
         ):

@@ -222,8 +222,9 @@ class Settings(BaseSettings):
     ratelimit_ip_per_second: float = Field(
         50.0,
         gt=0,
-        description="Sustained REST (and GraphQL cost) units per second per client address "
-        "(GCRA in Redis, shared by all nodes).",
+        description="Sustained requests per second per client address, REST and GraphQL "
+        "alike (GCRA in Redis, shared by all nodes; GraphQL query cost has its own bucket, "
+        "`FM_GRAPHQL_THROTTLE_*`).",
         json_schema_extra=_group("limits"),
     )
     ratelimit_ip_burst: int = Field(
@@ -236,7 +237,7 @@ class Settings(BaseSettings):
     ratelimit_user_per_second: float = Field(
         20.0,
         gt=0,
-        description="Sustained REST (and GraphQL cost) units per second per signed-in user.",
+        description="Sustained requests per second per signed-in user (REST and GraphQL).",
         json_schema_extra=_group("limits"),
     )
     ratelimit_user_burst: int = Field(
@@ -335,6 +336,145 @@ class Settings(BaseSettings):
         ge=0,
         description="Messages kept per stream for recovery (`since`); 0 keeps none.",
         json_schema_extra=_group("realtime"),
+    )
+
+    # --- graphql --------------------------------------------------------------------------------
+    graphql_max_cost: int = Field(
+        1000,
+        ge=1,
+        description="Most a GraphQL operation may cost (objects 1, connections `first` times "
+        "their items, mutations 10); dearer ones are refused before they run "
+        "(`MAX_COST_EXCEEDED`, with the cost).",
+        json_schema_extra=_group("graphql"),
+    )
+    graphql_max_depth: int = Field(
+        15,
+        ge=1,
+        le=100,
+        description="Most nested fields a GraphQL operation may have (`MAX_DEPTH_EXCEEDED`).",
+        json_schema_extra=_group("graphql"),
+    )
+    graphql_max_document_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest GraphQL document (query text) accepted, over HTTP and WebSocket.",
+        json_schema_extra=_group("graphql"),
+    )
+    graphql_throttle_maximum: int = Field(
+        1000,
+        ge=1,
+        description="Cost units a caller's GraphQL bucket holds (`maximumAvailable`; per user, "
+        "or per address when anonymous); an operation costing more than is left answers "
+        "429 `THROTTLED` with `Retry-After`.",
+        json_schema_extra=_group("graphql"),
+    )
+    graphql_throttle_restore_per_second: float = Field(
+        50.0,
+        gt=0,
+        description="Cost units a GraphQL bucket regains per second (`restoreRate`).",
+        json_schema_extra=_group("graphql"),
+    )
+    graphql_result_cache_ttl_s: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="Lifetime of cached results of public GraphQL queries (no `me`, `cart`, "
+        "`orders`, mutations) in Redis; catalog writes invalidate them sooner, and results "
+        "showing stock live at most a second. 0: no result cache.",
+        json_schema_extra=_group("graphql"),
+    )
+    graphql_persisted_query_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=60,
+        description="How long an automatic persisted query stays registered after its last "
+        "registration.",
+        json_schema_extra=_group("graphql"),
+    )
+    graphql_ws_max_subscriptions: int = Field(
+        50,
+        ge=1,
+        le=10_000,
+        description="Operations one GraphQL WebSocket may run at once; more are refused with "
+        "an error for that operation.",
+        json_schema_extra=_group("graphql"),
+    )
+    graphql_ws_init_timeout_s: float = Field(
+        3.0,
+        gt=0,
+        le=300,
+        description="Time a GraphQL WebSocket has to send `connection_init` (then closed with "
+        "4408).",
+        json_schema_extra=_group("graphql"),
+    )
+    graphql_ws_max_message_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest inbound GraphQL WebSocket message; bigger ones close the "
+        "connection (1009).",
+        json_schema_extra=_group("graphql"),
+    )
+    graphql_ws_messages_per_second: float = Field(
+        20.0,
+        gt=0,
+        description="Sustained messages per second a GraphQL WebSocket may send (token bucket).",
+        json_schema_extra=_group("graphql"),
+    )
+    graphql_ws_message_burst: int = Field(
+        50,
+        ge=1,
+        description="Messages a GraphQL WebSocket may send at once before the rate applies; "
+        "one that exceeds the bucket is closed (4429).",
+        json_schema_extra=_group("graphql"),
+    )
+
+    # --- images ---------------------------------------------------------------------------------
+    image_max_upload_bytes: int = Field(
+        25 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="Largest image upload; the body is refused (413) as soon as it passes this, "
+        "while it streams in.",
+        json_schema_extra=_group("images"),
+    )
+    image_max_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        le=1_000_000_000,
+        description="Most pixels (width x height, read from the header before decoding) an "
+        "upload may have; progressive JPEGs, interlaced PNGs and other formats decoded whole "
+        "get half of it (they need the whole image in memory).",
+        json_schema_extra=_group("images"),
+    )
+    image_storage: Literal["local"] = Field(
+        "local",
+        description="Where image variants are stored: `local` (a directory, "
+        "`FM_IMAGE_STORAGE_DIR`).",
+        json_schema_extra=_group("images"),
+    )
+    image_storage_dir: str = Field(
+        ".fm-data/images",
+        min_length=1,
+        description="Directory of the `local` image storage (relative paths: from the working "
+        "directory).",
+        json_schema_extra=_group("images"),
+    )
+    image_workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Uploads rendered at once, in the node's image worker process (a child "
+        "process at a low CPU priority; each upload's encodes use two threads).",
+        json_schema_extra=_group("images"),
+    )
+    image_queue_limit: int = Field(
+        16,
+        ge=0,
+        le=1000,
+        description="Uploads accepted beyond those being rendered; further uploads get 503 "
+        "with `Retry-After` before their body is read.",
+        json_schema_extra=_group("images"),
     )
 
     @field_validator("secret_key")

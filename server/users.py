@@ -12,8 +12,10 @@ import asyncio
 import functools
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import psycopg2.errors
 from argon2 import PasswordHasher
@@ -23,6 +25,7 @@ from server.db.router import ShardRouter
 from server.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
+MAX_USER_ID = 2**63 - 1
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_CHARS = 1024
 
@@ -137,6 +140,30 @@ class UserService:
         if row is None:
             raise NotFound(f"no user {user_id}")
         return User(id=row[0], email=row[1], name=row[2], is_admin=row[3], created_at=row[4])
+
+    async def get_many(self, user_ids: Iterable[int]) -> dict[int, User]:
+        """The accounts among `user_ids` that exist, by id: one statement per shard."""
+        by_shard: dict[str, list[int]] = {}
+        for user_id in dict.fromkeys(user_ids):
+            if 0 < user_id <= MAX_USER_ID:
+                by_shard.setdefault(self.router.shard_name(user_id), []).append(user_id)
+
+        async def read(ids: list[int]) -> list[Any]:
+            async with self.router.read(ids[0]) as cur:
+                await cur.execute(
+                    "SELECT id, email, name, is_admin, created_at FROM users WHERE id = ANY(%s)",
+                    (ids,),
+                )
+                rows: list[Any] = await cur.fetchall()
+            return rows
+
+        found: dict[int, User] = {}
+        for rows in await asyncio.gather(*(read(ids) for ids in by_shard.values())):
+            for row in rows:
+                found[int(row[0])] = User(
+                    id=row[0], email=row[1], name=row[2], is_admin=row[3], created_at=row[4]
+                )
+        return found
 
     async def _verify(self, password_hash: str | None, password: str) -> bool:
         """argon2 verification off the loop; `None` verifies against the dummy hash (made,

@@ -1,17 +1,18 @@
 """GraphQL execution engines side by side: the same schema, documents, resolvers and data.
 
 Used by `scripts/bench/graphql` (section "execution"). Measures microseconds per query for
-two documents, a 4-field product page and `products(first: 50)` with 3 images each:
+two documents, a 4-field product and `products(first: 50)` with 3 images each:
 
 * graphql-core 3.2 (the engine under Strawberry, Ariadne and Graphene) with the document
   parsed and validated once, as those libraries' caches do, and with parsing and validating
-  every time; each with synchronous and with async root resolvers (the better is the peer);
-* tartiflette 1.4.1 with its defaults, and with concurrent coercion switched off;
-* Final Market's compiled plans (`server.graphql.compiled.CompiledExecutor`) over the
-  same tartiflette engine.
+  every time; each with synchronous and with async root resolvers (the faster is the peer);
+* tartiflette 1.4.1's executor, with its defaults and with concurrent coercion switched off,
+  driven by Final Market's `Executor` with compiled plans off (documents parsed once);
+* Final Market's `Executor` as the node runs it (parse cache, prepare, compiled plan).
 
-The schema is the product part of Final Market's (CONTRACT "GraphQL"); data is in memory so
-only the engines differ.
+The schema is Final Market's own SDL (`server/graphql/*.graphql`); the two root fields get
+in-memory resolvers in every engine and every other field reads its value from the data, so
+only the engines differ. HTTP, cost analysis and caches are not part of this figure.
 """
 
 from __future__ import annotations
@@ -21,32 +22,21 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import graphql
-from tartiflette import Resolver, create_engine
 
-from server.graphql.compiled import CompiledExecutor
+from server.graphql.executor import RESOLVER_MODULES, Executor
 
-SDL = """
-type Image { size: String! format: String! url: String! width: Int! height: Int! }
-type Product {
-  id: ID! name: String! description: String! priceCents: Int! currency: String!
-  stock: Int! images: [Image!]! updatedAt: String!
-}
-type ProductEdge { node: Product! cursor: String! }
-type PageInfo { hasNextPage: Boolean! endCursor: String }
-type ProductConnection { edges: [ProductEdge!]! pageInfo: PageInfo! }
-type Query {
-  product(id: ID!): Product
-  products(first: Int, after: String): ProductConnection!
-}
-"""
+SDL_FILES = [Path(module.SDL) for module in RESOLVER_MODULES]
+SDL = "\n".join(path.read_text() for path in SDL_FILES)
 
 PRODUCT_QUERY = "query Product($id: ID!) { product(id: $id) { id name priceCents currency } }"
 LIST_QUERY = """query List {
   products(first: 50) {
-    edges { cursor node { id name priceCents stock images { size format url } } }
+    edges { cursor node { id name priceCents stock images { id src { small medium large } } } }
     pageInfo { hasNextPage endCursor }
   }
 }"""
@@ -55,29 +45,26 @@ DOCUMENTS = {
     "products(first: 50) + 3 images": (LIST_QUERY, None),
 }
 
+
+def _image(n: int, k: int) -> dict[str, Any]:
+    src = {size: f"/images/{n}-{k}/{size}" for size in ("thumbnail", "small", "medium", "large")}
+    return {"id": f"{n}{k}", "placeholder": "data:image/webp;base64,UklG", "src": src}
+
+
 PRODUCTS = [
     {
-        "id": n,
+        "id": str(n),
         "name": f"Product {n}",
         "description": "A thing one buys",
         "priceCents": 1000 + n,
         "currency": "EUR",
         "stock": n % 17,
         "updatedAt": "2026-11-27T00:00:00Z",
-        "images": [
-            {
-                "size": size,
-                "format": "avif",
-                "url": f"/images/{n}/{size}.avif",
-                "width": 300,
-                "height": 200,
-            }
-            for size in ("small", "medium", "large")
-        ],
+        "images": [_image(n, k) for k in range(3)],
     }
     for n in range(1, 201)
 ]
-BY_ID = {str(p["id"]): p for p in PRODUCTS}
+BY_ID = {p["id"]: p for p in PRODUCTS}
 
 
 def _product(args: dict[str, Any]) -> Any:
@@ -92,20 +79,27 @@ def _products(args: dict[str, Any]) -> Any:
     }
 
 
-SCHEMA_NAME = "bench-execution"
-FAST_SCHEMA_NAME = "bench-execution-no-concurrent-coercion"
-
-
-@Resolver("Query.product", schema_name=SCHEMA_NAME)
-@Resolver("Query.product", schema_name=FAST_SCHEMA_NAME)
 async def _resolve_product(parent: Any, args: dict[str, Any], ctx: Any, info: Any) -> Any:
     return _product(args)
 
 
-@Resolver("Query.products", schema_name=SCHEMA_NAME)
-@Resolver("Query.products", schema_name=FAST_SCHEMA_NAME)
 async def _resolve_products(parent: Any, args: dict[str, Any], ctx: Any, info: Any) -> Any:
     return _products(args)
+
+
+# The product's SDL files with in-memory root resolvers (no other resolvers).
+BENCH_MODULES = tuple(
+    SimpleNamespace(
+        SDL=path,
+        RESOLVERS=(
+            {"Query.product": _resolve_product, "Query.products": _resolve_products}
+            if index == 0
+            else {}
+        ),
+        SUBSCRIPTIONS={},
+    )
+    for index, path in enumerate(SDL_FILES)
+)
 
 
 def _dict_resolver(parent: Any, info: Any, **args: Any) -> Any:
@@ -183,42 +177,52 @@ def _graphql_core_calls(
     return {"pre-parsed": pre_parsed, "parse+validate each time": parse_every_time}
 
 
+def _executor_call(
+    executor: Executor, query: str, variables: dict[str, Any] | None
+) -> Callable[[], Awaitable[Any]]:
+    async def run() -> Any:
+        prepared = await executor.prepare(executor.parse(query), None, variables, None)
+        return await executor.execute(prepared)
+
+    return run
+
+
 def measure(
     seconds: float = 2.0, progress: Callable[[str], None] | None = None
 ) -> list[dict[str, Any]]:
     """One row per (document, engine): microseconds per query."""
     say = progress or (lambda _m: None)
     loop = asyncio.new_event_loop()
-    engine = loop.run_until_complete(create_engine(SDL, schema_name=SCHEMA_NAME))
-    fast_coercion = loop.run_until_complete(
-        create_engine(
-            SDL,
-            schema_name=FAST_SCHEMA_NAME,
+    modules: Any = BENCH_MODULES
+    engines = {
+        "tartiflette executor, defaults": Executor(modules=modules, compiled_plans=False),
+        "tartiflette executor, concurrent coercion off": Executor(
+            modules=modules,
+            compiled_plans=False,
             coerce_list_concurrently=False,
             coerce_parent_concurrently=False,
-        )
-    )
-    compiled = CompiledExecutor(fast_coercion)
+        ),
+        "Final Market (compiled plans)": Executor(modules=modules),
+    }
+    for executor in engines.values():
+        loop.run_until_complete(executor.start())
     rows = []
     for label, (query, variables) in DOCUMENTS.items():
-        expected = loop.run_until_complete(engine.execute(query, None, {}, variables))
-        assert "errors" not in expected, expected
-        got = loop.run_until_complete(compiled.execute(query, None, {}, variables))
-        assert got == expected, "compiled plans must answer as tartiflette does"
+        answers = [
+            loop.run_until_complete(_executor_call(executor, query, variables)())
+            for executor in engines.values()
+        ]
+        assert "errors" not in answers[0], answers[0]
+        assert all(answer == answers[0] for answer in answers), "engines must agree"
         contenders: dict[str, Callable[[], Awaitable[Any]]] = {}
         for async_roots in (False, True):
             kind = "async roots" if async_roots else "sync roots"
             for name, call in _graphql_core_calls(async_roots, query, variables).items():
                 contenders[f"graphql-core {name}, {kind}"] = call
-        contenders["tartiflette defaults"] = lambda q=query, v=variables: engine.execute(
-            q, None, {}, v
-        )
-        contenders["tartiflette, concurrent coercion off"] = lambda q=query, v=variables: (
-            fast_coercion.execute(q, None, {}, v)
-        )
-        contenders["Final Market (compiled plans)"] = lambda q=query, v=variables: compiled.execute(
-            q, None, {}, v
-        )
+        for name, executor in engines.items():
+            contenders[name] = _executor_call(executor, query, variables)
+        peer = loop.run_until_complete(contenders["graphql-core pre-parsed, sync roots"]())
+        assert peer.data == answers[0]["data"], "graphql-core must give the same data"
         for name, call in contenders.items():
             say(f"execution: {label}: {name}")
             rows.append(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from tartiflette import Resolver, create_engine
 
-from server.graphql.compiled import CompiledExecutor
+from server.graphql.compiled import CompiledExecutor, direct
 
 SCHEMA = "compiled-plan-test"
 SDL = """
@@ -36,6 +36,8 @@ type Query {
   failing: String
   failingNonNull: String!
   greeting(name: String = "world", tags: [String!]): String!
+  echo(i: Int, f: Float, b: Boolean, s: String): String
+  later(n: Int!): Int
 }
 type Mutation { bump(by: Int!): Int! }
 """
@@ -104,6 +106,15 @@ async def resolve_bump(parent: Any, args: dict[str, Any], ctx: Any, info: Any) -
     return len(ctx["bumps"])
 
 
+@Resolver("Query.later", schema_name=SCHEMA)
+@direct
+def resolve_later(parent: Any, args: dict[str, Any], ctx: Any, info: Any) -> Any:
+    # A value in the future, as a DataLoader's `load` gives (no coroutine of its own).
+    future = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(future.set_result, args["n"] * 2)
+    return future
+
+
 DOCUMENTS: list[tuple[str, dict[str, Any] | None, str | None]] = [
     ('{ product(id: "1") { id name priceCents status } }', None, None),
     ("query P($id: ID!) { product(id: $id) { id name } }", {"id": "4"}, None),
@@ -136,6 +147,7 @@ DOCUMENTS: list[tuple[str, dict[str, Any] | None, str | None]] = [
     ('{ product(id: "1") { __typename id } }', None, None),
     ('query A { product(id: "1") { id } } query B { greeting }', None, "B"),
     ("mutation { a: bump(by: 1) b: bump(by: 2) c: bump(by: 3) }", None, None),
+    ("{ a: later(n: 2) b: later(n: 3) }", None, None),
 ]
 
 
@@ -259,3 +271,80 @@ def test_invalid_documents_and_variables_get_tartiflettes_errors(
     expected, got = _run(both())
     assert got["errors"] and got.get("data") is None
     assert [e["message"] for e in got["errors"]] == [e["message"] for e in expected["errors"]]
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"id": "1"},
+        {"id": 1},
+        {"id": 1.0},
+        {"id": True},
+        {"id": None},
+        {},
+        {"id": ["1"]},
+    ],
+)
+def test_variables_take_the_short_way_only_when_tartiflette_would_agree(
+    engines: tuple[Any, CompiledExecutor], variables: dict[str, Any]
+) -> None:
+    engine, compiled = engines
+    query = "query P($id: ID!) { product(id: $id) { id name } }"
+
+    async def both() -> tuple[dict[str, Any], dict[str, Any]]:
+        return (
+            await engine.execute(query, None, _ctx(), variables),
+            await compiled.execute(query, None, _ctx(), variables),
+        )
+
+    expected, got = _run(both())
+    assert got.get("data") == expected.get("data")
+    assert [e["message"] for e in got.get("errors", [])] == [
+        e["message"] for e in expected.get("errors", [])
+    ]
+
+
+@pytest.mark.parametrize(
+    ("declaration", "value"),
+    [
+        ("Int", 5),
+        ("Int", 2**40),
+        ("Int", True),
+        ("Int", "5"),
+        ("Float", 2),
+        ("Float", 2.5),
+        ("Boolean", True),
+        ("Boolean", 1),
+        ("String", "x"),
+        ("String", 5),
+    ],
+)
+def test_scalar_variables_coerce_as_tartiflette_does(
+    engines: tuple[Any, CompiledExecutor], declaration: str, value: Any
+) -> None:
+    _engine, compiled = engines
+    argument = declaration[0].lower()
+    query = f"query V($v: {declaration}) {{ echo({argument}: $v) }}"
+    plan = _run(compiled.plan_for(query, None))
+    assert plan is not None and not isinstance(plan, list)
+    fast = _run(plan.coerce_variables({"v": value}, None))
+
+    async def slow() -> Any:
+        from tartiflette.coercers.variables import coerce_variables
+
+        return await coerce_variables(plan.variable_definitions, {"v": value}, None)
+
+    values, errors = _run(slow())
+    if errors:
+        assert fast[1], "the short way must not accept what tartiflette refuses"
+    else:
+        assert fast == (values, [])
+
+
+def test_direct_resolvers_are_called_without_a_coroutine(
+    engines: tuple[Any, CompiledExecutor],
+) -> None:
+    _engine, compiled = engines
+    plan = _run(compiled.plan_for("{ later(n: 1) }", None))
+    assert plan is not None and not isinstance(plan, list)
+    assert plan.fields[0].resolver is resolve_later.direct  # type: ignore[attr-defined]

@@ -189,7 +189,6 @@ async def test_a_list_page_rendered_before_shows_every_later_change(
     ]
 
 
-
 @pytest.mark.gen_test(timeout=30)
 async def test_pagination_walks_every_product_exactly_once(
     http_client: Any, base_url: str, infra_env: dict[str, str]

@@ -1,0 +1,179 @@
+"""Subscriptions over WebSocket at /graphql: the official graphql-ws npm client and a legacy
+(subscriptions-transport-ws) client on node B receive changes made by mutations on node A,
+because subscriptions follow the realtime hub's streams through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from server.services import Services
+from tests.graphql.helpers import gql, result
+from tests.graphql.ws_helpers import LEGACY_WS, WsClient, js_client, js_events, stop
+from tests.realtime.cable_helpers import ExtraNode
+
+pytestmark = pytest.mark.usefixtures("clean_data")
+
+STOCK = "subscription($id: ID!) { stockUpdated(productId: $id) { productId stock } }"
+CART = "subscription { cartUpdated { version } }"
+
+
+async def _next_event(events: Any, kind: str) -> dict[str, Any]:
+    event: dict[str, Any] = await asyncio.wait_for(anext(events), 20)
+    assert event["event"] == kind, event
+    return event
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_npm_client_on_node_b_receives_stock_change_made_by_adjust_stock_on_node_a(
+    client: Any,
+    base_url: str,
+    node_b: ExtraNode,
+    products: list[int],
+    admin: tuple[int, str],
+) -> None:
+    product_id = products[0]
+    proc = await js_client(
+        node_b.url("/graphql"), STOCK, variables={"id": str(product_id)}, count=2
+    )
+    try:
+        events = js_events(proc)
+        await _next_event(events, "connected")
+        first = await _next_event(events, "next")
+        stock = {"productId": str(product_id), "stock": 10}
+        assert first["data"]["data"] == {"stockUpdated": stock}
+        assert first["data"]["extensions"]["cost"]["requestedQueryCost"] == 1
+        changed = result(
+            await gql(
+                client,
+                base_url,
+                "mutation($id: ID!) { adjustStock(productId: $id, delta: -3) { id stock } }",
+                {"id": str(product_id)},
+                token=admin[1],
+            )
+        )
+        assert changed["data"]["adjustStock"] == {"id": str(product_id), "stock": 7}
+        second = await _next_event(events, "next")
+        assert second["data"]["data"]["stockUpdated"] == {"productId": str(product_id), "stock": 7}
+        assert (await _next_event(events, "done"))["received"] == 2
+        assert await proc.wait() == 0
+    finally:
+        await stop(proc)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_npm_client_on_node_b_receives_cart_change_made_on_node_a(
+    client: Any,
+    base_url: str,
+    node_b: ExtraNode,
+    products: list[int],
+    shopper: tuple[int, str],
+) -> None:
+    query = "subscription { cartUpdated { version totalCents items { productId quantity } } }"
+    proc = await js_client(node_b.url("/graphql"), query, token=shopper[1], count=2)
+    try:
+        events = js_events(proc)
+        await _next_event(events, "connected")
+        first = await _next_event(events, "next")
+        assert first["data"]["data"]["cartUpdated"] == {"version": 0, "totalCents": 0, "items": []}
+        added = result(
+            await gql(
+                client,
+                base_url,
+                "mutation($id: ID!) { addToCart(productId: $id, quantity: 2) "
+                "{ version totalCents items { productId quantity } } }",
+                {"id": str(products[1])},
+                token=shopper[1],
+            )
+        )
+        second = await _next_event(events, "next")
+        assert second["data"]["data"]["cartUpdated"] == added["data"]["addToCart"]
+        assert second["data"]["data"]["cartUpdated"]["version"] == 1
+        assert await proc.wait() == 0
+    finally:
+        await stop(proc)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_legacy_protocol_client_on_node_b_receives_stock_changes_from_node_a(
+    services: Services, node_b: ExtraNode, products: list[int]
+) -> None:
+    product_id = products[2]
+    ws = await WsClient.connect(node_b.url("/graphql"), LEGACY_WS)
+    await ws.send({"type": "connection_init", "payload": {}})
+    assert await ws.read() == {"type": "connection_ack"}
+    await ws.send(
+        {"id": "1", "type": "start", "payload": {"query": STOCK, "variables": {"id": product_id}}}
+    )
+    first = await ws.read()
+    assert first is not None and (first["id"], first["type"]) == ("1", "data")
+    assert first["payload"]["data"] == {"stockUpdated": {"productId": str(product_id), "stock": 10}}
+    await services.catalog.change_stock(product_id, delta=5)
+    second = await ws.read()
+    assert second is not None and second["type"] == "data"
+    assert second["payload"]["data"]["stockUpdated"]["stock"] == 15
+    await ws.send({"id": "1", "type": "stop"})
+    await ws.send({"type": "connection_terminate"})
+    assert await ws.closed_with() == 1000
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_subscription_with_token_in_url_follows_the_callers_cart(
+    ws_url: str, products: list[int], shopper: tuple[int, str]
+) -> None:
+    ws = await WsClient.connect(f"{ws_url}?token={shopper[1]}")
+    await ws.init()
+    await ws.send({"id": "c", "type": "subscribe", "payload": {"query": CART}})
+    first = await ws.read()
+    assert first is not None and (first["id"], first["type"]) == ("c", "next")
+    assert first["payload"]["data"] == {"cartUpdated": {"version": 0}}
+    await ws.send({"id": "c", "type": "complete"})
+    ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_anonymous_cart_subscription_ends_with_an_unauthenticated_error(
+    ws_url: str, products: list[int]
+) -> None:
+    ws = await WsClient.connect(ws_url)
+    await ws.init()
+    await ws.send({"id": "c", "type": "subscribe", "payload": {"query": CART}})
+    refused = await ws.read()
+    assert refused is not None and refused["type"] == "error" and refused["id"] == "c"
+    assert refused["payload"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+    # the socket stays usable
+    query = "{ products(first: 1) { edges { node { id } } } }"
+    await ws.send({"id": "q", "type": "subscribe", "payload": {"query": query}})
+    answer = await ws.read()
+    assert answer is not None and answer["type"] == "next"
+    assert answer["payload"]["data"]["products"]["edges"][0]["node"]["id"] == str(products[0])
+    assert await ws.read() == {"id": "q", "type": "complete"}
+    ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_client_complete_stops_the_subscription_and_releases_the_stream(
+    services: Services, ws_url: str, products: list[int]
+) -> None:
+    ws = await WsClient.connect(ws_url)
+    await ws.init()
+    subscribe = {"query": STOCK, "variables": {"id": str(products[0])}}
+    await ws.send({"id": "s", "type": "subscribe", "payload": subscribe})
+    assert (await ws.read() or {})["type"] == "next"
+    stream = f"inventory:product:{products[0]}"
+    assert services.cable.hub.subscriber_count(stream) == 1
+    await ws.send({"id": "s", "type": "complete"})
+    for _ in range(100):
+        if services.cable.hub.subscriber_count(stream) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert services.cable.hub.subscriber_count(stream) == 0
+    await services.catalog.change_stock(products[0], delta=1)
+    with pytest.raises(asyncio.TimeoutError):
+        await ws.read(timeout=0.3)  # nothing more for a completed operation
+    # the same id may be used again once completed
+    await ws.send({"id": "s", "type": "subscribe", "payload": subscribe})
+    assert (await ws.read() or {})["payload"]["data"]["stockUpdated"]["stock"] == 11
+    ws.close()

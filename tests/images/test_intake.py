@@ -1,0 +1,102 @@
+"""Intake refuses what must not be decoded: judged by content, sized from the header, fast."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import pytest
+
+from server.images.intake import (
+    GIF,
+    HEIF,
+    JPEG,
+    PNG,
+    WEBP,
+    IntakeLimits,
+    TooManyPixels,
+    UnreadableImage,
+    UnsupportedImageType,
+    UploadTooLarge,
+    probe,
+    sniff,
+)
+from server.images.pipeline import decode
+from tests.images import samples
+from tests.images.photos import photo
+
+LIMITS = IntakeLimits(max_bytes=25 * 1024 * 1024, max_pixels=50_000_000)
+REFUSAL_BOUND_S = 0.05
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expected"),
+    [("jpeg", JPEG), ("progressive-jpeg", JPEG), ("png", PNG), ("webp", WEBP), ("avif", HEIF)],
+)
+def test_type_is_sniffed_from_content(fmt: str, expected: object) -> None:
+    assert sniff(samples.in_format(photo("product", 64, 48), fmt)) is expected
+
+
+def test_gif_is_sniffed() -> None:
+    assert sniff(samples.animated_gif()) is GIF
+
+
+@pytest.mark.parametrize(
+    "data",
+    [samples.TEXT_NAMED_JPG, samples.SVG_WITH_EXTERNAL_ENTITY, b"", b"\xff\xd8", b"RIFF0000AVI "],
+    ids=["text-named-jpg", "svg-external-entity", "empty", "two-bytes-of-jpeg", "riff-not-webp"],
+)
+def test_non_images_are_unsupported(data: bytes) -> None:
+    with pytest.raises(UnsupportedImageType):
+        probe(data, LIMITS)
+
+
+def test_png_bomb_is_refused_from_its_header_without_allocating() -> None:
+    bomb = samples.png_bomb()
+    assert len(bomb) < 200_000
+    before = rss_bytes()
+    started = time.perf_counter()
+    with pytest.raises(TooManyPixels) as caught:
+        probe(bomb, LIMITS)
+    assert time.perf_counter() - started < REFUSAL_BOUND_S
+    assert rss_bytes() - before < 20 * 1024 * 1024  # 10.8 GB if it had been decoded
+    assert caught.value.fields["width"] == 60_000
+
+
+def test_pixel_cap_is_exact_for_streamed_formats() -> None:
+    data = samples.in_format(photo("product", 100, 50), "jpeg")
+    assert probe(data, IntakeLimits(LIMITS.max_bytes, 5000)).pixels == 5000
+    with pytest.raises(TooManyPixels):
+        probe(data, IntakeLimits(LIMITS.max_bytes, 4999))
+
+
+def test_progressive_jpeg_gets_half_the_pixel_allowance() -> None:
+    data = samples.in_format(photo("product", 100, 50), "progressive-jpeg")
+    assert probe(data, IntakeLimits(LIMITS.max_bytes, 10_000)).whole_decode
+    with pytest.raises(TooManyPixels):
+        probe(data, IntakeLimits(LIMITS.max_bytes, 9_999))
+
+
+def test_byte_cap_is_checked_before_anything_else() -> None:
+    with pytest.raises(UploadTooLarge):
+        probe(b"\xff\xd8\xff" + bytes(2000), IntakeLimits(max_bytes=1024, max_pixels=10))
+
+
+def test_truncated_jpeg_passes_the_header_check_but_does_not_decode() -> None:
+    data = samples.truncated(samples.in_format(photo("landscape", 800, 600), "jpeg"))
+    header = probe(data, LIMITS)
+    started = time.perf_counter()
+    with pytest.raises(UnreadableImage, match="premature end"):
+        decode(data, header, 1200)
+    assert time.perf_counter() - started < REFUSAL_BOUND_S
+
+
+def test_garbage_after_a_png_signature_is_unreadable() -> None:
+    with pytest.raises(UnreadableImage):
+        probe(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, LIMITS)
