@@ -166,6 +166,7 @@ def probe(data: bytes | bytearray, limits: IntakeLimits) -> ImageProbe:
             f"the upload has {len(data)} bytes; at most {limits.max_bytes} are accepted"
         )
     image_type = sniff(data)
+    _refuse_if_cut_short(image_type, data)
     try:
         header = image_type.open(data, access="sequential", fail_on=FAIL_ON)
         width, height = header.width, header.height
@@ -187,6 +188,26 @@ def probe(data: bytes | bytearray, limits: IntakeLimits) -> ImageProbe:
             max_pixels=allowance,
         )
     return ImageProbe(image_type, width, height, whole)
+
+
+def _refuse_if_cut_short(image_type: ImageType, data: bytes | bytearray) -> None:
+    """Refuse a JPEG or PNG whose end marker is missing, without decoding it.
+
+    A valid JPEG has an end-of-image marker after its first scan and a valid PNG an IEND
+    chunk, so this never refuses a whole file; a truncated one would otherwise be found only
+    by decoding up to where its data stops (tens of milliseconds for a photo). Files that
+    pass (a truncated JPEG whose embedded EXIF thumbnail has its own end marker, say) are
+    still caught by decoding with `fail_on`.
+    """
+    if image_type is JPEG:
+        first_scan = data.find(b"\xff\xda")
+        if first_scan < 0 or data.find(b"\xff\xd9", first_scan) < 0:
+            raise UnreadableImage(
+                "the JPEG has no end-of-image marker after its image data: the upload is "
+                "truncated"
+            )
+    elif image_type is PNG and data.find(b"IEND", 8) < 0:
+        raise UnreadableImage("the PNG has no IEND chunk: the upload is truncated")
 
 
 def _decoded_whole(image_type: ImageType, header: pyvips.Image) -> bool:

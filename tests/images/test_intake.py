@@ -21,7 +21,6 @@ from server.images.intake import (
     probe,
     sniff,
 )
-from server.images.pipeline import decode
 from tests.images import samples
 from tests.images.photos import photo
 
@@ -88,13 +87,18 @@ def test_byte_cap_is_checked_before_anything_else() -> None:
         probe(b"\xff\xd8\xff" + bytes(2000), IntakeLimits(max_bytes=1024, max_pixels=10))
 
 
-def test_truncated_jpeg_passes_the_header_check_but_does_not_decode() -> None:
+def test_truncated_jpeg_is_refused_before_decoding() -> None:
     data = samples.truncated(samples.in_format(photo("landscape", 800, 600), "jpeg"))
-    header = probe(data, LIMITS)
     started = time.perf_counter()
-    with pytest.raises(UnreadableImage, match="premature end"):
-        decode(data, header, 1200)
-    assert time.perf_counter() - started < REFUSAL_BOUND_S
+    with pytest.raises(UnreadableImage, match="truncated"):
+        probe(data, LIMITS)
+    assert time.perf_counter() - started < 0.005  # no pixel was decoded
+
+
+def test_truncated_png_is_refused_before_decoding() -> None:
+    data = samples.truncated(samples.in_format(photo("landscape", 800, 600), "png"))
+    with pytest.raises(UnreadableImage, match="IEND"):
+        probe(data, LIMITS)
 
 
 def test_garbage_after_a_png_signature_is_unreadable() -> None:
