@@ -203,8 +203,7 @@ def _refuse_if_cut_short(image_type: ImageType, data: bytes | bytearray) -> None
         first_scan = data.find(b"\xff\xda")
         if first_scan < 0 or data.find(b"\xff\xd9", first_scan) < 0:
             raise UnreadableImage(
-                "the JPEG has no end-of-image marker after its image data: the upload is "
-                "truncated"
+                "the JPEG has no end-of-image marker after its image data: the upload is truncated"
             )
     elif image_type is PNG and data.find(b"IEND", 8) < 0:
         raise UnreadableImage("the PNG has no IEND chunk: the upload is truncated")
