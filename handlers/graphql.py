@@ -23,15 +23,14 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import urlsplit
 
 import tornado.escape
 import tornado.web
 
-from handlers.api import SESSION_COOKIE, SessionHandler
+from handlers.api import SessionHandler
 from handlers.base import ApiError, BaseHandler
-from handlers.cable import accept_key
 from handlers.products import PUBLIC_CACHE_CONTROL
+from handlers.websocket import WebSocketUpgrade, switching_protocols
 from realtime.graphql_ws import choose_subprotocol
 from server.graphql.errors import INTERNAL_SERVER_ERROR, GraphQLRequestError, code_of
 from server.graphql.service import GraphQLRequest, GraphQLService, Outcome
@@ -75,7 +74,7 @@ def negotiate(accept: str) -> str | None:
     return None if best is None else best[2]
 
 
-class GraphQLHandler(SessionHandler):
+class GraphQLHandler(SessionHandler, WebSocketUpgrade):
     """`GET`/`POST /graphql`, and `GET /graphql` with `Upgrade: websocket`."""
 
     graphql: GraphQLService
@@ -184,34 +183,13 @@ class GraphQLHandler(SessionHandler):
     # --- WebSocket --------------------------------------------------------------------------
 
     async def _upgrade(self) -> None:
-        headers = self.request.headers
-        if "upgrade" not in headers.get("Connection", "").lower():
+        if "upgrade" not in self.request.headers.get("Connection", "").lower():
             raise ApiError(400, "bad-upgrade", "Connection must include Upgrade")
-        if headers.get("Sec-WebSocket-Version") != "13":
-            raise ApiError(
-                426,
-                "websocket-version",
-                "only WebSocket version 13 is supported",
-                headers={"Sec-WebSocket-Version": "13"},
-            )
-        client_key = headers.get("Sec-WebSocket-Key", "")
-        if len(client_key) != 24:
-            raise ApiError(400, "websocket-key", "Sec-WebSocket-Key is missing or malformed")
-        self._check_origin()
-        if self.services.state.draining:
-            raise ApiError(503, "draining", "node is shutting down", headers={"Retry-After": "1"})
+        client_key = self.check_handshake()
         remote_ip = self.request.remote_ip or "?"
         ws = self.graphql.ws
-        if not ws.may_accept(remote_ip):
-            raise ApiError(
-                429,
-                "too-many-connections",
-                f"at most {ws.limits.max_connections_per_ip} connections per address",
-                headers={"Retry-After": "5"},
-            )
-        offered = [
-            p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
-        ]
+        self.refuse_if_crowded(ws.may_accept(remote_ip), ws.limits.max_connections_per_ip)
+        offered = self.offered_subprotocols()
         subprotocol = choose_subprotocol(offered)
         if subprotocol is None:
             raise ApiError(
@@ -220,44 +198,12 @@ class GraphQLHandler(SessionHandler):
                 "offer graphql-transport-ws (or the legacy graphql-ws) in Sec-WebSocket-Protocol",
                 offered=offered,
             )
-        session, invalid = await self._websocket_session()
-        handshake = (
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Accept: {accept_key(client_key)}\r\n"
-            f"Sec-WebSocket-Protocol: {subprotocol}\r\n\r\n"
-        ).encode()
-        stream = self.detach()
-        self.on_finish()  # detach() skips it; keep the in-flight count right
-        sock = stream.socket.dup() if stream.socket is not None else None
-        stream.close()  # the duplicate keeps the connection open for the GraphQL sockets
+        session, invalid = await self.websocket_session()
+        handshake = switching_protocols(client_key, subprotocol)
+        sock = self.detach_socket()
         if sock is None:
             return
         await ws.adopt(sock, subprotocol, session, invalid, remote_ip, handshake)
-
-    def _check_origin(self) -> None:
-        """Cross-site WebSocket hijacking: a browser Origin must be this site's own or one of
-        `cable_allowed_origins` (the same list as /cable)."""
-        origin = self.request.headers.get("Origin")
-        if origin is None:
-            return
-        if origin in self.services.settings.cable_allowed_origins:
-            return
-        if urlsplit(origin).netloc == self.request.host:
-            return
-        raise ApiError(403, "origin-not-allowed", f"Origin {origin} may not open /graphql")
-
-    async def _websocket_session(self) -> tuple[Any, bool]:
-        """(session or None, whether credentials were given but are invalid) from the
-        Authorization header, `?token=` or the session cookie."""
-        token = None
-        authorization = self.request.headers.get("Authorization", "")
-        if authorization.lower().startswith("bearer "):
-            token = authorization[7:].strip()
-        token = token or self.get_query_argument("token", None) or self.get_cookie(SESSION_COOKIE)
-        if not token:
-            return None, False
-        session = await self.services.sessions.resolve(token)
-        return session, session is None
 
 
 def routes(deps: dict[str, Any]) -> list[Any]:

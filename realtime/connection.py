@@ -14,7 +14,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from realtime import cable_codec
+from realtime import allowance, cable_codec
 from realtime.cable_codec import CableCodec, CommandError
 from realtime.wsframe import (
     OP_CLOSE,
@@ -139,17 +139,13 @@ class CableConnection(asyncio.Protocol):
             self.server.perform(self, command.identifier, command.data or "")
 
     def _take_allowance(self) -> bool:
-        limits = self.server.limits
-        now = time.monotonic()
-        self._allowance = min(
-            float(limits.command_burst),
-            self._allowance + (now - self._refilled_at) * limits.commands_per_second,
+        limits, now = self.server.limits, time.monotonic()
+        rate, burst = limits.commands_per_second, limits.command_burst
+        allowed, self._allowance = allowance.take(
+            self._allowance, self._refilled_at, now, rate, burst
         )
         self._refilled_at = now
-        if self._allowance < 1.0:
-            return False
-        self._allowance -= 1.0
-        return True
+        return allowed
 
     def refuse(self, reason: str, identifier: str | None = None) -> None:
         """Answer a bad command with an error frame; cut off clients that keep sending them."""

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+from realtime import allowance
 from realtime.graphql_ws import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
@@ -310,17 +311,13 @@ class GraphQLWsConnection(asyncio.Protocol):
             task.cancel()
 
     def _take_allowance(self) -> bool:
-        limits = self.server.limits
-        now = time.monotonic()
-        self._allowance = min(
-            float(limits.message_burst),
-            self._allowance + (now - self._refilled_at) * limits.messages_per_second,
+        limits, now = self.server.limits, time.monotonic()
+        rate, burst = limits.messages_per_second, limits.message_burst
+        allowed, self._allowance = allowance.take(
+            self._allowance, self._refilled_at, now, rate, burst
         )
         self._refilled_at = now
-        if self._allowance < 1.0:
-            return False
-        self._allowance -= 1.0
-        return True
+        return allowed
 
     # --- writing and closing ------------------------------------------------------------------
 
