@@ -211,22 +211,43 @@ class LeasedRateLimiter:
         # (limit name, key) -> [units left, expiry, last decision]
         self._leases: dict[tuple[str, str], list[Any]] = {}
 
-    async def check(self, limit: Limit, key: str) -> Decision:
-        """Allow or refuse one request of `key` under `limit` (cost 1)."""
+    async def check(self, limit: Limit, key: str, cost: int = 1) -> Decision:
+        """Allow or refuse a request of `key` costing `cost` units under `limit` (cost 0:
+        only look). A cost the local lease covers costs no Redis round trip."""
         now = self._clock()
         lease_key = (limit.name, key)
         lease = self._leases.get(lease_key)
-        if lease is not None and lease[0] > 0 and lease[1] > now:
-            lease[0] -= 1
-            last: Decision = lease[2]
-            return Decision(limit, True, max(0, last.remaining + lease[0]), 0.0, last.reset_after_s)
+        live = lease is not None and lease[1] > now
+        if live and 0 < cost <= lease[0]:  # type: ignore[index]
+            assert lease is not None
+            lease[0] -= cost
+            return self._with_lease(limit, lease)
         size = max(1, int(limit.burst * LEASE_FRACTION))
-        decision = await self._limiter.check(limit, key, cost=size) if size > 1 else None
-        if decision is None or not decision.allowed:
-            decision = await self._limiter.check(limit, key, cost=1)
-            size = 1
-        if decision.allowed and size > 1:
-            if len(self._leases) >= _MAX_LEASES:
-                self._leases.clear()  # a bound, not a policy: busy keys take a lease again
-            self._leases[lease_key] = [size - 1, now + LEASE_TTL_S, decision]
+        decision = None
+        if 0 < cost < size:
+            decision = await self._limiter.check(limit, key, cost=size)
+            if decision.allowed:
+                if len(self._leases) >= _MAX_LEASES:
+                    self._leases.clear()  # a bound, not a policy: busy keys take a lease again
+                left = lease[0] if live and lease is not None else 0  # kept, not lost
+                self._leases[lease_key] = [size - cost + left, now + LEASE_TTL_S, decision]
+                return decision
+        decision = await self._limiter.check(limit, key, cost=cost)
+        if live and cost == 0:
+            assert lease is not None
+            return Decision(limit, True, decision.remaining + lease[0], 0.0, decision.reset_after_s)
         return decision
+
+    async def refund(self, limit: Limit, key: str, units: int) -> Decision:
+        """Give back `units` charged but not used: to this node's lease when it holds one
+        (they were taken from Redis with it), else to the bucket in Redis."""
+        lease = self._leases.get((limit.name, key))
+        if lease is not None and lease[1] > self._clock():
+            lease[0] += units
+            return self._with_lease(limit, lease)
+        return await self._limiter.refund(limit, key, units)
+
+    @staticmethod
+    def _with_lease(limit: Limit, lease: list[Any]) -> Decision:
+        last: Decision = lease[2]
+        return Decision(limit, True, max(0, last.remaining + lease[0]), 0.0, last.reset_after_s)

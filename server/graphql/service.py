@@ -110,7 +110,7 @@ class GraphQLService:
             services.cache, settings.graphql_result_cache_ttl_s, services.catalog.stock.fresh_s
         )
         self.throttle = CostThrottle(
-            services.redis,
+            services.rate_limiter,
             settings.graphql_throttle_maximum,
             settings.graphql_throttle_restore_per_second,
         )

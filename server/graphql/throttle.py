@@ -2,8 +2,9 @@
 
 Every caller (a user, or an address when anonymous) has a bucket of `maximum` cost units
 that refills at `restore_per_second`; buckets live in Redis (`server.ratelimit`), so all nodes
-share them. An operation is charged its requested cost before it runs (refused with
-`THROTTLED` when the bucket holds less), then refunded the difference to its actual cost.
+share them (each node leases a small part of a busy bucket, as the REST limiter does). An
+operation is charged its requested cost before it runs (refused with `THROTTLED` when the
+bucket holds less), then refunded the difference to its actual cost.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from server.ratelimit import Decision, Limit, RateLimiter
+from server.ratelimit import Decision, LeasedRateLimiter, Limit
 
 
 class CostThrottle:
     """Charges and refunds query cost; reports `throttleStatus`."""
 
-    def __init__(self, redis: Any, maximum: int, restore_per_second: float) -> None:
+    def __init__(self, limiter: LeasedRateLimiter, maximum: int, restore_per_second: float) -> None:
+        """`limiter` is the node's: a busy caller's charges come from a lease of 5% of the
+        bucket taken from Redis at once, so most operations make no Redis round trip."""
         self.limit = Limit("graphql", restore_per_second, maximum)
-        self._limiter = RateLimiter(redis)
+        self._limiter = limiter
 
     async def charge(self, caller: str, cost: int) -> Decision:
         """Take `cost` units from `caller`'s bucket if it holds them (cost 0: only look)."""

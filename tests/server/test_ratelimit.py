@@ -170,3 +170,31 @@ async def test_small_bursts_are_not_leased(settings: Settings) -> None:
         assert [d.remaining for d in decisions[:3]] == [2, 1, 0]
     finally:
         await redis.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.usefixtures("clean_data")
+async def test_leased_costs_and_refunds_never_exceed_the_shared_bucket(settings: Settings) -> None:
+    """GraphQL's use: costs of several units and refunds of what was not used, on two nodes
+    leasing from one bucket (1,000 units, leases of 50). Invariant: the units actually spent
+    (charged minus refunded) never exceed the bucket, and at most one lease per node is lost."""
+    redis_a, limiter_a = await _with_limiter(settings)
+    redis_b, limiter_b = await _with_limiter(settings)
+    nodes = [LeasedRateLimiter(limiter_a), LeasedRateLimiter(limiter_b)]
+    limit = Limit("graphql-test", rate_per_s=0.01, burst=1000)  # nothing refills meanwhile
+    try:
+        spent = 0
+        for n in range(400):
+            node = nodes[n % 2]
+            decision = await node.check(limit, "caller", cost=9)
+            if decision.allowed:
+                await node.refund(limit, "caller", 5)  # actual cost 4 of the 9 requested
+                spent += 4
+        assert 1000 - 2 * 50 <= spent <= 1000
+        refused = await nodes[0].check(limit, "caller", cost=9)
+        assert not refused.allowed and refused.retry_after_s > 0
+        look = await nodes[1].check(limit, "caller", cost=0)
+        assert look.allowed and look.remaining < 9
+    finally:
+        await redis_a.aclose()
+        await redis_b.aclose()
