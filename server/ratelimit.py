@@ -230,8 +230,8 @@ class LeasedRateLimiter:
                 if len(self._leases) >= _MAX_LEASES:
                     self._leases.clear()  # a bound, not a policy: busy keys take a lease again
                 left = lease[0] if live and lease is not None else 0  # kept, not lost
-                self._leases[lease_key] = [size - cost + left, now + LEASE_TTL_S, decision]
-                return decision
+                fresh = self._leases[lease_key] = [size - cost + left, now + LEASE_TTL_S, decision]
+                return self._with_lease(limit, fresh)  # the leased units are still the caller's
         decision = await self._limiter.check(limit, key, cost=cost)
         if live and cost == 0:
             assert lease is not None
