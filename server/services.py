@@ -25,8 +25,6 @@ from server.settings import Settings
 
 # A checkout's reservation left 'held' this long is repaired by the sweeper (every node runs
 # one; a sweep is safe to run concurrently): far above a saga's normal duration.
-CHECKOUT_SWEEP_PERIOD_S = 30.0
-CHECKOUT_STALE_AFTER_S = 60.0
 SHUTDOWN_STEP_TIMEOUT_S = 5.0
 _log = get_logger("finalmarket.services")
 
@@ -153,8 +151,8 @@ class Services:
             sweeper=CheckoutSweeper(
                 router,
                 cable.publish,
-                period_s=CHECKOUT_SWEEP_PERIOD_S,
-                stale_after_s=CHECKOUT_STALE_AFTER_S,
+                period_s=settings.checkout_sweep_period_s,
+                stale_after_s=settings.checkout_stale_after_s,
             ),
             rate_limiter=LeasedRateLimiter(RateLimiter(redis)),
             ip_limit=Limit("ip", settings.ratelimit_ip_per_second, settings.ratelimit_ip_burst),

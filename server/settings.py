@@ -263,6 +263,22 @@ class Settings(BaseSettings):
         "(bounds staleness when an invalidation message is lost).",
         json_schema_extra=_group("cache"),
     )
+    checkout_sweep_period_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="How often each node's sweeper looks for checkouts left between steps by a "
+        "crash (it releases their reservations, or confirms those with an order).",
+        json_schema_extra=_group("commerce"),
+    )
+    checkout_stale_after_s: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="Age after which the sweeper treats a checkout still between steps as "
+        "abandoned; keep it well above the longest checkout (statement timeouts included).",
+        json_schema_extra=_group("commerce"),
+    )
 
     # --- realtime -------------------------------------------------------------------------------
     benchmark_channel: bool = Field(

@@ -2,13 +2,14 @@
 
 The node runs as a child process; buyers check out against it concurrently over HTTP, and it
 is killed (SIGKILL, whole process group) as soon as some checkouts have been answered 201 while
-the catalog still holds a live (`held`) reservation. The sweeper then does
-what a surviving node's sweeper does (run here directly: its stale bound is a constant in
-`server.services`, 60 s, so it is given a bound of 0 — nothing is in flight any more).
+the catalog still holds a live (`held`) reservation. A surviving node (in-process, with
+`checkout_stale_after_s` and `checkout_sweep_period_s` made short) then repairs what the kill
+left with its own sweeper.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import http.client
 import json
@@ -23,7 +24,6 @@ from typing import Any
 import psycopg2
 import pytest
 
-from server.checkout import CheckoutSweeper
 from server.services import Services
 from server.settings import Settings
 from tests.conftest import TEST_SECRET_KEY
@@ -97,7 +97,11 @@ def has_order(env: dict[str, str], user_id: int, key: str) -> bool:
 
 
 def test_node_sigkilled_between_reserve_and_order_leaves_no_stock_reserved_after_a_sweep(
-    io_loop: Any, services: Services, infra_env: dict[str, str], tmp_path: Path
+    io_loop: Any,
+    services: Services,
+    settings: Settings,
+    infra_env: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     """Invariant: initial stock = stock left + held reservations + quantity ordered, with no
     reservation left held once the sweeper has run; every checkout answered 201 before the
@@ -145,11 +149,23 @@ def test_node_sigkilled_between_reserve_and_order_leaves_no_stock_reserved_after
     # and ordered, so the invariant is only checked once every saga is final.)
     assert accounting(infra_env, product_id)[1] > 0, "the kill left nothing held to repair"
 
-    sweeper = CheckoutSweeper(services.router, stale_after_s=0)  # what a surviving node runs
-    deadline = time.monotonic() + SWEEP_TIMEOUT_S
-    while held_reservations(catalog_dsn):
-        assert time.monotonic() < deadline, "reservations still held after sweeping"
-        io_loop.run_sync(sweeper.sweep_once)
+    # A surviving node repairs it: its own sweeper, with a short stale bound and period.
+    survivor_settings = settings.model_copy(
+        update={
+            "node_id": "survivor",
+            "checkout_stale_after_s": 0.5,
+            "checkout_sweep_period_s": 0.2,
+        }
+    )
+    survivor: Services = io_loop.run_sync(lambda: Services.open(survivor_settings))
+    try:
+        io_loop.run_sync(lambda: _start(survivor))
+        deadline = time.monotonic() + SWEEP_TIMEOUT_S
+        while held_reservations(catalog_dsn):
+            assert time.monotonic() < deadline, "reservations still held after sweeping"
+            io_loop.run_sync(lambda: asyncio.sleep(0.1))
+    finally:
+        io_loop.run_sync(survivor.close)
 
     stock, held, ordered = accounting(infra_env, product_id)
     assert held == 0
@@ -157,6 +173,10 @@ def test_node_sigkilled_between_reserve_and_order_leaves_no_stock_reserved_after
     assert ordered >= len(got_201), (ordered, got_201)
     missing = [u for u in got_201 if not has_order(infra_env, u, f"buy-{u}")]
     assert missing == [], f"201 answered but no order for users {missing}"
+
+
+async def _start(node: Services) -> None:
+    node.start()
 
 
 async def _gather_buyers(services: Services, product_id: int) -> list[tuple[int, str]]:
