@@ -40,6 +40,7 @@ from server.settings import Settings
 from tests.conftest import _migrate, run_in_private_loop
 from tests.handlers import test_cart
 from tests.handlers.test_cart import call, commerce_app, commerce_settings, ok
+from tests.handlers.test_checkout import accounting
 from tests.handlers.test_products import token_for
 from tests.server.test_router import Topology, blocking, quiet, wait_caught_up
 
@@ -377,32 +378,6 @@ class Shopper:
         return answer
 
 
-def stock_accounting(topology: Topology, product_id: int) -> tuple[int, int, int]:
-    """(stock left, quantity in held reservations, quantity ordered on every shard), read
-    from the catalog primary and each shard's current primary."""
-    env = topology.env
-    with psycopg2.connect(env["FM_CATALOG_DSN"]) as conn, conn.cursor() as cur:
-        cur.execute("SELECT stock FROM inventory WHERE product_id = %s", (product_id,))
-        (stock,) = cur.fetchone()
-        cur.execute(
-            "SELECT COALESCE(sum(quantity), 0) FROM stock_reservations "
-            "WHERE product_id = %s AND state = 'held'",
-            (product_id,),
-        )
-        (held,) = cur.fetchone()
-    conn.close()
-    ordered = 0
-    for shard in json.loads(env["FM_SHARDS"]):  # multi-host DSNs: the promoted one answers
-        with psycopg2.connect(shard["primary"]) as conn, conn.cursor() as cur:
-            cur.execute(
-                "SELECT COALESCE(sum(quantity), 0) FROM order_items WHERE product_id = %s",
-                (product_id,),
-            )
-            ordered += int(cur.fetchone()[0])
-        conn.close()
-    return int(stock), int(held), ordered
-
-
 @pytest.mark.gen_test(timeout=90)
 async def test_shard_writes_resume_after_promotion_others_unaffected_no_order_lost(
     client: Any, base_url: str, services: Services, topology: Topology
@@ -478,7 +453,7 @@ async def test_shard_writes_resume_after_promotion_others_unaffected_no_order_lo
     for s in shoppers:
         listed = await all_order_ids(client, base_url, s.token)
         assert set(s.acknowledged) <= listed, set(s.acknowledged) - listed
-    stock, held, ordered = stock_accounting(topology, product_id)
+    stock, held, ordered = accounting(topology.env, product_id)
     assert stock + held + ordered == initial_stock, (stock, held, ordered)
     assert ordered >= sum(len(s.acknowledged) for s in shoppers)
     print(  # the measured figures (pytest -s), for the record
