@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from server.carts import CartService, cart_stream
-from server.graphql.compiled import direct
+from server.graphql.compiled import direct, renamed
 from server.graphql.context import RequestContext
 from server.graphql.loaders import parse_id
 
@@ -78,19 +78,13 @@ def event(parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any) -> 
     return parent
 
 
-@direct
-def total_cents(parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any) -> Any:
-    return parent["total_cents"]
+total_cents = renamed("total_cents")
 
 
-@direct
-def item_product_id(parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any) -> Any:
-    return parent["product_id"]
+item_product_id = renamed("product_id")
 
 
-@direct
-def item_unit_price(parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any) -> Any:
-    return parent["unit_price_cents"]
+item_unit_price = renamed("unit_price_cents")
 
 
 @direct

@@ -13,7 +13,7 @@ from typing import Any
 
 from server.catalog import encode_cursor, stock_stream
 from server.errors import NotFound
-from server.graphql.compiled import direct
+from server.graphql.compiled import direct, renamed
 from server.graphql.context import RequestContext
 from server.graphql.loaders import parse_id
 from server.inventory import stock_of
@@ -63,14 +63,10 @@ def edge_cursor(parent: Any, args: dict[str, Any], ctx: RequestContext, info: An
     return encode_cursor(int(parent["id"]))
 
 
-@direct
-def price_cents(parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any) -> Any:
-    return parent["price_cents"]
+price_cents = renamed("price_cents")
 
 
-@direct
-def updated_at(parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any) -> Any:
-    return parent["updated_at"]
+updated_at = renamed("updated_at")
 
 
 @direct

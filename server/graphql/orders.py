@@ -8,7 +8,7 @@ from typing import Any
 
 from server.checkout import CheckoutService
 from server.graphql import carts
-from server.graphql.compiled import direct
+from server.graphql.compiled import renamed
 from server.graphql.context import RequestContext
 from server.graphql.loaders import parse_id
 from server.notifications import NotificationService, notification_stream
@@ -88,14 +88,10 @@ async def notification_received(
                 yield message["notification"]
 
 
-@direct
-def created_at(parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any) -> Any:
-    return parent["created_at"]
+created_at = renamed("created_at")
 
 
-@direct
-def read_at(parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any) -> Any:
-    return parent.get("read_at")
+read_at = renamed("read_at")
 
 
 RESOLVERS = {

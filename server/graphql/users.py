@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from server.graphql.compiled import direct
+from server.graphql.compiled import direct, renamed
 from server.graphql.context import RequestContext
 
 SDL = Path(__file__).with_suffix(".graphql")
@@ -18,9 +18,7 @@ async def me(parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any) 
     return await ctx.loaders.user.load(ctx.session.user_id)
 
 
-@direct
-def is_admin(parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any) -> Any:
-    return parent.is_admin
+is_admin = renamed("is_admin")
 
 
 @direct

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from tartiflette import Resolver, create_engine
 
-from server.graphql.compiled import CompiledExecutor, direct
+from server.graphql.compiled import CompiledExecutor, direct, renamed
 
 SCHEMA = "compiled-plan-test"
 SDL = """
@@ -27,6 +27,7 @@ type Product {
   images(first: Int = 2): [Image!]!
   broken: Int
   brokenNonNull: Int!
+  title: String!
 }
 type ProductEdge { node: Product! cursor: String! }
 type ProductConnection { edges: [ProductEdge!]! total: Int! }
@@ -115,6 +116,9 @@ def resolve_later(parent: Any, args: dict[str, Any], ctx: Any, info: Any) -> Any
     return future
 
 
+Resolver("Product.title", schema_name=SCHEMA)(renamed("name"))
+
+
 DOCUMENTS: list[tuple[str, dict[str, Any] | None, str | None]] = [
     ('{ product(id: "1") { id name priceCents status } }', None, None),
     ("query P($id: ID!) { product(id: $id) { id name } }", {"id": "4"}, None),
@@ -148,6 +152,7 @@ DOCUMENTS: list[tuple[str, dict[str, Any] | None, str | None]] = [
     ('query A { product(id: "1") { id } } query B { greeting }', None, "B"),
     ("mutation { a: bump(by: 1) b: bump(by: 2) c: bump(by: 3) }", None, None),
     ("{ a: later(n: 2) b: later(n: 3) }", None, None),
+    ("{ products(first: 2) { edges { node { id title } } } }", None, None),
 ]
 
 
@@ -348,3 +353,11 @@ def test_direct_resolvers_are_called_without_a_coroutine(
     plan = _run(compiled.plan_for("{ later(n: 1) }", None))
     assert plan is not None and not isinstance(plan, list)
     assert plan.fields[0].resolver is resolve_later.direct  # type: ignore[attr-defined]
+
+
+def test_renamed_fields_are_plain_reads_in_plans(engines: tuple[Any, CompiledExecutor]) -> None:
+    _engine, compiled = engines
+    plan = _run(compiled.plan_for('{ product(id: "1") { title } }', None))
+    assert plan is not None and not isinstance(plan, list)
+    title = plan.fields[0].type.fields[0]
+    assert (title.resolver, title.source) == (None, "name")
