@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import aiopg
 
+from server.db import aiopg_fix
 from server.settings import Settings, ShardDsn
+
+aiopg_fix.install()
 
 POOL_CLOSE_TIMEOUT_S = 5.0
 
