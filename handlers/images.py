@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 import tornado.web
-from tornado.http1connection import HTTP1Connection
 from typing_extensions import override
 
 from handlers.api import ApiHandler
@@ -135,8 +134,9 @@ class ProductImagesHandler(ApiHandler):
     async def prepare(self) -> None:
         # Tornado's own body limit answers with a bare 400; ours (below) with problems.
         declared = int(self.request.headers.get("Content-Length") or 0)
-        if isinstance(self.request.connection, HTTP1Connection):
-            self.request.connection.set_max_body_size(max(declared, self.max_body_bytes()))
+        set_max_body_size = getattr(self.request.connection, "set_max_body_size", None)
+        if set_max_body_size is not None:  # Tornado's connection and ours (server/http1.py)
+            set_max_body_size(max(declared, self.max_body_bytes()))
         await super().prepare()  # 413 by Content-Length, rate limits, authentication, CSRF
         if self.request.method != "POST":
             return

@@ -16,10 +16,10 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from server.app import make_app
+from server.http1 import make_http_server
 from server.logs import get_logger
 from server.services import Services
 from server.settings import Settings
@@ -33,22 +33,18 @@ class Node:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.app = make_app(services)
-        self.server = HTTPServer(
-            self.app,
-            xheaders=services.settings.trust_forwarded_headers,
-            max_body_size=services.settings.max_body_bytes,
-        )
+        self.server = make_http_server(self.app, services.settings)
         self.port: int | None = None
         self.drain_hooks: list[Callable[[], Awaitable[None]]] = [
             services.cable.drain,
             services.graphql.drain,
         ]
 
-    def listen(self) -> int:
+    async def listen(self) -> int:
         """Bind the configured address (port 0 picks a free one) and return the port."""
         settings = self.services.settings
         sockets = bind_sockets(settings.port, settings.host, reuse_port=False)
-        self.server.add_sockets(sockets)
+        await self.server.listen_on(sockets)
         self.port = sockets[0].getsockname()[1]
         return self.port
 
@@ -78,7 +74,7 @@ async def run_node(settings: Settings, on_listening: Callable[[int], None] | Non
     services = await Services.open(settings)
     services.start()
     node = Node(services)
-    port = node.listen()
+    port = await node.listen()
     _log.info("listening", host=settings.host, port=port, node_id=settings.node_id)
     if on_listening is not None:
         on_listening(port)

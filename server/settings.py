@@ -84,6 +84,35 @@ class Settings(BaseSettings):
         "`X-Forwarded-Proto` (only behind a proxy that sets them: anyone can send them).",
         json_schema_extra=_group("node"),
     )
+    http_server: Literal["httptools", "tornado"] = Field(
+        "httptools",
+        description="HTTP/1.1 connection layer under Tornado's application: `httptools` "
+        "(llhttp in an asyncio protocol, `server/http1.py`) or Tornado's own `HTTPServer`.",
+        json_schema_extra=_group("node"),
+    )
+    http_idle_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        le=3600,
+        description="Close a keep-alive HTTP connection idle this long (keep it above a load "
+        "balancer's own upstream keep-alive timeout).",
+        json_schema_extra=_group("node"),
+    )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Longest time a request's line and headers may take to arrive (408 "
+        "beyond; slowloris). `httptools` server only.",
+        json_schema_extra=_group("node"),
+    )
+    http_max_header_bytes: int = Field(
+        64 * 1024,
+        ge=4096,
+        le=1024 * 1024,
+        description="Largest request line plus headers (431 beyond).",
+        json_schema_extra=_group("node"),
+    )
     cookie_secure: bool = Field(
         True,
         description="Mark session cookies `Secure` (browsers still accept them from "

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg2
 import pytest
 import redis
+import uvloop
 
 from server import infra
 from server.db.migrate import migrate_all
@@ -28,6 +29,9 @@ from server.db.pools import Database
 from server.infra import pgbouncer
 from server.services import Services
 from server.settings import Settings
+
+# The node runs on uvloop (server/node.py): so do the tests, with its transports and sockets.
+asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 _EXTERNAL_KEYS = ("FM_CATALOG_DSN", "FM_SHARDS", "FM_REDIS_URL")
 TEST_SECRET_KEY = secrets.token_urlsafe(48)
@@ -149,6 +153,21 @@ def app(services: Services) -> Any:
     from server.app import make_app
 
     return make_app(services)
+
+
+@pytest.fixture
+def http_server(request: pytest.FixtureRequest, io_loop: Any, _unused_port: Any) -> Iterator[Any]:
+    """pytest-tornado's fixture, but serving through the HTTP server the node uses
+    (`server.http1.make_http_server`, chosen by `FM_HTTP_SERVER`), not Tornado's default."""
+    from server.http1 import make_http_server
+
+    app = request.getfixturevalue(request.config.option.app_fixture)
+    node_settings = request.getfixturevalue("settings")
+    server = make_http_server(app, node_settings)
+    io_loop.run_sync(lambda: server.listen_on([_unused_port[0]]))
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=10)
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ import psycopg2
 import pytest
 from argon2 import PasswordHasher
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from handlers import cart as cart_handlers
 from handlers import checkout as checkout_handlers
 from server.app import make_app
+from server.http1 import make_http_server
 from server.services import Services
 from server.settings import Settings
 from server.users import UserService
@@ -59,9 +59,9 @@ async def start_node(settings: Settings, node_id: str = "node-b") -> ExtraNode:
     """A second node (own services, app, HTTP server) on the test's loop."""
     services = await Services.open(settings.model_copy(update={"node_id": node_id}))
     services.start()
-    server = HTTPServer(commerce_app(services))
+    server = make_http_server(commerce_app(services), services.settings)
     sockets = bind_sockets(0, "127.0.0.1")
-    server.add_sockets(sockets)
+    await server.listen_on(sockets)
     return ExtraNode(services, server, sockets[0].getsockname()[1])
 
 

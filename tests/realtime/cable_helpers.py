@@ -15,11 +15,11 @@ from typing import Any
 import msgpack
 import psycopg2
 from tornado.httpclient import HTTPRequest
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from server.app import make_app
+from server.http1 import HttpServerLike, make_http_server
 from server.infra import ValkeyServer
 from server.services import Services
 from server.settings import Settings
@@ -86,7 +86,7 @@ def identifier(channel: str, **params: Any) -> str:
 class ExtraNode:
     """Another node (its own services, app and HTTP server) on the test's loop."""
 
-    def __init__(self, services: Services, server: HTTPServer, port: int) -> None:
+    def __init__(self, services: Services, server: HttpServerLike, port: int) -> None:
         self.services = services
         self.server = server
         self.port = port
@@ -95,9 +95,9 @@ class ExtraNode:
     async def start(cls, settings: Settings, node_id: str = "node-b") -> ExtraNode:
         services = await Services.open(settings.model_copy(update={"node_id": node_id}))
         services.start()
-        server = HTTPServer(make_app(services))
+        server = make_http_server(make_app(services), services.settings)
         sockets = bind_sockets(0, "127.0.0.1")
-        server.add_sockets(sockets)
+        await server.listen_on(sockets)
         return cls(services, server, sockets[0].getsockname()[1])
 
     def url(self, path: str) -> str:
