@@ -208,6 +208,7 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
                 self._guard(callback)
         self._release_writers()
         self.transport = None
+        del self._parser  # it holds us: without the cycle, refcounting frees both now
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -597,8 +598,10 @@ class HttptoolsServer:
         max_header_bytes: int = 64 * 1024,
         header_timeout_s: float = 10.0,
         idle_timeout_s: float = 75.0,
+        backlog: int = 2048,
     ) -> None:
         self.delegate = delegate
+        self.backlog = backlog
         self.xheaders = xheaders
         self.trusted_downstream = frozenset(trusted_downstream)
         self.max_body_size = max_body_size
@@ -621,7 +624,10 @@ class HttptoolsServer:
         self._loop = asyncio.get_running_loop()
         for sock in sockets:
             self._servers.append(
-                await self._loop.create_server(lambda: Http1Connection(self), sock=sock)
+                # create_server listens again: give it the backlog, not asyncio's 100
+                await self._loop.create_server(
+                    lambda: Http1Connection(self), sock=sock, backlog=self.backlog
+                )
             )
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(_SWEEP_PERIOD_S, self._sweep)
@@ -697,4 +703,5 @@ def make_http_server(
         max_header_bytes=settings.http_max_header_bytes,
         header_timeout_s=settings.http_header_timeout_s,
         idle_timeout_s=settings.http_idle_timeout_s,
+        backlog=settings.listen_backlog,
     )

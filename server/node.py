@@ -44,7 +44,9 @@ class Node:
     async def listen(self) -> int:
         """Bind the configured address (port 0 picks a free one) and return the port."""
         settings = self.services.settings
-        sockets = bind_sockets(settings.port, settings.host, reuse_port=False)
+        sockets = bind_sockets(
+            settings.port, settings.host, reuse_port=False, backlog=settings.listen_backlog
+        )
         await self.server.listen_on(sockets)
         self.port = sockets[0].getsockname()[1]
         return self.port

@@ -84,6 +84,15 @@ class Settings(BaseSettings):
         "`X-Forwarded-Proto` (only behind a proxy that sets them: anyone can send them).",
         json_schema_extra=_group("node"),
     )
+    listen_backlog: int = Field(
+        2048,
+        ge=16,
+        le=65535,
+        description="Pending connections the kernel queues for the node (capped by "
+        "`net.core.somaxconn`). Tornado's 128 overflowed when hundreds of clients reconnect "
+        "at once, and each dropped SYN waits a second or more to be retried.",
+        json_schema_extra=_group("node"),
+    )
     http_server: Literal["httptools", "tornado"] = Field(
         "httptools",
         description="HTTP/1.1 connection layer under Tornado's application: `httptools` "

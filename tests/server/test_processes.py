@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shlex
 import signal
 import socket
@@ -558,3 +559,37 @@ def test_users_create_refuses_a_taken_email_with_exit_1(
     assert again.returncode == 1
     assert again.stdout == ""
     assert again.stderr.splitlines() == ["finalmarket: an account with this email exists"]
+
+
+def test_serve_queues_a_burst_of_connections_while_busy(
+    infra_env: dict[str, str], tmp_path: Path
+) -> None:
+    """400 clients connecting at once while the node cannot accept (stopped) all complete the
+    TCP handshake: the listen backlog (`FM_LISTEN_BACKLOG`) holds them. With asyncio's 100
+    most SYNs were dropped and retried a second or more later (a reconnect storm)."""
+    (tmp_path / "config").mkdir()
+    port = free_port()
+    env = cli_env(
+        tmp_path / "config",
+        {**server_settings(infra_env), "FM_SECRET_KEY": SECRET_KEY, "FM_PORT": str(port)},
+    )
+    with started("serve", env=env, stderr_path=tmp_path / "stderr.log") as node:
+        wait_ready(f"http://127.0.0.1:{port}", node)
+        node.proc.send_signal(signal.SIGSTOP)
+        clients = [socket.socket() for _ in range(400)]
+        try:
+            for client in clients:
+                client.setblocking(False)
+                client.connect_ex(("127.0.0.1", port))
+            deadline = time.monotonic() + 1.0
+            pending = set(clients)
+            while pending and time.monotonic() < deadline:
+                _, writable, _ = select.select([], list(pending), [], 0.1)
+                pending -= set(writable)
+            connected = [c for c in clients if c not in pending]
+            errors = [c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) for c in connected]
+        finally:
+            node.proc.send_signal(signal.SIGCONT)
+            for client in clients:
+                client.close()
+        assert (len(connected), set(errors)) == (400, {0})
