@@ -232,8 +232,9 @@ def _with_stock(head: bytes, stock: int) -> bytes:
 class LiveStock:
     """Stock counts per node, each served for at most `fresh_s` after it was read.
 
-    Concurrent misses share one statement (single flight, also across the ids of a list page:
-    the ids not already being read are read together). A read that began before a local
+    Concurrent misses share one statement (single flight, also across the ids of a list page
+    and across requests: the ids not already being read that are asked for while another
+    stock statement is in flight, or within one loop iteration, are read together). A read that began before a local
     change is not stored over the change's result (a change counter, like `LocalLRU.ticket`).
     """
 
@@ -252,6 +253,10 @@ class LiveStock:
         self._clock = clock
         self._values: dict[int, tuple[int, float]] = {}  # id -> (stock, read started at)
         self._pending: dict[int, asyncio.Task[dict[int, int]]] = {}
+        # Misses asked for within one loop iteration, across requests, share one statement.
+        self._next_read: asyncio.Task[dict[int, int]] | None = None
+        self._next_ids: list[int] = []
+        self._reading: asyncio.Task[Any] | None = None
         self._changes = 0
 
     def ticket(self) -> tuple[int, float]:
@@ -318,8 +323,12 @@ class LiveStock:
             else:
                 missing.append(product_id)
         if missing:
-            task = asyncio.get_running_loop().create_task(self._read(missing))
-            task.add_done_callback(_retrieve)
+            task = self._next_read
+            if task is None:  # starts on the next loop iteration, with every id asked by then
+                task = asyncio.get_running_loop().create_task(self._read_batch())
+                task.add_done_callback(_retrieve)
+                self._next_read = task
+            self._next_ids.extend(missing)
             for product_id in missing:
                 self._pending[product_id] = task
                 waits[product_id] = task
@@ -327,6 +336,16 @@ class LiveStock:
             # Shielded: one caller giving up must not cancel the read others wait for.
             found[product_id] = (await asyncio.shield(task)).get(product_id, 0)
         return found
+
+    async def _read_batch(self) -> dict[int, int]:
+        previous = self._reading
+        if previous is not None and not previous.done():
+            # One stock statement in flight at a time: ids asked for meanwhile join this one
+            # (group commit), so a stream of requests makes few statements, not one each.
+            await asyncio.wait((previous,))
+        ids, self._next_ids, self._next_read = self._next_ids, [], None
+        self._reading = asyncio.current_task()
+        return await self._read(ids)
 
     async def _read(self, product_ids: list[int]) -> dict[int, int]:
         ticket = self.ticket()

@@ -481,3 +481,28 @@ async def test_stampede_on_a_just_expired_hot_product_reads_the_database_at_most
     assert reads <= 2, reads
     assert {page.body for page in pages} == {warm[0].body}
     assert loads() - loads_before == reads  # the catalog's own counters agree
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_concurrent_reads_of_many_products_share_one_stock_statement(
+    services: Services, infra_env: dict[str, str]
+) -> None:
+    """Product pages for 30 different products asked for at once, their entries cached and
+    their stock counts expired: the live counts come from one statement, not 30."""
+    ids = insert_products(
+        infra_env["FM_CATALOG_DSN"], [(f"Lamp {n}", "brass", n) for n in range(30)]
+    )
+    ttl_s = 0.3
+    catalog = CatalogService(
+        services.router,
+        services.cache,
+        services.cable.publish,
+        product_ttl_s=60,
+        stock_fresh_s=ttl_s,
+    )
+    await asyncio.gather(*(catalog.product_page(product_id) for product_id in ids))
+    await asyncio.sleep(ttl_s + 0.2)
+    loads_before = catalog.counters.stock_loads
+    pages = await asyncio.gather(*(catalog.product_page(product_id) for product_id in ids))
+    assert [json.loads(page.body)["stock"] for page in pages] == list(range(30))
+    assert catalog.counters.stock_loads - loads_before == 1
