@@ -234,8 +234,9 @@ class LiveStock:
 
     Concurrent misses share one statement (single flight, also across the ids of a list page
     and across requests: the ids not already being read that are asked for while another
-    stock statement is in flight, or within one loop iteration, are read together). A read that began before a local
-    change is not stored over the change's result (a change counter, like `LocalLRU.ticket`).
+    stock statement is in flight, or within one loop iteration, are read together). A read
+    that began before a local change is not stored over the change's result (a change
+    counter, like `LocalLRU.ticket`).
     """
 
     def __init__(

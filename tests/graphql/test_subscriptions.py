@@ -177,3 +177,37 @@ async def test_client_complete_stops_the_subscription_and_releases_the_stream(
     await ws.send({"id": "s", "type": "subscribe", "payload": subscribe})
     assert (await ws.read() or {})["payload"]["data"]["stockUpdated"]["stock"] == 11
     ws.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_subscription_that_falls_behind_its_stream_ends_lagged_and_the_socket_goes_on(
+    services: Services, ws_url: str, products: list[int]
+) -> None:
+    """A burst of 300 stock messages delivered to the node in one go (as the broker hands over
+    a full read from Redis) outruns the subscription's bound of 256 pending: it ends with a
+    `SUBSCRIPTION_LAGGED` error, and the same socket keeps serving."""
+    product_id = products[0]
+    ws = await WsClient.connect(ws_url)
+    await ws.init()
+    await ws.send(
+        {
+            "id": "s",
+            "type": "subscribe",
+            "payload": {"query": STOCK, "variables": {"id": product_id}},
+        }
+    )
+    first = await ws.read()
+    assert first is not None and first["type"] == "next"
+    stream = f"inventory:product:{product_id}"
+    for n in range(300):
+        services.cable.hub.broadcast(
+            stream, {"event": "stock", "product_id": str(product_id), "stock": n}
+        )
+    ended = await ws.read()
+    assert ended is not None and (ended["id"], ended["type"]) == ("s", "error"), ended
+    assert ended["payload"][0]["extensions"]["code"] == "SUBSCRIPTION_LAGGED"
+    query = "{ products(first: 1) { edges { node { id } } } }"
+    await ws.send({"id": "q", "type": "subscribe", "payload": {"query": query}})
+    answer = await ws.read()
+    assert answer is not None and answer["type"] == "next"
+    ws.close()
