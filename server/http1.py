@@ -14,7 +14,8 @@ response bodies, HEAD and 304 without bodies, `X-Forwarded-*` behind a trusted p
 streamed request bodies with back-pressure (`@stream_request_body`), per-request body limits
 (`set_max_body_size`), close callbacks, and `detach()` for WebSocket upgrades. What it adds:
 a 413 problem (not a bare 400) when a declared body passes the limit, a 431 for oversized
-headers, a 408 when headers trickle in slower than `http_header_timeout_s` (slowloris), idle
+headers, a 408 when headers trickle in slower than `http_header_timeout_s` or a body stalls for
+`http_body_timeout_s` (slowloris), idle
 keep-alive connections closed after `http_idle_timeout_s`, and `Connection: close` on every
 answer once the node drains.
 
@@ -143,6 +144,7 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         self._request_headers: httputil.HTTPHeaders | None = None
         self._read_finished = True
         self._write_finished = True
+        self._headers_sent = False
         self._discard_body = False
         self._close_after = False
         self._chunking = False
@@ -305,6 +307,7 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         self._request_headers = headers
         self._read_finished = False
         self._write_finished = False
+        self._headers_sent = False
         self._discard_body = False
         self._close_after = not keep_alive
         self._chunking = False
@@ -382,8 +385,20 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
             self._guard(delegate.on_connection_close)
         detail = f"request body is {size} bytes; at most {self._max_body_size} are accepted"
         _log.info("http_refused", status=413, reason=detail, peer=str(self.context))
-        if not self._write_finished:
+        if not self._headers_sent:
             self._refuse(413, "Content Too Large", "body-too-large", detail)
+        else:
+            self._abort()
+
+    def _body_stalled(self) -> None:
+        """A request body that stopped arriving: the request is gone, answer 408, close."""
+        delegate, self._delegate = self._delegate, None
+        if delegate is not None:
+            self._guard(delegate.on_connection_close)
+        detail = f"no part of the request body came for {self.server.body_timeout_s:g}s"
+        _log.info("http_refused", status=408, reason=detail, peer=str(self.context))
+        if not self._headers_sent:
+            self._refuse(408, "Request Timeout", "request-timeout", detail)
         else:
             self._abort()
 
@@ -410,6 +425,7 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         assert isinstance(start_line, httputil.ResponseStartLine)
         request = self._request_start_line
         assert request is not None and self._request_headers is not None
+        self._headers_sent = True
         code = start_line.code
         http11 = request.version == "HTTP/1.1"
         has_body = request.method != "HEAD" and code not in _EMPTY_BODY_CODES and code >= 200
@@ -570,15 +586,24 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
             self._abort()
 
     def expire(self, now: float) -> None:
-        """Apply the header and idle timeouts (called by the server's sweep)."""
+        """Apply the header, body and idle timeouts (called by the server's sweep)."""
         server = self.server
         if self.header_started is not None and now - self.header_started > server.header_timeout_s:
             if self.idle:
                 _log.info("http_refused", status=408, reason="slow headers", peer=str(self.context))
                 self._refuse(408, "Request Timeout", "request-timeout", "headers took too long")
             return
-        if self.idle and now - self.last_active > server.idle_timeout_s:
-            self._abort()
+        quiet_s = now - self.last_active
+        if self.idle:
+            if quiet_s > server.idle_timeout_s:
+                self._abort()
+        elif self._reading_body and quiet_s > server.body_timeout_s:
+            self._body_stalled()
+
+    @property
+    def _reading_body(self) -> bool:
+        """Waiting for more of the request body from the client (not held back by us)."""
+        return not self._read_finished and not self._blocked and self._delegate is not None
 
 
 class _HeadersTooLarge(Exception):
@@ -597,6 +622,7 @@ class HttptoolsServer:
         max_body_size: int = 100 * 1024 * 1024,
         max_header_bytes: int = 64 * 1024,
         header_timeout_s: float = 10.0,
+        body_timeout_s: float = 30.0,
         idle_timeout_s: float = 75.0,
         backlog: int = 2048,
     ) -> None:
@@ -607,6 +633,7 @@ class HttptoolsServer:
         self.max_body_size = max_body_size
         self.max_header_bytes = max_header_bytes
         self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.connections: set[Http1Connection] = set()
         self.draining = False
@@ -702,6 +729,7 @@ def make_http_server(
         max_body_size=settings.max_body_bytes,
         max_header_bytes=settings.http_max_header_bytes,
         header_timeout_s=settings.http_header_timeout_s,
+        body_timeout_s=settings.http_body_timeout_s,
         idle_timeout_s=settings.http_idle_timeout_s,
         backlog=settings.listen_backlog,
     )

@@ -115,6 +115,14 @@ class Settings(BaseSettings):
         "beyond; slowloris). `httptools` server only.",
         json_schema_extra=_group("node"),
     )
+    http_body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Longest pause between pieces of a request body (408 beyond). "
+        "`httptools` server only.",
+        json_schema_extra=_group("node"),
+    )
     http_max_header_bytes: int = Field(
         64 * 1024,
         ge=4096,

@@ -86,6 +86,7 @@ def settings(infra_env: dict[str, str], backend: str) -> Settings:
         max_body_bytes=64 * 1024,
         http_max_header_bytes=8 * 1024,
         http_header_timeout_s=0.5,
+        http_body_timeout_s=0.5,
         http_idle_timeout_s=1.0,
     )
 
@@ -376,3 +377,14 @@ async def test_stop_closes_idle_connections_and_finishes_busy_ones(
     late = await read_response(busy_reader)
     assert late.body == b"late" and late.headers["connection"] == "close"
     assert await closed_by_server(busy_reader)
+
+
+@pytest.mark.gen_test(timeout=20)
+@only_ours
+async def test_a_body_that_stops_arriving_gets_a_408(http_server: Any, base_url: str) -> None:
+    reader, writer = await connect(base_url)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\nonly ten..")
+    response = await read_response(reader)
+    assert response.status == 408 and response.json()["type"] == "/problems/request-timeout"
+    assert "body" in response.json()["detail"]
+    assert await closed_by_server(reader)
