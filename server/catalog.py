@@ -254,7 +254,8 @@ class LiveStock:
         self._clock = clock
         self._values: dict[int, tuple[int, float]] = {}  # id -> (stock, read started at)
         self._pending: dict[int, asyncio.Task[dict[int, int]]] = {}
-        # Misses asked for within one loop iteration, across requests, share one statement.
+        # Misses asked for before the next statement starts (within one loop iteration, or
+        # while another statement is in flight), across requests, share that statement.
         self._next_read: asyncio.Task[dict[int, int]] | None = None
         self._next_ids: list[int] = []
         self._reading: asyncio.Task[Any] | None = None

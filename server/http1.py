@@ -196,7 +196,11 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
                 self._pause_reading()
 
     def eof_received(self) -> bool | None:
-        return None  # close our side too
+        # A FIN ends the connection, as with Tornado's server: it is how a departed client
+        # looks, and handlers are told (`on_connection_close`) so they can stop working for it.
+        # (A client that only half-closes after its request loses the answer; HTTP/1.1
+        # clients do not do that.)
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connection_closed(self)
