@@ -388,3 +388,28 @@ async def test_a_body_that_stops_arriving_gets_a_408(http_server: Any, base_url:
     assert response.status == 408 and response.json()["type"] == "/problems/request-timeout"
     assert "body" in response.json()["detail"]
     assert await closed_by_server(reader)
+
+
+@pytest.mark.gen_test(timeout=20)
+@only_ours
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",  # CL.TE smuggling
+        b"Content-Length: 4\r\nContent-Length: 40\r\n",  # two lengths
+        b"Transfer-Encoding: chunked, identity\r\n",  # chunked not last
+    ],
+)
+async def test_ambiguous_body_framing_is_refused(
+    http_server: Any, base_url: str, framing: bytes
+) -> None:
+    """Requests a proxy in front could frame differently (request smuggling) get a 400."""
+    reader, writer = await connect(base_url)
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: test\r\n"
+        + framing
+        + b"\r\n0\r\n\r\nGET /echo HTTP/1.1\r\n\r\n"
+    )
+    response = await read_response(reader)
+    assert response.status == 400 and response.json()["type"] == "/problems/malformed-request"
+    assert await closed_by_server(reader)
