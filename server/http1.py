@@ -565,9 +565,16 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
             transport.close()
 
     def _abort(self) -> None:
+        """Close after what is already buffered has been sent."""
         self._events.clear()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def kill(self) -> None:
+        """Close now, dropping anything unsent (a client that stopped reading)."""
+        self._events.clear()
+        if self.transport is not None:
+            self.transport.abort()
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
@@ -681,7 +688,8 @@ class HttptoolsServer:
             connection.close_if_idle()
 
     async def close_all_connections(self) -> None:
-        """Close every connection and wait until they are gone."""
+        """Close every connection at once (unsent answers are dropped: this is the end of
+        the drain) and wait until they are gone."""
         self.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -689,7 +697,7 @@ class HttptoolsServer:
         if self.connections:
             self._all_closed = asyncio.Event()
             for connection in list(self.connections):
-                connection._abort()
+                connection.kill()
             await self._all_closed.wait()
 
     def connection_closed(self, connection: Http1Connection) -> None:

@@ -413,3 +413,16 @@ async def test_ambiguous_body_framing_is_refused(
     response = await read_response(reader)
     assert response.status == 400 and response.json()["type"] == "/problems/malformed-request"
     assert await closed_by_server(reader)
+
+
+@pytest.mark.gen_test(timeout=20)
+@only_ours
+async def test_closing_all_connections_does_not_wait_for_a_client_that_stopped_reading(
+    http_server: Any, base_url: str
+) -> None:
+    _reader, writer = await connect(base_url)
+    writer.write(get(f"/stream?n=32&size={1024 * 1024}"))  # 32 MiB it never reads
+    await asyncio.sleep(0.5)
+    await asyncio.wait_for(http_server.close_all_connections(), 3)
+    assert not http_server.connections
+    writer.close()
