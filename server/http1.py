@@ -288,9 +288,7 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
                 if self._delegate is not None:
                     return
                 events.clear()
-                _, status, reason, problem_kind, detail = event
-                _log.info("http_refused", status=status, reason=detail, peer=str(self.context))
-                self._refuse(status, reason, problem_kind, detail)
+                self._give_up(*event[1:])
                 return
         if not events and self._reading_paused and not self._blocked and not self._upgrade:
             self._resume_reading()
@@ -383,26 +381,18 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         future.add_done_callback(resume)
 
     def _too_large(self, size: int) -> None:
-        """A body past the limit: tell the handler the request is gone, answer 413, close."""
-        delegate, self._delegate = self._delegate, None
-        if delegate is not None:
-            self._guard(delegate.on_connection_close)
         detail = f"request body is {size} bytes; at most {self._max_body_size} are accepted"
-        _log.info("http_refused", status=413, reason=detail, peer=str(self.context))
-        if not self._headers_sent:
-            self._refuse(413, "Content Too Large", "body-too-large", detail)
-        else:
-            self._abort()
+        self._give_up(413, "Content Too Large", "body-too-large", detail)
 
-    def _body_stalled(self) -> None:
-        """A request body that stopped arriving: the request is gone, answer 408, close."""
+    def _give_up(self, status: int, reason: str, kind: str, detail: str) -> None:
+        """The request cannot go on (malformed, too large, too slow): tell its handler it is
+        gone, answer with a problem unless an answer has begun, log, and close."""
         delegate, self._delegate = self._delegate, None
         if delegate is not None:
             self._guard(delegate.on_connection_close)
-        detail = f"no part of the request body came for {self.server.body_timeout_s:g}s"
-        _log.info("http_refused", status=408, reason=detail, peer=str(self.context))
+        _log.info("http_refused", status=status, reason=detail, peer=str(self.context))
         if not self._headers_sent:
-            self._refuse(408, "Request Timeout", "request-timeout", detail)
+            self._refuse(status, reason, kind, detail)
         else:
             self._abort()
 
@@ -475,6 +465,7 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         if self._chunking:
             self._send(b"0\r\n\r\n")
         self._write_finished = True
+        self._headers_sent = False  # nothing is being answered now
         self._close_callback = None
         if self.server.xheaders:
             self.context.reset()
@@ -601,15 +592,16 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         server = self.server
         if self.header_started is not None and now - self.header_started > server.header_timeout_s:
             if self.idle:
-                _log.info("http_refused", status=408, reason="slow headers", peer=str(self.context))
-                self._refuse(408, "Request Timeout", "request-timeout", "headers took too long")
+                detail = f"the request line and headers took over {server.header_timeout_s:g}s"
+                self._give_up(408, "Request Timeout", "request-timeout", detail)
             return
         quiet_s = now - self.last_active
         if self.idle:
             if quiet_s > server.idle_timeout_s:
                 self._abort()
         elif self._reading_body and quiet_s > server.body_timeout_s:
-            self._body_stalled()
+            detail = f"no part of the request body came for {server.body_timeout_s:g}s"
+            self._give_up(408, "Request Timeout", "request-timeout", detail)
 
     @property
     def _reading_body(self) -> bool:
