@@ -440,12 +440,12 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
             self._expected_remaining = int(headers["Content-Length"])
         else:
             self._expected_remaining = None
-        lines = [f"{name}: {value}" for name, value in headers.get_all()]
+        lines = [f"HTTP/1.1 {code} {start_line.reason}"]
+        lines.extend(f"{name}: {value}" for name, value in headers.get_all())
         text = "\n".join(lines)
         if "\r" in text or text.count("\n") != len(lines) - 1:
             raise ValueError(f"illegal characters (CR or LF) in a header: {text!r}")
-        head = f"HTTP/1.1 {code} {start_line.reason}\r\n" + text.replace("\n", "\r\n")
-        data = head.encode("latin1") + b"\r\n\r\n"
+        data = text.replace("\n", "\r\n").encode("latin1") + b"\r\n\r\n"
         if chunk:
             data += self._format_chunk(chunk)
         return self._send(data)
