@@ -114,6 +114,11 @@ class ResilientSubscription:
             self._pubsub = None
 
     async def _connect(self) -> None:
+        # A Redis Cluster client learns the slot map on its first command, but its pub/sub
+        # does not ask for it (redis-py raises KeyError on the channel's slot): ask first.
+        initialize = getattr(self._redis, "initialize", None)
+        if initialize is not None:
+            await initialize()
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         self._pubsub = pubsub
         await pubsub.subscribe(*self._channels)
@@ -143,9 +148,12 @@ class ResilientSubscription:
                         await self._reconnected()
                     failures = 0
                 message = await self._pubsub.get_message(timeout=1.0)
-            except REDIS_DOWN as exc:
+            except Exception as exc:  # this task must outlive any failure
                 if failures == 0:
-                    _log.warning("pubsub_disconnected", name=self._name, error=repr(exc))
+                    unexpected = not isinstance(exc, REDIS_DOWN)
+                    _log.warning(
+                        "pubsub_disconnected", name=self._name, error=repr(exc), exc_info=unexpected
+                    )
                 await self._close()
                 await asyncio.sleep(
                     RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]

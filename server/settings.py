@@ -214,7 +214,11 @@ class Settings(BaseSettings):
     )
     redis_cluster: bool = Field(
         False,
-        description="`redis_url` names a node of a Redis Cluster (sharded pub/sub).",
+        description=(
+            "`redis_url` names a node of a Redis Cluster. Every script keeps to one hash slot; "
+            "pub/sub is classic PUBLISH, which the cluster forwards to every node (sharded "
+            "pub/sub is not built yet)."
+        ),
         json_schema_extra=_group("redis"),
     )
     redis_timeout_s: float = Field(

@@ -22,6 +22,7 @@ import psycopg2
 import pytest
 import redis
 import uvloop
+from redis.cluster import RedisCluster
 
 from server import infra
 from server.db.migrate import migrate_all
@@ -122,15 +123,21 @@ def primary_dsns(env: dict[str, str]) -> list[str]:
 
 @pytest.fixture
 def clean_data(infra_env: dict[str, str]) -> None:
-    """Empty every table of every database and flush Redis before the test."""
+    """Empty every table of every database and flush Redis (every master of a cluster)
+    before the test."""
     for index, dsn in enumerate(primary_dsns(infra_env)):
         tables = _CATALOG_TABLES if index == 0 else _SHARD_TABLES
         with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
             cur.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
         conn.close()
-    client = redis.Redis.from_url(infra_env["FM_REDIS_URL"])
-    client.flushdb()
-    client.close()
+    if infra_env.get("FM_REDIS_CLUSTER") == "1":
+        cluster = RedisCluster.from_url(infra_env["FM_REDIS_URL"])
+        cluster.flushall(target_nodes=RedisCluster.PRIMARIES)
+        cluster.close()
+    else:
+        client = redis.Redis.from_url(infra_env["FM_REDIS_URL"])
+        client.flushdb()
+        client.close()
 
 
 @pytest.fixture

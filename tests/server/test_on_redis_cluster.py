@@ -1,0 +1,193 @@
+"""Two nodes on a real Redis Cluster (Valkey, 3 masters + 3 replicas): `FM_REDIS_CLUSTER=1`.
+
+Every Lua script touches keys of one hash tag, so the broker's offsets and history, the cache,
+sessions, rate limits and presence run unchanged on a cluster; these tests hold them to it
+(a key of another slot in a script is a CROSSSLOT error here and nowhere else). Pub/sub is
+classic PUBLISH, which a cluster forwards to every node; sharded pub/sub is not built yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+from tornado.httpclient import AsyncHTTPClient
+
+from server.infra import ValkeyServer, create_cluster
+from server.infra.common import pick_free_port
+from server.infra.valkey import CLUSTER_BUS_OFFSET
+from server.services import Services
+from server.settings import Settings
+from tests.handlers.test_cart import (
+    call,
+    commerce_app,
+    commerce_settings,
+    make_user,
+    ok,
+    start_node,
+)
+from tests.realtime.cable_helpers import CableClient, add_product, identifier
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_data")]
+
+_NODES = 6
+
+
+@pytest.fixture(scope="module")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ValkeyServer]]:
+    """A Valkey cluster of this module's own (3 masters, each with a replica)."""
+    root = tmp_path_factory.mktemp("valkey-cluster")
+    used: set[int] = set()
+    nodes = []
+    for i in range(_NODES):
+        port = pick_free_port(exclude=used, bus_offset=CLUSTER_BUS_OFFSET)
+        used.update({port, port + CLUSTER_BUS_OFFSET})
+        nodes.append(ValkeyServer(Path(root, f"node{i}"), port, cluster=True, log=lambda _: None))
+    try:
+        for node in nodes:
+            node.start()
+        create_cluster(nodes, replicas=1, log=lambda _: None)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+@pytest.fixture(scope="module")
+def infra_env(infra_env: dict[str, str], valkey_cluster: list[ValkeyServer]) -> dict[str, str]:
+    """The suite's databases with Redis replaced by the cluster (`clean_data` flushes it)."""
+    return infra_env | {"FM_REDIS_URL": valkey_cluster[0].url, "FM_REDIS_CLUSTER": "1"}
+
+
+@pytest.fixture
+def settings(infra_env: dict[str, str]) -> Settings:
+    return commerce_settings(infra_env)
+
+
+@pytest.fixture
+def app(services: Services) -> Any:
+    return commerce_app(services)
+
+
+@pytest.fixture
+def client(io_loop: Any, http_server: Any) -> Iterator[AsyncHTTPClient]:
+    """An HTTP client; asking for `http_server` serves node A at `base_url`."""
+    http = AsyncHTTPClient(force_instance=True)
+    yield http
+    http.close()
+
+
+@pytest.fixture
+def cluster(infra_env: dict[str, str]) -> Iterator[RedisCluster]:
+    """A plain client of the cluster, to look at where keys went."""
+    client = RedisCluster.from_url(infra_env["FM_REDIS_URL"])
+    yield client
+    client.close()
+
+
+def _stock(product_id: int, stock: int) -> dict[str, Any]:
+    return {"event": "stock", "product_id": str(product_id), "stock": stock}
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_stream_offsets_history_and_recovery_across_nodes(
+    services: Services, settings: Settings, infra_env: dict[str, str], cluster: RedisCluster
+) -> None:
+    assert services.settings.redis_cluster
+    product_id = add_product(infra_env["FM_CATALOG_DSN"], stock=10)
+    stream = f"inventory:product:{product_id}"
+    ident = identifier("InventoryChannel", product_id=product_id)
+    node_b = await start_node(settings)
+    try:
+        client = await CableClient.connect(node_b.url("/cable"))
+        await client.subscribe(ident)
+        snapshot = await client.next_message(ident)
+        assert snapshot["stock"] == 10
+        await services.cable.publish(stream, _stock(product_id, 9))
+        seen = await client.next_message(ident)
+        assert (seen["stock"], seen["offset"]) == (9, snapshot["offset"] + 1)
+        client.close()
+
+        for stock in (8, 7, 6):  # published on node A while the client is away
+            await services.cable.publish(stream, _stock(product_id, stock))
+        back = await CableClient.connect(node_b.url("/cable"))
+        resume = identifier(
+            "InventoryChannel", product_id=product_id, since=seen["offset"], epoch=seen["epoch"]
+        )
+        await back.subscribe(resume)
+        replayed = [await back.next_message(resume) for _ in range(3)]
+        assert [(m["stock"], m["offset"]) for m in replayed] == [
+            (8, seen["offset"] + 1),
+            (7, seen["offset"] + 2),
+            (6, seen["offset"] + 3),
+        ]
+        back.close()
+    finally:
+        await node_b.stop()
+    # The offset, history and epoch keys share the stream's hash tag: one slot, one master.
+    tag = "{" + stream + "}"
+    keys = [f"{tag}:offset", f"{tag}:history", f"{tag}:epoch"]
+    assert {cluster.keyslot(key) for key in keys} == {cluster.keyslot(tag)}
+    assert all(cluster.exists(key) for key in keys)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sessions_cache_cart_and_presence_across_nodes(
+    client: Any, base_url: str, services: Services, settings: Settings, infra_env: dict[str, str]
+) -> None:
+    product_id = add_product(infra_env["FM_CATALOG_DSN"], stock=10)
+    _, token = await make_user(services, "ada@example.com")  # a session stored in the cluster
+    url = f"{base_url}/api/v1/products/{product_id}"
+    first = ok(await call(client, url))
+    assert ok(await call(client, url)) == first  # the second read comes through the cache
+    node_b = await start_node(settings)
+    try:
+        cable = await CableClient.connect(node_b.url(f"/cable?token={token}"))
+        cart_id = identifier("CartChannel")
+        await cable.subscribe(cart_id)
+        assert (await cable.next_message(cart_id))["cart"]["version"] == 0
+        body = {"product_id": product_id, "quantity": 2}
+        answered = ok(await call(client, base_url + "/api/v1/cart/items", "POST", body, token))
+        pushed = await cable.next_message(cart_id)
+        assert pushed["event"] == "cart" and pushed["cart"] == answered
+
+        watcher = await CableClient.connect(node_b.url("/cable"))
+        inventory = identifier("InventoryChannel", product_id=product_id)
+        await watcher.subscribe(inventory)
+        while (message := await watcher.next_message(inventory))["event"] != "presence":
+            pass
+        assert message["viewers"] == 1
+        cable.close()
+        watcher.close()
+    finally:
+        await node_b.stop()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_rate_limits_count_across_nodes(
+    client: Any, base_url: str, services: Services, settings: Settings
+) -> None:
+    limited = settings.model_copy(update={"ratelimit_ip_per_second": 0.01, "ratelimit_ip_burst": 3})
+    node_b = await start_node(limited, "node-b")
+    node_c = await start_node(limited, "node-c")
+    try:
+        statuses = []
+        for node in (node_b, node_c, node_b, node_c, node_b):
+            statuses.append(
+                (await call(client, f"http://127.0.0.1:{node.port}/api/v1/products")).code
+            )
+        assert statuses == [200, 200, 200, 429, 429]
+    finally:
+        await node_b.stop()
+        await node_c.stop()
+
+
+def test_clean_data_flushes_every_master(infra_env: dict[str, str], cluster: RedisCluster) -> None:
+    """The fixture this module relies on: nothing left on any master after `clean_data`."""
+    for primary in cluster.get_primaries():
+        with redis.Redis(host=primary.host, port=primary.port) as node:
+            assert node.dbsize() == 0
