@@ -9,6 +9,7 @@ classic PUBLISH, which a cluster forwards to every node; sharded pub/sub is not 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from server.infra.common import pick_free_port
 from server.infra.valkey import CLUSTER_BUS_OFFSET
 from server.services import Services
 from server.settings import Settings
+from tests.graphql.helpers import gql, result
 from tests.handlers.test_cart import (
     call,
     commerce_app,
@@ -184,6 +186,31 @@ async def test_rate_limits_count_across_nodes(
     finally:
         await node_b.stop()
         await node_c.stop()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_graphql_persisted_query_registered_on_one_node_answers_on_another(
+    client: Any, base_url: str, settings: Settings, infra_env: dict[str, str]
+) -> None:
+    product_id = add_product(infra_env["FM_CATALOG_DSN"], stock=4)
+    query = "query One($id: ID!) { product(id: $id) { id stock } }"
+    persisted = {"persistedQuery": {"version": 1, "sha256Hash": sha256(query.encode()).hexdigest()}}
+    variables = {"id": str(product_id)}
+    registered = result(await gql(client, base_url, query, variables, extensions=persisted))
+    assert registered["data"]["product"] == {"id": str(product_id), "stock": 4}
+    node_b = await start_node(settings)
+    try:
+        for _ in range(2):  # the second answer may come from the result cache
+            answered = await gql(
+                client,
+                f"http://127.0.0.1:{node_b.port}",
+                method="GET",
+                variables=variables,
+                extensions=persisted,
+            )
+            assert result(answered)["data"] == registered["data"]
+    finally:
+        await node_b.stop()
 
 
 def test_clean_data_flushes_every_master(infra_env: dict[str, str], cluster: RedisCluster) -> None:
