@@ -5,14 +5,16 @@ message to its history (XADD with the offset as entry id, MAXLEN ~), and PUBLISH
 envelope `[stream, offset, epoch, payload, origin]`. Being one script, two nodes publishing
 to one stream can never reorder or duplicate offsets. All keys of a stream share one hash tag
 (`{inventory:product:42}:offset`, `...:history`, `...:epoch`, channel `...:live`), so the same
-script runs unchanged on a Redis Cluster.
+script runs unchanged on a Redis Cluster, where it SPUBLISHes instead: sharded pub/sub keeps
+each message on the shard that owns its stream.
 
 The epoch is a random string stored beside the offset; when Redis loses the stream's data
 (restart without persistence, eviction) the epoch is made anew, so clients holding the old one
 know their offsets mean nothing any more and take a fresh snapshot.
 
 A node subscribes to a stream's channel while it has local subscribers. The subscription
-(`server.pubsub.ResilientSubscription`) survives Redis restarts; after each reconnect the node
+(`server.pubsub.ResilientSubscription`, or `server.sharded_pubsub.ShardedSubscription` on a
+cluster) survives Redis restarts and failovers; after each reconnect the node
 asks for every followed stream's position so the hub can fill the gap from history or
 resynchronise.
 """
@@ -29,6 +31,7 @@ import msgpack
 
 from server.logs import get_logger
 from server.pubsub import ResilientSubscription
+from server.sharded_pubsub import ShardedSubscription
 
 _log = get_logger("finalmarket.broker")
 
@@ -45,7 +48,7 @@ local maxlen = tonumber(ARGV[4])
 if maxlen > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, offset .. '-1', 'p', ARGV[2])
 end
-redis.call('PUBLISH', KEYS[4], cmsgpack.pack({ARGV[1], offset, epoch, ARGV[2], ARGV[5]}))
+redis.call(ARGV[6], KEYS[4], cmsgpack.pack({ARGV[1], offset, epoch, ARGV[2], ARGV[5]}))
 return {offset, epoch}
 """
 
@@ -102,8 +105,14 @@ class RedisBroker:
         on_envelope: OnEnvelope,
         on_reconnect: OnReconnect | None = None,
         history_maxlen: int = DEFAULT_HISTORY_MAXLEN,
+        *,
+        sharded: bool = False,
     ) -> None:
+        """`sharded`: `redis` is a Redis Cluster client; use sharded pub/sub (SPUBLISH and
+        SSUBSCRIBE), so each message crosses only the shard that owns its stream."""
         self._redis = redis
+        self._sharded = sharded
+        self._publish_command = "SPUBLISH" if sharded else "PUBLISH"
         self._node_id = node_id
         self._on_envelope = on_envelope
         self._on_reconnect = on_reconnect
@@ -112,9 +121,8 @@ class RedisBroker:
         self._outbox: list[tuple[tuple[list[str], list[Any]], asyncio.Future[Any]]] = []
         self._drainer: asyncio.Task[None] | None = None
         self._position = redis.register_script(_POSITION)
-        self._subscription = ResilientSubscription(
-            redis, self._on_message, self._reconnected, "broker"
-        )
+        subscription = ShardedSubscription if sharded else ResilientSubscription
+        self._subscription = subscription(redis, self._on_message, self._reconnected, "broker")
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -127,6 +135,12 @@ class RedisBroker:
         if self._drainer is not None:
             await asyncio.gather(self._drainer, return_exceptions=True)
         await self._subscription.stop()
+
+    @property
+    def reconnects(self) -> int:
+        """How often the pub/sub subscription had to be re-established (messages lost meanwhile
+        were then recovered from history)."""
+        return self._subscription.reconnects
 
     # --- subscriptions ------------------------------------------------------------------------
 
@@ -157,6 +171,7 @@ class RedisBroker:
                 _new_epoch(),
                 self._history_maxlen if history else 0,
                 self._node_id,
+                self._publish_command,
             ],
         )
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -173,6 +188,8 @@ class RedisBroker:
                 if len(batch) == 1:
                     (keys, args), _ = batch[0]
                     results = [await self._publish(keys=keys, args=args)]
+                elif self._sharded:
+                    results = await self._publish_per_stream(batch)
                 else:
                     pipe = self._redis.pipeline(transaction=False)
                     for (keys, args), _ in batch:
@@ -187,6 +204,27 @@ class RedisBroker:
                     done.set_exception(result)
                 else:
                     done.set_result(result)
+
+    async def _publish_per_stream(
+        self, batch: list[tuple[tuple[list[str], list[Any]], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        """A batch on a cluster, where redis-py pipelines no scripts: the messages of one
+        stream one after another (their order), the streams side by side."""
+        results: list[Any] = [None] * len(batch)
+        by_stream: dict[str, list[int]] = {}
+        for index, ((keys, _args), _done) in enumerate(batch):
+            by_stream.setdefault(keys[0], []).append(index)
+
+        async def in_order(indexes: list[int]) -> None:
+            for index in indexes:
+                (keys, args), _done = batch[index]
+                try:
+                    results[index] = await self._publish(keys=keys, args=args)
+                except Exception as exc:
+                    results[index] = exc
+
+        await asyncio.gather(*(in_order(indexes) for indexes in by_stream.values()))
+        return results
 
     async def position(self, stream: str) -> tuple[int, str]:
         """(last offset, epoch) of `stream`, creating the epoch if the stream is new."""

@@ -79,13 +79,19 @@ class CableServer:
         limits: CableLimits | None = None,
         benchmark_channel: bool = False,
         history_maxlen: int = 1000,
+        sharded_pubsub: bool = False,
     ) -> None:
         self.limits = limits or CableLimits()
         self.full_allowance = float(self.limits.command_burst)
         self.hard_bytes = self.limits.slow_consumer_hard_bytes
         self.hub = Hub()
         self.broker = RedisBroker(
-            redis, node_id, self._on_envelope, self._on_reconnect, history_maxlen
+            redis,
+            node_id,
+            self._on_envelope,
+            self._on_reconnect,
+            history_maxlen,
+            sharded=sharded_pubsub,
         )
         self.presence = Presence(redis, node_id, self.publish)
         self.channels: dict[str, Channel] = build_channels(

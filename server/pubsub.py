@@ -26,7 +26,7 @@ RECONNECT_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 # RuntimeError: redis-py's "pubsub connection not set" after a failed (re)subscribe.
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError)
 
-_FIRST_SUBSCRIBE_WAIT_S = 2.0
+FIRST_SUBSCRIBE_WAIT_S = 2.0
 
 OnMessage = Callable[[str, bytes], None]
 OnReconnect = Callable[[], Awaitable[None]]
@@ -91,7 +91,7 @@ class ResilientSubscription:
             # caller that reads a stream's position next cannot miss what follows it.
             self._has_channels.set()
             with contextlib.suppress(TimeoutError):
-                await self.wait_subscribed(_FIRST_SUBSCRIBE_WAIT_S)
+                await self.wait_subscribed(FIRST_SUBSCRIBE_WAIT_S)
             return
         try:
             await self._pubsub.subscribe(channel)

@@ -118,6 +118,7 @@ class Services:
                 ping_interval_s=settings.cable_ping_interval_s,
             ),
             benchmark_channel=settings.benchmark_channel,
+            sharded_pubsub=settings.redis_cluster,
             history_maxlen=settings.stream_history_maxlen,
         )
         cache = CachedLoader(

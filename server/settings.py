@@ -215,9 +215,8 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(
         False,
         description=(
-            "`redis_url` names a node of a Redis Cluster. Every script keeps to one hash slot; "
-            "pub/sub is classic PUBLISH, which the cluster forwards to every node (sharded "
-            "pub/sub is not built yet)."
+            "`redis_url` names a node of a Redis Cluster (Redis 7+ or Valkey): every script "
+            "keeps to one hash slot, and streams use sharded pub/sub (SPUBLISH/SSUBSCRIBE)."
         ),
         json_schema_extra=_group("redis"),
     )

@@ -2,12 +2,16 @@
 
 Every Lua script touches keys of one hash tag, so the broker's offsets and history, the cache,
 sessions, rate limits and presence run unchanged on a cluster; these tests hold them to it
-(a key of another slot in a script is a CROSSSLOT error here and nowhere else). Pub/sub is
-classic PUBLISH, which a cluster forwards to every node; sharded pub/sub is not built yet.
+(a key of another slot in a script is a CROSSSLOT error here and nowhere else). Streams use
+sharded pub/sub (SPUBLISH/SSUBSCRIBE), which must survive a master failing over, planned or not.
+The failover tests come last: they leave the cluster with its masters moved, still healthy.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import Iterator
 from hashlib import sha256
 from pathlib import Path
@@ -20,7 +24,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from server.infra import ValkeyServer, create_cluster
 from server.infra.common import pick_free_port
-from server.infra.valkey import CLUSTER_BUS_OFFSET
+from server.infra.valkey import CLUSTER_BUS_OFFSET, parse_info
 from server.services import Services
 from server.settings import Settings
 from tests.graphql.helpers import gql, result
@@ -95,9 +99,68 @@ def _stock(product_id: int, stock: int) -> dict[str, Any]:
     return {"event": "stock", "product_id": str(product_id), "stock": stock}
 
 
+def _live_channel(product_id: int) -> str:
+    return "{inventory:product:" + str(product_id) + "}:live"
+
+
+def _master_of(nodes: list[ValkeyServer], cluster: RedisCluster, key: str) -> ValkeyServer:
+    cluster.nodes_manager.initialize()  # the slot map as it is now
+    owner = cluster.get_node_from_key(key)
+    return next(node for node in nodes if node.port == owner.port)
+
+
+def _replica_of(nodes: list[ValkeyServer], master: ValkeyServer) -> ValkeyServer:
+    for node in nodes:
+        with contextlib.suppress(OSError):
+            info = parse_info(str(node.command("INFO", "replication")))
+            if info.get("role") == "slave" and info.get("master_port") == str(master.port):
+                return node
+    raise AssertionError(f"no replica of {master.port}")
+
+
+def _wait_until(check: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+async def _subscriber_on(node: Any, product_id: int) -> tuple[CableClient, str, dict[str, Any]]:
+    client = await CableClient.connect(node.url("/cable"))
+    ident = identifier("InventoryChannel", product_id=product_id)
+    await client.subscribe(ident)
+    first = await client.next_message(ident)
+    while first["event"] != "stock":
+        first = await client.next_message(ident)
+    return client, ident, first
+
+
+async def _next_stock(client: CableClient, ident: str, timeout: float = 30.0) -> dict[str, Any]:
+    while (message := await client.next_message(ident, timeout))["event"] != "stock":
+        pass
+    return message
+
+
+async def _read_stocks(client: CableClient, ident: str, count: int) -> tuple[list[int], list[int]]:
+    """The next `count` stock figures, and the offsets of every message read meanwhile
+    (presence counts share the stream)."""
+    stocks: list[int] = []
+    offsets: list[int] = []
+    while len(stocks) < count:
+        message = await client.next_message(ident, 30.0)
+        offsets.append(message["offset"])
+        if message["event"] == "stock":
+            stocks.append(message["stock"])
+    return stocks, offsets
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_stream_offsets_history_and_recovery_across_nodes(
-    services: Services, settings: Settings, infra_env: dict[str, str], cluster: RedisCluster
+    services: Services,
+    settings: Settings,
+    infra_env: dict[str, str],
+    cluster: RedisCluster,
+    valkey_cluster: list[ValkeyServer],
 ) -> None:
     assert services.settings.redis_cluster
     product_id = add_product(infra_env["FM_CATALOG_DSN"], stock=10)
@@ -112,6 +175,14 @@ async def test_stream_offsets_history_and_recovery_across_nodes(
         await services.cable.publish(stream, _stock(product_id, 9))
         seen = await client.next_message(ident)
         assert (seen["stock"], seen["offset"]) == (9, snapshot["offset"] + 1)
+        # Sharded pub/sub: node B follows the stream on the master owning its slot, and no
+        # node has a classic subscriber (whose messages the cluster copies to every node).
+        channel = _live_channel(product_id).encode()
+        owner = cluster.get_node_from_key(channel)
+        with redis.Redis(host=owner.host, port=owner.port) as master:
+            assert master.execute_command("PUBSUB", "SHARDNUMSUB", channel) == [channel, 1]
+        for node in valkey_cluster:
+            assert node.command("PUBSUB", "NUMSUB", channel.decode())[1] == 0
         client.close()
 
         for stock in (8, 7, 6):  # published on node A while the client is away
@@ -218,3 +289,106 @@ def test_clean_data_flushes_every_master(infra_env: dict[str, str], cluster: Red
     for primary in cluster.get_primaries():
         with redis.Redis(host=primary.host, port=primary.port) as node:
             assert node.dbsize() == 0
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_burst_of_publishes_keeps_each_streams_order(
+    services: Services, settings: Settings, infra_env: dict[str, str]
+) -> None:
+    """Publishes queued together go out as one batch (on a cluster: per stream, in order)."""
+    products = [add_product(infra_env["FM_CATALOG_DSN"], stock=50) for _ in range(3)]
+    node_b = await start_node(settings)
+    try:
+        client, ident, first = await _subscriber_on(node_b, products[0])
+        offsets = await asyncio.gather(
+            *(
+                services.cable.publish(f"inventory:product:{product}", _stock(product, stock))
+                for stock in range(49, 29, -1)
+                for product in products
+            )
+        )
+        stocks, seen = await _read_stocks(client, ident, 20)
+        assert stocks == list(range(49, 29, -1))
+        assert seen == list(range(first["offset"] + 1, first["offset"] + 1 + len(seen)))
+        assert {offset for offset, _ in offsets[::3]} <= set(seen)
+        client.close()
+    finally:
+        await node_b.stop()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_subscribers_keep_their_stream_through_a_planned_failover(
+    services: Services,
+    settings: Settings,
+    infra_env: dict[str, str],
+    cluster: RedisCluster,
+    valkey_cluster: list[ValkeyServer],
+) -> None:
+    """`CLUSTER FAILOVER` on the replica: the old master ends its shard subscriptions
+    (`sunsubscribe`), node B follows the slot to the new master and misses nothing."""
+    product_id = add_product(infra_env["FM_CATALOG_DSN"], stock=10)
+    stream = f"inventory:product:{product_id}"
+    node_b = await start_node(settings)
+    try:
+        client, ident, first = await _subscriber_on(node_b, product_id)
+        master = _master_of(valkey_cluster, cluster, _live_channel(product_id))
+        replica = _replica_of(valkey_cluster, master)
+        replica.command("CLUSTER", "FAILOVER")
+        await asyncio.to_thread(
+            _wait_until,
+            lambda: parse_info(str(replica.command("INFO", "replication")))["role"] == "master",
+        )
+        for stock in (9, 8, 7):
+            await services.cable.publish(stream, _stock(product_id, stock))
+        stocks, seen = await _read_stocks(client, ident, 3)
+        assert stocks == [9, 8, 7]
+        assert seen == list(range(first["offset"] + 1, first["offset"] + 1 + len(seen)))
+        assert node_b.services.cable.broker.reconnects >= 1
+        client.close()
+    finally:
+        await node_b.stop()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_subscribers_recover_their_stream_when_its_master_dies(
+    services: Services,
+    settings: Settings,
+    infra_env: dict[str, str],
+    cluster: RedisCluster,
+    valkey_cluster: list[ValkeyServer],
+) -> None:
+    """The master owning the stream is stopped: its replica takes over after the cluster's
+    node timeout; node B reconnects to it and the subscriber gets every later message."""
+    product_id = add_product(infra_env["FM_CATALOG_DSN"], stock=10)
+    stream = f"inventory:product:{product_id}"
+    node_b = await start_node(settings)
+    master = _master_of(valkey_cluster, cluster, _live_channel(product_id))
+    replica = _replica_of(valkey_cluster, master)
+    try:
+        client, ident, first = await _subscriber_on(node_b, product_id)
+        await asyncio.to_thread(master.stop)
+        await asyncio.to_thread(
+            _wait_until,
+            lambda: parse_info(str(replica.command("INFO", "replication")))["role"] == "master",
+            60.0,
+        )
+        deadline = time.monotonic() + 30
+        while True:  # node A's client learns the new slot map on its first refusals
+            try:
+                await services.cable.publish(stream, _stock(product_id, 9))
+                break
+            except redis.RedisError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+        message = await _next_stock(client, ident)
+        # The replica had the stream's offset and history (or, had it not, a new epoch).
+        assert message["stock"] == 9
+        assert message["offset"] == first["offset"] + 1 or message["epoch"] != first["epoch"]
+        client.close()
+    finally:
+        await node_b.stop()
+        await asyncio.to_thread(master.start)  # it rejoins as a replica of the new master
+        await asyncio.to_thread(
+            _wait_until,
+            lambda: parse_info(str(master.command("CLUSTER", "INFO")))["cluster_state"] == "ok",
+        )
