@@ -22,6 +22,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import Histogram
+
 from realtime import cable_codec
 from realtime.broker import Envelope, RedisBroker
 from realtime.cable_codec import CableCodec, CommandError
@@ -40,6 +42,7 @@ __all__ = ["CableLimits", "CableServer", "StreamWatch", "WatchOverflow"]
 _log = get_logger("finalmarket.cable")
 _SHARED_SUBSCRIPTIONS_MAX = 100_000
 SLOW_CONSUMER_SWEEP_S = 0.25
+FANOUT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,14 @@ class CableServer:
         self.full_allowance = float(self.limits.command_burst)
         self.hard_bytes = self.limits.slow_consumer_hard_bytes
         self.hub = Hub()
+        self.fanout_seconds = Histogram(
+            "fm_cable_fanout_seconds",
+            "Time from a stream message reaching this node's hub to its being written to every "
+            "local subscriber (coalescing wait included).",
+            buckets=FANOUT_BUCKETS_S,
+            registry=None,  # exported by realtime.metrics.CableStatsCollector
+        )
+        self.hub.observe_fanout = self.fanout_seconds.observe
         self.broker = RedisBroker(
             redis,
             node_id,
@@ -109,6 +120,8 @@ class CableServer:
         # backlogged connection -> [cut-off deadline, unsent bytes at the previous sweep]
         self._paused: dict[CableConnection, list[float]] = {}
         self.refusals = 0
+        self.commands = 0  # client frames carrying commands, refused or not (for metrics)
+        self.received = 0  # stream messages that arrived from Redis (for metrics)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -424,6 +437,7 @@ class CableServer:
     # --- delivery -----------------------------------------------------------------------------
 
     def _on_envelope(self, envelope: Envelope) -> None:
+        self.received += 1
         stream = envelope.stream
         position = self._positions.get(stream)
         if position is None:

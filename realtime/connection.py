@@ -122,6 +122,7 @@ class CableConnection(asyncio.Protocol):
     # --- commands -----------------------------------------------------------------------------
 
     def _command(self, opcode: int, payload: bytes) -> None:
+        self.server.commands += 1
         if not self._take_allowance():
             self.server.log_refusal(self, "command_flood", "too many commands")
             self.disconnect("too_many_commands", reconnect=False)

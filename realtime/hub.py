@@ -13,6 +13,7 @@ reconnect with `since`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -45,12 +46,13 @@ class _Stream:
     """Local state of one stream: its groups, in-process listeners, and the bodies waiting
     for the next flush."""
 
-    __slots__ = ("groups", "listeners", "pending")
+    __slots__ = ("groups", "listeners", "pending", "queued_at")
 
     def __init__(self) -> None:
         self.groups: dict[tuple[str, CableCodec], _Group] = {}
         self.listeners: dict[Listener, None] = {}
         self.pending: list[Any] = []
+        self.queued_at: list[float] = []  # when each pending message was queued
 
     def empty(self) -> bool:
         return not self.groups and not self.listeners
@@ -68,6 +70,9 @@ class Hub:
         self._dirty: list[_Stream] = []
         self._flush_scheduled = False
         self.delivered = 0  # messages written to subscribers (for metrics)
+        # Called with each message's fan-out latency in seconds (queued -> written to every
+        # local subscriber), e.g. a histogram's `observe`.
+        self.observe_fanout: Callable[[float], None] | None = None
 
     # --- membership -------------------------------------------------------------------------
 
@@ -151,6 +156,7 @@ class Hub:
         if not state.pending:
             self._dirty.append(state)
         state.pending.append(bodies)
+        state.queued_at.append(time.perf_counter())
         if not self._flush_scheduled:
             self._flush_scheduled = True
             (self._loop or asyncio.get_running_loop()).call_soon(self.flush)
@@ -159,8 +165,10 @@ class Hub:
         """Write every queued message: one frame run per group, one write per subscriber."""
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
+        observe = self.observe_fanout
         for state in dirty:
             pending, state.pending = state.pending, []
+            queued_at, state.queued_at = state.queued_at, []
             for group in list(state.groups.values()):
                 opcode, prefix, codec = group.codec.opcode, group.prefix, group.codec
                 frames = b"".join(
@@ -171,6 +179,10 @@ class Hub:
                 for member in list(group.members):
                     member.send(frames)
                 self.delivered += len(group.members) * len(pending)
+            if observe is not None:
+                written = time.perf_counter()
+                for queued in queued_at:
+                    observe(written - queued)
 
     def send_to(
         self, subscriber: Subscriber, identifier: str, codec: CableCodec, message: Any

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -17,16 +17,32 @@ if TYPE_CHECKING:
 
 
 class CableStatsCollector(Collector):
-    """Connections, streams, deliveries, refusals and slow consumers of one node's cable."""
+    """Connections, subscriptions, streams, messages in and out, fan-out latency, refusals,
+    slow consumers and Redis reconnects of one node's cable."""
 
     def __init__(self, cable: CableServer) -> None:
         self._cable = cable
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         """The current figures (called by the registry on each scrape)."""
         cable = self._cable
         yield GaugeMetricFamily(
             "fm_cable_connections", "Open /cable connections.", value=len(cable.connections)
+        )
+        yield GaugeMetricFamily(
+            "fm_cable_subscriptions",
+            "Channel subscriptions held by open /cable connections.",
+            value=sum(len(conn.subscriptions) for conn in cable.connections),
+        )
+        yield CounterMetricFamily(
+            "fm_cable_commands",
+            "Commands received from clients (subscribe, unsubscribe, message), refused or not.",
+            value=cable.commands,
+        )
+        yield CounterMetricFamily(
+            "fm_cable_received_messages",
+            "Stream messages received from Redis (every node's publishes of followed streams).",
+            value=cable.received,
         )
         yield GaugeMetricFamily(
             "fm_cable_streams",
@@ -48,3 +64,10 @@ class CableStatsCollector(Collector):
             "Connections cut off for not reading what they were sent.",
             value=cable.slow_consumers,
         )
+        yield CounterMetricFamily(
+            "fm_cable_redis_reconnects",
+            "Times the node re-established its Redis pub/sub after losing it (gaps then filled "
+            "from history).",
+            value=cable.broker.reconnects,
+        )
+        yield from cable.fanout_seconds.collect()

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from tornado.httpclient import AsyncHTTPClient
 
 from server.infra import ValkeyServer
 from server.services import Services
@@ -218,6 +220,71 @@ class TestRedisRestart:
         assert received, "no message reached the subscriber after Redis came back"
         assert received[0]["epoch"] != before["epoch"]
         assert received[-1]["stock"] == 1
+        assert _metric(await _scrape(node_b.url("/metrics")), "fm_cable_redis_reconnects") >= 1
+        client.close()
+
+
+async def _scrape(url: str) -> dict[str, float]:
+    """A node's /metrics as {sample name with labels: value}."""
+    response = await AsyncHTTPClient().fetch(url.replace("ws://", "http://"))
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.body.decode()):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return samples
+
+
+def _metric(samples: dict[str, float], name: str) -> float:
+    for suffix in ("_total", ""):
+        if name + suffix in samples:
+            return samples[name + suffix]
+    raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_metrics_count_connections_subscriptions_messages_and_fanout_latency(
+    services: Services, node_b: ExtraNode, product_id: int
+) -> None:
+    stream = f"inventory:product:{product_id}"
+    before = await _scrape(node_b.url("/metrics"))
+    clients = [await CableClient.connect(node_b.url("/cable")) for _ in range(3)]
+    ident = identifier("InventoryChannel", product_id=product_id)
+    for client in clients:
+        await client.subscribe(ident)
+        await client.next_message(ident)  # the snapshot
+    await clients[0].send({"command": "subscribe", "identifier": "not json"})  # refused
+    assert (await clients[0].read())["type"] in ("reject_subscription", "error")
+    published = 4
+    for stock in range(published):
+        await services.cable.publish(stream, _stock(product_id, stock))
+    for client in clients:
+        stocks = []
+        while len(stocks) < published:
+            message = await client.next_message(ident)
+            if message["event"] == "stock":
+                stocks.append(message["stock"])
+        assert stocks == list(range(published))
+    after = await _scrape(node_b.url("/metrics"))
+
+    def grew(name: str) -> float:
+        return _metric(after, name) - _metric(before, name)
+
+    assert _metric(after, "fm_cable_connections") == 3
+    assert _metric(after, "fm_cable_subscriptions") == 3
+    assert grew("fm_cable_commands") == 4  # three subscribes and the refused one
+    assert grew("fm_cable_refusals") == 1
+    # Presence counts travel on the same stream: at least the four stock changes came in,
+    # and everything that came in went out to all three subscribers.
+    received = grew("fm_cable_received_messages")
+    assert received >= published
+    assert grew("fm_cable_delivered_messages") == 3 * received
+    assert grew("fm_cable_fanout_seconds_count") == received
+    assert 0 < grew("fm_cable_fanout_seconds_sum") < received * 1.0
+    assert (
+        after['fm_cable_fanout_seconds_bucket{le="+Inf"}'] == after["fm_cable_fanout_seconds_count"]
+    )
+    for client in clients:
         client.close()
 
 
