@@ -30,7 +30,7 @@ from realtime.cable_codec import CableCodec, CommandError
 from realtime.channels import Channel, Reject, Subscription, build_channels
 from realtime.connection import CLOSE_GOING_AWAY, CableConnection, parse_identifier
 from realtime.hub import Hub
-from realtime.presence import Presence
+from realtime.presence import PRESENCE_TTL_S, Presence
 from realtime.watch import DEFAULT_MAX_PENDING, StreamWatch, WatchOverflow
 from realtime.wsframe import encode_frame
 from server.db.router import ShardRouter
@@ -83,6 +83,7 @@ class CableServer:
         benchmark_channel: bool = False,
         history_maxlen: int = 1000,
         sharded_pubsub: bool = False,
+        presence_ttl_s: float = PRESENCE_TTL_S,
     ) -> None:
         self.limits = limits or CableLimits()
         self.full_allowance = float(self.limits.command_burst)
@@ -104,7 +105,7 @@ class CableServer:
             history_maxlen,
             sharded=sharded_pubsub,
         )
-        self.presence = Presence(redis, node_id, self.publish)
+        self.presence = Presence(redis, node_id, self.publish, presence_ttl_s)
         self.channels: dict[str, Channel] = build_channels(
             router, self.presence, benchmark=benchmark_channel
         )

@@ -4,7 +4,8 @@ Each node counts its own viewers per product and, at most once per `PRESENCE_PER
 writes its count for the products that changed (and refreshes the rest before they expire)
 into `{inventory:product:42}:presence` — a hash of node -> count beside a sorted set of
 node -> expiry time. The total counts only nodes whose entry has not expired, so a node that
-dies stops counting within `PRESENCE_TTL_S`. When a product's total changes, the node that
+dies stops counting within its TTL (`FM_PRESENCE_TTL_S`, 15 s) plus a third of the surviving
+nodes' TTL, how often they refresh. When a product's total changes, the node that
 noticed publishes `{event: "presence", product_id, viewers}` on the product's stream. A crowd
 arriving at once thus costs one message per period, not one per shopper.
 """
@@ -58,8 +59,11 @@ def presence_keys(product_id: int) -> tuple[str, str]:
 class Presence:
     """Local viewer counts of one node, flushed to Redis and published when totals change."""
 
-    def __init__(self, redis: Any, node_id: str, publish: Publish) -> None:
+    def __init__(
+        self, redis: Any, node_id: str, publish: Publish, ttl_s: float = PRESENCE_TTL_S
+    ) -> None:
         self._redis = redis
+        self._ttl_s = ttl_s
         self._node_id = node_id
         self._publish = publish
         self._update = redis.register_script(_UPDATE)
@@ -112,7 +116,7 @@ class Presence:
         """Write changed counts (and refresh all before they expire); publish changed totals."""
         now = time.time()
         products = set(self._dirty)
-        if now - self._refreshed_at > PRESENCE_TTL_S / 3:
+        if now - self._refreshed_at > self._ttl_s / 3:
             products |= set(self._local)
             self._refreshed_at = now
         self._dirty.clear()
@@ -121,7 +125,7 @@ class Presence:
             total = int(
                 await self._update(
                     keys=list(presence_keys(product_id)),
-                    args=[self._node_id, count, now, now + PRESENCE_TTL_S, PRESENCE_TTL_S * 2],
+                    args=[self._node_id, count, now, now + self._ttl_s, self._ttl_s * 2],
                 )
             )
             if self._published.get(product_id) != total:

@@ -119,6 +119,7 @@ class Services:
             ),
             benchmark_channel=settings.benchmark_channel,
             sharded_pubsub=settings.redis_cluster,
+            presence_ttl_s=settings.presence_ttl_s,
             history_maxlen=settings.stream_history_maxlen,
         )
         cache = CachedLoader(

@@ -396,6 +396,17 @@ class Settings(BaseSettings):
         description="Ping period; the Action Cable client reconnects after 6 s without one.",
         json_schema_extra=_group("realtime"),
     )
+    presence_ttl_s: float = Field(
+        15.0,
+        ge=3,
+        le=300,
+        description=(
+            "How long a node's viewer counts stay in the presence totals without a refresh "
+            "(refreshed every third of it), so a node that dies stops counting within about "
+            "4/3 of it."
+        ),
+        json_schema_extra=_group("realtime"),
+    )
     stream_history_maxlen: int = Field(
         1000,
         ge=0,

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from tests.realtime.cable_helpers import (
     own_valkey,
     restart_losing_data,
 )
+from tests.server.test_processes import cli_env, free_port, server_settings, started, wait_ready
 
 JS_CLIENT = Path(__file__).resolve().parents[1] / "js" / "cable-client.mjs"
 
@@ -313,3 +317,50 @@ async def test_presence_counts_viewers_on_every_node_and_drops_those_who_leave(
     await _presence_until(watcher, ident, viewers=2)
     others[1].close()
     watcher.close()
+
+
+class TestPresenceWhenANodeDies:
+    """A node killed outright cannot withdraw its counts: they must expire."""
+
+    TTL_S = 3.0
+
+    @pytest.fixture
+    def settings(self, infra_env: dict[str, str]) -> Settings:
+        return make_settings(infra_env, presence_ttl_s=self.TTL_S)
+
+    @pytest.mark.gen_test(timeout=90)
+    async def test_its_viewers_stop_counting_within_its_presence_ttl(
+        self,
+        infra_env: dict[str, str],
+        product_id: int,
+        http_server: Any,
+        http_port: int,
+        tmp_path: Path,
+    ) -> None:
+        ident = identifier("InventoryChannel", product_id=product_id)
+        watcher = await CableClient.connect(f"ws://127.0.0.1:{http_port}/cable")
+        await watcher.subscribe(ident)
+        (tmp_path / "config").mkdir()
+        port = free_port()
+        env = cli_env(
+            tmp_path / "config",
+            {
+                **server_settings(infra_env),
+                "FM_SECRET_KEY": "s" * 48,
+                "FM_PORT": str(port),
+                "FM_PRESENCE_TTL_S": str(self.TTL_S),
+            },
+        )
+        with started("serve", env=env, stderr_path=tmp_path / "stderr.log") as node_c:
+            await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}", node_c)
+            viewers = [await CableClient.connect(f"ws://127.0.0.1:{port}/cable") for _ in range(2)]
+            for viewer in viewers:
+                await viewer.subscribe(ident)
+            await _presence_until(watcher, ident, viewers=3)
+            os.killpg(node_c.proc.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            node_c.proc.wait(timeout=10)
+        await _presence_until(watcher, ident, viewers=1)
+        # Its entries expire after TTL_S; the surviving node notices on its next refresh.
+        assert time.monotonic() - killed < self.TTL_S * 4 / 3 + 2.0
+        watcher.close()
