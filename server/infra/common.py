@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import os
 import pwd
+import random
 import shutil
 import socket
 import stat
@@ -190,16 +191,39 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def pick_free_port(*, exclude: set[int] | None = None, bus_offset: int | None = None) -> int:
-    """Ask the kernel for a free 127.0.0.1 port not in ``exclude``.
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel picks client source ports (and port 0 binds) from."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
-    With ``bus_offset`` (Valkey cluster bus: port+10000) the companion port must be free too.
+
+_LOWEST_PORT = 10000
+
+
+def pick_free_port(*, exclude: set[int] | None = None, bus_offset: int | None = None) -> int:
+    """A free 127.0.0.1 port not in ``exclude``, below the kernel's ephemeral range.
+
+    Embedded servers keep their ports across restarts; a port from the ephemeral range could
+    meanwhile become some client connection's source port, and a restart after a crash would
+    then find it taken. So ports are drawn from 10000 up to that range (with ``bus_offset``,
+    the Valkey cluster bus at port+10000, both ports below it), and only if that window is
+    empty from the kernel's own pick.
     """
     taken = exclude or set()
+    ephemeral_low, _ = _ephemeral_ports()
+    highest = ephemeral_low - 1 - (bus_offset or 0)
     for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
+        if highest > _LOWEST_PORT:
+            port = random.randint(_LOWEST_PORT, highest)
+            if not port_is_free(port):
+                continue
+        else:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
         if port in taken:
             continue
         if bus_offset is not None:

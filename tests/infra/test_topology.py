@@ -184,6 +184,20 @@ def test_port_taken_by_other_process_is_a_clear_error(tmp_path: Path) -> None:
         assert not pg.is_running()
 
 
+def test_picked_ports_are_below_the_kernels_ephemeral_range() -> None:
+    """A server's port must not be one the kernel may give a client while the server is down
+    (a restart after a crash would find it taken)."""
+    low, _high = (
+        int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    )
+    ports = {pick_free_port() for _ in range(50)}
+    assert all(10000 <= port < low for port in ports)
+    assert len(ports) > 1  # drawn, not fixed
+    for _ in range(20):
+        port = pick_free_port(bus_offset=10000)
+        assert port + 10000 < low
+
+
 def test_down_is_idempotent(tmp_path: Path) -> None:
     down(tmp_path / "never-used", log=quiet)
     data_dir = tmp_path / "fm"
