@@ -37,6 +37,7 @@ from tests.handlers.test_cart import (
     start_node,
 )
 from tests.realtime.cable_helpers import CableClient, add_product, identifier
+from tests.server.test_cache import CountingLoader, Nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_data")]
 
@@ -282,6 +283,26 @@ async def test_graphql_persisted_query_registered_on_one_node_answers_on_another
             assert result(answered)["data"] == registered["data"]
     finally:
         await node_b.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_cache_bump_on_one_node_clears_the_others_local_entry(settings: Settings) -> None:
+    """Cache invalidations stay on classic pub/sub (every node needs all of them)."""
+    nodes = Nodes(settings)
+    try:
+        a, b = nodes.cache(), nodes.cache(local_max_staleness_s=60.0)
+        await nodes.listen(b)
+        loader = CountingLoader(7)
+        await b.get_or_load("product", 7, loader, 30)
+        assert b.local.get("product", "7")[0] is True
+        await a.bump("product", 7)
+        deadline = time.monotonic() + 2
+        while b.local.get("product", "7")[0]:
+            assert time.monotonic() < deadline, "the bump never reached node b"
+            await asyncio.sleep(0.01)
+        assert (await b.get_or_load("product", 7, loader, 30))["n"] == 2  # loaded again
+    finally:
+        await nodes.close()
 
 
 def test_clean_data_flushes_every_master(infra_env: dict[str, str], cluster: RedisCluster) -> None:
