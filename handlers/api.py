@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from handlers.base import ApiError, BaseHandler
 from handlers.openapi import Documented
+from server import jsontext
 from server.errors import Conflict, DomainError, InvalidInput, NotFound, Unauthenticated
 from server.logs import get_logger
 from server.ratelimit import Decision
@@ -178,11 +179,13 @@ class SessionHandler(BaseHandler):
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise ApiError(415, "unsupported-media-type", "send the body as application/json")
         try:
-            raw = json.loads(self.request.body or b"null")
+            raw = jsontext.loads(self.request.body or b"null")
         except json.JSONDecodeError as exc:
             raise ApiError(
                 400, "malformed-json", f"body is not JSON: {exc.msg} at position {exc.pos}"
             ) from None
+        except jsontext.LoneSurrogate as exc:
+            raise ApiError(400, "malformed-json", f"body is not valid JSON text: {exc}") from None
         except UnicodeDecodeError:
             raise ApiError(400, "malformed-json", "body is not UTF-8") from None
         if not isinstance(raw, dict):

@@ -20,7 +20,6 @@ to `realtime.graphql_socket.GraphQLWsServer`.
 
 from __future__ import annotations
 
-import json
 from http import HTTPStatus
 from typing import Any
 
@@ -32,6 +31,7 @@ from handlers.base import ApiError, BaseHandler
 from handlers.products import PUBLIC_CACHE_CONTROL
 from handlers.websocket import WebSocketUpgrade, switching_protocols
 from realtime.graphql_ws import choose_subprotocol
+from server import jsontext
 from server.graphql.errors import INTERNAL_SERVER_ERROR, GraphQLRequestError, code_of
 from server.graphql.service import GraphQLRequest, GraphQLService, Outcome
 from server.services import Services
@@ -113,7 +113,7 @@ class GraphQLHandler(SessionHandler, WebSocketUpgrade):
         extensions: Any = self.get_query_argument("extensions", None)
         if extensions is not None:
             try:
-                extensions = json.loads(extensions)
+                extensions = jsontext.loads(extensions)
             except ValueError:
                 raise ApiError(400, "bad-request", "extensions is not JSON") from None
         request = GraphQLRequest(
@@ -129,7 +129,7 @@ class GraphQLHandler(SessionHandler, WebSocketUpgrade):
         if content_type.split(";")[0].strip().lower() != JSON:
             raise ApiError(415, "unsupported-media-type", f"send the body as {JSON}")
         try:
-            body = json.loads(self.request.body or b"null")
+            body = jsontext.loads(self.request.body or b"null")
         except (ValueError, RecursionError):
             raise ApiError(400, "malformed-json", "the body is not JSON") from None
         try:

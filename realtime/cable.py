@@ -14,7 +14,6 @@ supply them, or the epoch changed, subscribers are sent a fresh snapshot.
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -33,6 +32,7 @@ from realtime.hub import Hub
 from realtime.presence import PRESENCE_TTL_S, Presence
 from realtime.watch import DEFAULT_MAX_PENDING, StreamWatch, WatchOverflow
 from realtime.wsframe import encode_frame
+from server import jsontext
 from server.db.router import ShardRouter
 from server.logs import get_logger
 from server.sessions import Session
@@ -248,7 +248,9 @@ class CableServer:
     def subscribe(self, conn: CableConnection, identifier: str) -> None:
         """Handle a `subscribe` command (authorisation and first messages run as a task)."""
         if identifier in conn.subscriptions:
-            conn.refuse("already subscribed", identifier)
+            # The official client re-sends `subscribe` every 500 ms until it is answered
+            # (SubscriptionGuarantor): a no-op, like Rails, neither an error nor a second confirm.
+            _log.debug("cable_duplicate_subscribe", identifier=identifier, remote=conn.remote_ip)
             return
         if len(conn.subscriptions) >= self.limits.max_subscriptions:
             self.log_refusal(conn, "too_many_subscriptions", identifier)
@@ -405,7 +407,10 @@ class CableServer:
             conn.refuse("not subscribed to this identifier", identifier)
             return
         try:
-            payload = json.loads(data)
+            payload = jsontext.loads(data)
+        except jsontext.LoneSurrogate as exc:
+            conn.refuse(f"data is not valid JSON text: {exc}", identifier)
+            return
         except ValueError:
             conn.refuse("data is not JSON", identifier)
             return

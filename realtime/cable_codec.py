@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 
 from realtime.wsframe import OP_BINARY, OP_TEXT, encode_frame
+from server import jsontext
 
 JSON_PROTOCOL = "actioncable-v1-json"
 MSGPACK_PROTOCOL = "actioncable-v1-msgpack"
@@ -99,9 +100,11 @@ class JsonCodec(CableCodec):
         if opcode != OP_TEXT:
             raise CommandError("this connection speaks JSON: send text frames")
         try:
-            obj = json.loads(payload)
+            obj = jsontext.loads(payload)
         except json.JSONDecodeError as exc:
             raise CommandError(f"malformed JSON: {exc.msg} at position {exc.pos}") from None
+        except jsontext.LoneSurrogate as exc:
+            raise CommandError(f"malformed JSON: {exc}") from None
         except ValueError:
             raise CommandError("malformed JSON: not UTF-8") from None
         return _command_from(obj)
@@ -189,9 +192,14 @@ def disconnect(reason: str, reconnect: bool) -> dict[str, Any]:
 
 
 def error(reason: str, identifier: str | None = None) -> dict[str, Any]:
-    """A command was refused without closing the connection (not part of Rails' protocol;
-    clients ignore unknown types, AnyCable sends the same shape)."""
+    """A command was refused without closing the connection (not part of Rails' protocol).
+
+    The refused command's identifier goes under `command_identifier`, never `identifier`: the
+    official client hands any frame of an unknown type that carries an `identifier` to that
+    subscription's `received()`, where an application expects its own messages. Without it
+    the client ignores the frame (its subscribe retries still run).
+    """
     message: dict[str, Any] = {"type": "error", "message": reason}
     if identifier is not None:
-        message["identifier"] = identifier
+        message["command_identifier"] = identifier
     return message

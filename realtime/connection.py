@@ -9,7 +9,6 @@ commands that need I/O (subscribe) run as tasks owned by the cable server.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 from typing import TYPE_CHECKING, Any, cast
@@ -26,6 +25,7 @@ from realtime.wsframe import (
     encode_frame,
     parse_close,
 )
+from server import jsontext
 from server.sessions import Session
 
 if TYPE_CHECKING:
@@ -202,7 +202,9 @@ class CableConnection(asyncio.Protocol):
 def parse_identifier(identifier: str) -> dict[str, Any]:
     """The params object inside an identifier string; raises CommandError if malformed."""
     try:
-        params = json.loads(identifier)
+        params = jsontext.loads(identifier)
+    except jsontext.LoneSurrogate as exc:
+        raise CommandError(f"identifier is not valid JSON text: {exc}") from None
     except ValueError:
         raise CommandError("identifier is not JSON") from None
     if not isinstance(params, dict) or not isinstance(params.get("channel"), str):

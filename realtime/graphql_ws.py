@@ -23,6 +23,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from server import jsontext
+
 TRANSPORT_WS = "graphql-transport-ws"
 LEGACY_WS = "graphql-ws"
 SUBPROTOCOLS = (TRANSPORT_WS, LEGACY_WS)  # preference order
@@ -101,7 +103,7 @@ def encode(message: dict[str, Any]) -> bytes:
 
 def _parse(text: str | bytes) -> dict[str, Any] | None:
     try:
-        message = json.loads(text)
+        message = jsontext.loads(text)
     except (ValueError, RecursionError):
         return None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):

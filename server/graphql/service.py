@@ -17,7 +17,6 @@ For each operation, in order (ARCHITECTURE section 5):
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from realtime.graphql_socket import GraphQLWsLimits, GraphQLWsServer
 from realtime.graphql_ws import OperationRefused
 from realtime.watch import WatchOverflow
+from server import jsontext
 from server.graphql.context import RequestContext
 from server.graphql.cost import CostReport, analyse, check_limits
 from server.graphql.document import check_document
@@ -365,7 +365,7 @@ def _variables(value: Any) -> dict[str, Any] | None:
         return None
     if isinstance(value, str):  # GET: JSON in the query string
         try:
-            value = json.loads(value)
+            value = jsontext.loads(value)
         except ValueError:
             raise GraphQLRequestError(BAD_REQUEST, "variables is not JSON") from None
     if value is None:

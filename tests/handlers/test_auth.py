@@ -120,6 +120,12 @@ async def test_bad_bodies_get_precise_problems(http_client: Any, base_url: str) 
     assert short.code == 422 and "password" in problem(short)["detail"]
     huge = await call(http_client, url, "POST", b'{"email": "' + b"a" * (1024 * 1024) + b'"}')
     assert huge.code == 413 and problem(huge)["type"] == "/problems/body-too-large"
+    # A lone surrogate is valid JSON but no text: the password hasher could not encode it.
+    lone = b'{"email": "b@example.com", "password": "correct horse \\ud800"}'
+    surrogate = await call(http_client, url, "POST", lone)
+    assert surrogate.code == 400 and "lone UTF-16 surrogate" in problem(surrogate)["detail"]
+    paired = b'{"email": "b@example.com", "password": "correct horse \\ud83d\\ude00"}'
+    assert (await call(http_client, url, "POST", paired)).code == 201
 
 
 @pytest.mark.gen_test(timeout=30)
