@@ -32,6 +32,15 @@ OnMessage = Callable[[str, bytes], None]
 OnReconnect = Callable[[], Awaitable[None]]
 
 
+def deliver(on_message: OnMessage, channel: str, data: bytes, name: str) -> None:
+    """Hand one message to `on_message`; a failure there is logged, and reading goes on (the
+    reading task dying would leave the node deaf to every channel)."""
+    try:
+        on_message(channel, data)
+    except Exception:
+        _log.exception("pubsub_message_failed", name=name, channel=channel)
+
+
 class ResilientSubscription:
     """Delivers messages of a changing set of channels; `start()` and `await stop()`."""
 
@@ -148,6 +157,9 @@ class ResilientSubscription:
                         await self._reconnected()
                     failures = 0
                 message = await self._pubsub.get_message(timeout=1.0)
+                if self._silently_reconnected:
+                    self._silently_reconnected = False
+                    await self._reconnected()
             except Exception as exc:  # this task must outlive any failure
                 if failures == 0:
                     unexpected = not isinstance(exc, REDIS_DOWN)
@@ -160,12 +172,12 @@ class ResilientSubscription:
                 )
                 failures += 1
                 continue
-            if self._silently_reconnected:
-                self._silently_reconnected = False
-                await self._reconnected()
             if message is None or message.get("type") != "message":
                 continue
             channel = message["channel"]
-            self._on_message(
-                channel.decode() if isinstance(channel, bytes) else channel, message["data"]
+            deliver(
+                self._on_message,
+                channel.decode() if isinstance(channel, bytes) else channel,
+                message["data"],
+                self._name,
             )

@@ -32,6 +32,7 @@ from server.pubsub import (
     REDIS_DOWN,
     OnMessage,
     OnReconnect,
+    deliver,
 )
 
 _log = get_logger("finalmarket.pubsub")
@@ -229,7 +230,7 @@ class ShardedSubscription:
                 if isinstance(channel, bytes):
                     channel = channel.decode()
                 if kind == "smessage":
-                    self._on_message(channel, message["data"])
+                    deliver(self._on_message, channel, message["data"], self._name)
                 elif kind == "sunsubscribe":
                     if shard.leaving.get(channel):
                         shard.leaving[channel] -= 1
