@@ -168,10 +168,21 @@ class CableConnection(asyncio.Protocol):
         transport.write(data)
 
     def cut_off_slow(self, reason: str) -> None:
-        """Drop a connection that does not read what it is sent (it recovers on reconnect)."""
+        """Close a connection that does not read what it is sent.
+
+        Nothing more is queued for it; `disconnect` (`slow_consumer`, reconnect: true, so it
+        comes back and recovers with `since`) and a close frame go out behind what it has not
+        read yet. A client that is slow but alive reads them; one that has not within the
+        slow-consumer grace period (`FM_CABLE_SLOW_CONSUMER_GRACE_S`) is dropped outright,
+        releasing its buffers.
+        """
         self.server.log_refusal(self, "slow_consumer", reason)
         self.server.metrics_slow_consumer()
-        self.abort()
+        if self.transport is None or self.closing:
+            return
+        self.disconnect("slow_consumer", reconnect=True)
+        grace_s = self.server.limits.slow_consumer_grace_s
+        asyncio.get_running_loop().call_later(grace_s, self.abort)
 
     def send_message(self, message: dict[str, Any]) -> None:
         """Encode and write one protocol message."""

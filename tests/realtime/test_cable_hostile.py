@@ -26,6 +26,8 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from realtime.cable_codec import JsonCodec, disconnect
+from realtime.wsframe import encode_close
 from server.seed import seed_catalog
 from server.services import Services
 from server.settings import Settings
@@ -299,9 +301,11 @@ class RawClient:
             if message.get("type") != "ping":
                 messages.append(message)
 
-    async def expect_eof(self) -> int:
-        """Drain until the server has closed or reset the connection; bytes drained."""
+    async def expect_eof(self, keep_tail: int = 0) -> int:
+        """Drain until the server has closed or reset the connection; bytes drained. The
+        last `keep_tail` bytes stay in `self.tail`."""
         drained = len(self.buffer)
+        self.tail = bytes(self.buffer[-keep_tail:]) if keep_tail else b""
         self.buffer.clear()
         deadline = time.monotonic() + READ_TIMEOUT_S
         while True:
@@ -314,6 +318,8 @@ class RawClient:
             if not chunk:
                 return drained
             drained += len(chunk)
+            if keep_tail:
+                self.tail = (self.tail + chunk)[-keep_tail:]
 
 
 # --- malformed commands ------------------------------------------------------------------------
@@ -926,9 +932,61 @@ async def test_slow_consumer_is_cut_off_and_others_get_every_broadcast(
             break
         await asyncio.sleep(0.05)
     assert services.cable.slow_consumers == 1
-    drained = await slow.expect_eof()  # EOF or reset once the kernel buffers are drained
-    assert drained < count * len(filler)
+    # Nothing more is queued for it (a broadcast after the cut reaches only the others); behind
+    # what it had not read come the reason and a close frame, and then the connection ends.
+    await send(publisher, {"command": "message", "identifier": BENCH, "data": data})
+    assert (await read(watcher))["message"]["n"] == count - 1
+    await slow.expect_eof(keep_tail=256)
+    goodbye = JsonCodec().frame(disconnect("slow_consumer", reconnect=True))
+    goodbye += encode_close(1000, "slow_consumer")
+    assert slow.tail.endswith(goodbye)
     await assert_echoes(watcher)
+    await assert_node_serves(clients, base_url)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {
+            "cable_slow_consumer_bytes": 4096,
+            "cable_max_frame_bytes": 256 * 1024,
+            "cable_slow_consumer_grace_s": 1.0,
+        }
+    ],
+    indirect=True,
+    ids=["4KiB-1s"],
+)
+@pytest.mark.gen_test(timeout=30)
+async def test_a_slow_consumer_that_never_reads_is_dropped_after_the_grace_period(
+    settings: Settings,
+    http_server: Any,
+    http_port: int,
+    base_url: str,
+    clients: Clients,
+    services: Services,
+) -> None:
+    """Its `disconnect` waits behind what it has not read; it does not read that either, so
+    the node drops it and frees its buffers one grace period later."""
+    stuck = await RawClient.connect(clients, http_port, rcvbuf=4096)
+    await stuck.send(text_frame(subscribe_command(BENCH)))
+    assert await stuck.read_message() == {"identifier": BENCH, "type": "confirm_subscription"}
+    publisher = await connect(clients, base_url)
+    await subscribe(publisher)
+    data = json.dumps({"action": "broadcast", "filler": "x" * (128 * 1024)})
+    for _ in range(60):  # ~7.5 MiB: past the kernel's buffers and the hard bound
+        await send(publisher, {"command": "message", "identifier": BENCH, "data": data})
+        await read_n(publisher, 2)
+    deadline = time.monotonic() + SLOW_CONSUMER_WAIT_S
+    while not services.cable.slow_consumers:
+        assert time.monotonic() < deadline, "never cut off"
+        await asyncio.sleep(0.05)
+    cut = time.monotonic()
+    assert len(services.cable.connections) == 2  # closing, its goodbye still queued
+    while len(services.cable.connections) == 2:
+        assert time.monotonic() - cut < 1.0 + 2.0, "never dropped"
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - cut >= 0.9  # not before the grace period
+    await assert_echoes(publisher)
     await assert_node_serves(clients, base_url)
 
 
