@@ -12,6 +12,7 @@ from handlers.base import ApiError
 from handlers.websocket import WebSocketUpgrade, switching_protocols
 from realtime.cable import CableServer
 from realtime.cable_codec import UNSUPPORTED_PROTOCOL, choose_codec
+from realtime.wsframe import CLOSE_PROTOCOL_ERROR, encode_close
 from server.services import Services
 
 
@@ -55,8 +56,8 @@ class CableHandler(WebSocketUpgrade):
         sock = self.detach_socket()
         if sock is None:
             return
-        if codec is None:  # the client asked us to say "unsupported": it will close
-            sock.sendall(raw)
+        if codec is None:  # the client asked us to say "unsupported": it stops, not retrying
+            sock.sendall(raw + encode_close(CLOSE_PROTOCOL_ERROR, "unsupported subprotocol"))
             sock.close()
             return
         await self.cable.adopt(sock, codec, user, remote_ip, raw, unauthorized)

@@ -878,6 +878,28 @@ async def test_only_unknown_subprotocols_is_400_problem(
     await assert_node_serves(clients, base_url)
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_a_client_of_another_protocol_version_is_told_unsupported_and_closed(
+    http_server: Any, http_port: int, base_url: str, clients: Clients
+) -> None:
+    """The official client offers `actioncable-unsupported` last: picking it tells a client of
+    a protocol version we do not speak to stop (it does not reconnect)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    writer.write(
+        b"GET /cable HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Protocol: actioncable-v2-json, actioncable-unsupported\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert b"\r\nsec-websocket-protocol: actioncable-unsupported\r\n" in head.lower()
+    rest = await asyncio.wait_for(reader.read(), READ_TIMEOUT_S)  # then the server closes
+    assert rest == encode_close(1002, "unsupported subprotocol")
+    writer.close()
+    await assert_node_serves(clients, base_url)
+
+
 # --- slow consumers and drain ------------------------------------------------------------------
 
 
