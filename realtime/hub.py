@@ -162,13 +162,19 @@ class Hub:
             (self._loop or asyncio.get_running_loop()).call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write every queued message: one frame run per group, one write per subscriber."""
+        """Write every queued message: one frame run per group, one write per subscriber.
+
+        With one stream to flush (the common case) each member's frames go straight out. With
+        several, a member of more than one gets all of its frames in one write.
+        """
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
-        observe = self.observe_fanout
+        outbox: dict[Subscriber, list[bytes]] | None = {} if len(dirty) > 1 else None
+        all_queued_at: list[float] = []
         for state in dirty:
             pending, state.pending = state.pending, []
             queued_at, state.queued_at = state.queued_at, []
+            all_queued_at += queued_at
             for group in list(state.groups.values()):
                 opcode, prefix, codec = group.codec.opcode, group.prefix, group.codec
                 frames = b"".join(
@@ -176,13 +182,25 @@ class Hub:
                     for bodies in pending
                     if codec in bodies
                 )
-                for member in list(group.members):
-                    member.send(frames)
+                if outbox is None:
+                    for member in list(group.members):
+                        member.send(frames)
+                else:
+                    for member in group.members:
+                        queued = outbox.get(member)
+                        if queued is None:
+                            outbox[member] = [frames]
+                        else:
+                            queued.append(frames)
                 self.delivered += len(group.members) * len(pending)
-            if observe is not None:
-                written = time.perf_counter()
-                for queued in queued_at:
-                    observe(written - queued)
+        if outbox:
+            for member, chunks in outbox.items():
+                member.send(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        observe = self.observe_fanout
+        if observe is not None:
+            written = time.perf_counter()
+            for since in all_queued_at:
+                observe(written - since)
 
     def send_to(
         self, subscriber: Subscriber, identifier: str, codec: CableCodec, message: Any

@@ -76,7 +76,9 @@ class TestPings:
             assert abs(message["message"] - time.time()) < 2  # whole seconds, as Rails sends
             arrivals.append(time.monotonic())
         gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-        assert all(0.3 < gap < 0.8 for gap in gaps), gaps
+        # Every interval, give or take a busy loop (the test shares 2 cores with the node).
+        assert all(0.25 < gap < 1.25 for gap in gaps), gaps
+        assert 0.4 < sum(gaps) / len(gaps) < 0.75, gaps
         ws.close()
 
 
