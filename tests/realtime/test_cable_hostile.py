@@ -3,7 +3,9 @@
 Well-behaved clients use Tornado's WebSocket client; clients that break RFC 6455 (unmasked
 frames, RSV bits, absurd lengths) or must not read (slow consumers) use raw sockets with a
 minimal masked-frame builder written here. Every test also checks that a well-behaved client
-on the same node is still served promptly afterwards (`assert_node_serves`).
+on the same node is still served promptly afterwards (`assert_node_serves`), and the heaviest
+attacks (floods, oversized frames, junk) that a client connected all along kept its usual echo
+latency while they ran (`Bystander`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import json
 import os
 import socket
+import statistics
 import struct
 import time
 from collections.abc import Iterator
@@ -38,6 +41,7 @@ from tests.realtime.frames import client_frame
 JSON = "actioncable-v1-json"
 MSGPACK = "actioncable-v1-msgpack"
 BENCH = '{"channel":"BenchmarkChannel"}'
+BYSTANDER = '{"channel":"BenchmarkChannel","bystander":true}'
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING = 1, 2, 8, 9
 READ_TIMEOUT_S = 5.0
 SLOW_CONSUMER_WAIT_S = 10.0  # above the 5 s grace period plus sweeps
@@ -173,6 +177,65 @@ async def assert_echoes(ws: WebSocketClientConnection) -> float:
     elapsed = time.monotonic() - started
     assert answer == {"identifier": BENCH, "message": {"action": "echo", "nonce": nonce}}
     return elapsed
+
+
+class Bystander:
+    """A well-behaved client connected before an attack and echoing all through it: its round
+    trips during the attack must stay close to its own usual ones measured just before."""
+
+    BASELINE_ECHOES = 20
+
+    def __init__(self, ws: WebSocketClientConnection) -> None:
+        self.ws = ws
+        self.usual: list[float] = []
+        self.during: list[float] = []
+        self._task: asyncio.Future[None] | None = None
+
+    @classmethod
+    async def join(cls, clients: Clients, base_url: str) -> Bystander:
+        ws = await connect(clients, base_url)
+        await subscribe(ws, BYSTANDER)
+        self = cls(ws)
+        self.usual = [await self._echo() for _ in range(self.BASELINE_ECHOES)]
+        self._task = asyncio.ensure_future(self._echo_forever())
+        return self
+
+    async def _echo(self) -> float:
+        nonce = base64.b16encode(os.urandom(6)).decode()
+        started = time.monotonic()
+        await send(self.ws, echo_command(nonce, BYSTANDER))
+        while True:  # broadcasts on the benchmark stream may arrive in between
+            answer = await read(self.ws)
+            assert answer is not None, "the bystander was disconnected"
+            if answer.get("message") == {"action": "echo", "nonce": nonce}:
+                return time.monotonic() - started
+
+    async def _echo_forever(self) -> None:
+        while True:
+            self.during.append(await self._echo())
+            await asyncio.sleep(0.002)
+
+    async def assert_usual_latency(self) -> None:
+        """Wait for a few more echoes, stop, and compare."""
+        assert self._task is not None
+        target = len(self.during) + 3
+        deadline = time.monotonic() + 2
+        while len(self.during) < target and not self._task.done():
+            assert time.monotonic() < deadline, f"the bystander stalled: {self.during}"
+            await asyncio.sleep(0.005)
+        if self._task.done():
+            self._task.result()  # its failure, if any
+        self._task.cancel()
+        assert len(self.during) >= 3
+        usual, during = statistics.median(self.usual), statistics.median(self.during)
+        assert during <= max(5 * usual, usual + 0.02), (usual, self.during)
+        assert max(self.during) < 1.0, (usual, self.during)
+
+
+@pytest.fixture
+def bystander(io_loop: Any, http_server: Any, base_url: str, clients: Clients) -> Bystander:
+    joined: Bystander = io_loop.run_sync(lambda: Bystander.join(clients, base_url))
+    return joined
 
 
 async def assert_node_serves(clients: Clients, base_url: str) -> None:
@@ -449,7 +512,7 @@ async def test_unknown_action_and_non_json_data_get_error_frames(
 
 @pytest.mark.gen_test(timeout=30)
 async def test_a_client_that_keeps_sending_bad_commands_is_disconnected(
-    http_server: Any, base_url: str, clients: Clients
+    http_server: Any, base_url: str, clients: Clients, bystander: Bystander
 ) -> None:
     ws = await connect(clients, base_url)
     for _ in range(20):  # MAX_COMMAND_ERRORS are answered...
@@ -464,12 +527,13 @@ async def test_a_client_that_keeps_sending_bad_commands_is_disconnected(
     }
     assert await read(ws) is None
     assert ws.close_code == 1008
+    await bystander.assert_usual_latency()
     await assert_node_serves(clients, base_url)
 
 
 @pytest.mark.gen_test(timeout=30)
 async def test_binary_frame_on_a_json_connection_gets_an_error_frame(
-    http_server: Any, base_url: str, clients: Clients
+    http_server: Any, base_url: str, clients: Clients, bystander: Bystander
 ) -> None:
     ws = await connect(clients, base_url)
     await ws.write_message(b"\x00\xffjunk\x80", binary=True)
@@ -481,6 +545,7 @@ async def test_binary_frame_on_a_json_connection_gets_an_error_frame(
     }
     await subscribe(ws)
     await assert_echoes(ws)
+    await bystander.assert_usual_latency()
     await assert_node_serves(clients, base_url)
 
 
@@ -590,12 +655,13 @@ async def test_unknown_opcode_closes_the_connection_with_1002(
 
 @pytest.mark.gen_test(timeout=30)
 async def test_4_mib_frame_header_closes_the_connection_with_1009_before_the_payload(
-    http_server: Any, http_port: int, base_url: str, clients: Clients
+    http_server: Any, http_port: int, base_url: str, clients: Clients, bystander: Bystander
 ) -> None:
     size = 4 * 1024 * 1024
     header = client_frame(OP_TEXT, length=size)  # a header and mask key, no payload
     reason = f"message over {MAX_FRAME_BYTES} bytes ({size})"
     await assert_closed_for(clients, http_port, header, 1009, reason)
+    await bystander.assert_usual_latency()
     await assert_node_serves(clients, base_url)
 
 
@@ -626,7 +692,12 @@ async def test_ping_is_answered_with_pong_and_close_with_close(
 
 @pytest.mark.gen_test(timeout=30)
 async def test_5000_subscribes_at_once_disconnect_for_too_many_commands(
-    http_server: Any, http_port: int, base_url: str, clients: Clients, services: Services
+    http_server: Any,
+    http_port: int,
+    base_url: str,
+    clients: Clients,
+    services: Services,
+    bystander: Bystander,
 ) -> None:
     raw = await RawClient.connect(clients, http_port)
     flood = b"".join(
@@ -646,6 +717,7 @@ async def test_5000_subscribes_at_once_disconnect_for_too_many_commands(
     confirmed = [m for m in messages[:-1] if m.get("type") == "confirm_subscription"]
     assert len(confirmed) <= services.settings.cable_command_burst
     assert {m.get("type") for m in messages[:-1]} <= {"confirm_subscription"}
+    await bystander.assert_usual_latency()
     await assert_node_serves(clients, base_url)
 
 
