@@ -180,16 +180,22 @@ class CableServer:
         handshake: bytes,
         unauthorized: bool,
     ) -> None:
-        """Take over an upgraded socket: write the 101 response and `welcome` in one send."""
+        """Take over an upgraded socket: write the 101 response and `welcome` in one send.
+
+        Credentials that name no live session get `disconnect {reason: "unauthorized",
+        reconnect: false}` instead of `welcome`, as from Rails, so the official client never
+        reports the connection as connected."""
         loop = asyncio.get_running_loop()
         conn = CableConnection(self, codec, user, remote_ip)
         await loop.connect_accepted_socket(lambda: conn, sock=sock)
         self.connections[conn] = None
         self._per_ip[remote_ip] = self._per_ip.get(remote_ip, 0) + 1
-        conn.send(handshake + codec.frame(cable_codec.welcome()))
         if unauthorized:
+            conn.send(handshake)
             self.log_refusal(conn, "unauthorized", "token unknown, expired or revoked")
             conn.disconnect("unauthorized", reconnect=False)
+        else:
+            conn.send(handshake + codec.frame(cable_codec.welcome()))
 
     def forget(self, conn: CableConnection) -> None:
         """A connection is gone: drop its subscriptions (called from connection_lost)."""

@@ -878,10 +878,10 @@ async def test_cart_channel_is_only_for_the_signed_in_owner(
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_invalid_token_gets_welcome_then_unauthorized_disconnect_and_close(
+async def test_invalid_token_gets_unauthorized_disconnect_instead_of_welcome_and_close(
     http_server: Any, base_url: str, clients: Clients, services: Services
 ) -> None:
-    ws = await connect(clients, base_url, query="?token=nope")
+    ws = await open_ws(clients, base_url, JSON, query="?token=nope")
     assert await read(ws) == {"type": "disconnect", "reason": "unauthorized", "reconnect": False}
     assert await read(ws) is None
     assert ws.close_code == 1008
