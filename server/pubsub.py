@@ -41,8 +41,9 @@ def deliver(on_message: OnMessage, channel: str, data: bytes, name: str) -> None
         _log.exception("pubsub_message_failed", name=name, channel=channel)
 
 
-class ResilientSubscription:
-    """Delivers messages of a changing set of channels; `start()` and `await stop()`."""
+class Subscription:
+    """What every kind of subscription shares: the channel set, the task that reads (and
+    reconnects), `start()` / `await stop()`, and the events callers wait on."""
 
     def __init__(
         self,
@@ -57,22 +58,20 @@ class ResilientSubscription:
         self._on_reconnect = on_reconnect
         self._name = name
         self._channels: dict[str, None] = dict.fromkeys(channels)
-        self._pubsub: Any = None
         self._task: asyncio.Task[None] | None = None
         self._has_channels = asyncio.Event()
         if self._channels:
             self._has_channels.set()
         self._subscribed = asyncio.Event()
-        self._silently_reconnected = False
         self.reconnects = 0
 
     def start(self) -> None:
         """Start the reading task (owned here; `stop` cancels it)."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._read_forever())
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        """Stop reading and release the pub/sub connection."""
+        """Stop reading and release the pub/sub connections."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -89,6 +88,33 @@ class ResilientSubscription:
 
     def __len__(self) -> int:
         return len(self._channels)
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    async def _reconnected(self) -> None:
+        self.reconnects += 1
+        _log.info("pubsub_reconnected", name=self._name, channels=len(self._channels))
+        await self._on_reconnect()
+
+
+class ResilientSubscription(Subscription):
+    """Delivers messages of a changing set of channels of one Redis server."""
+
+    def __init__(
+        self,
+        redis: Any,
+        on_message: OnMessage,
+        on_reconnect: OnReconnect,
+        name: str,
+        channels: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(redis, on_message, on_reconnect, name, channels)
+        self._pubsub: Any = None
+        self._silently_reconnected = False
 
     async def subscribe(self, channel: str) -> None:
         """Receive `channel` from now on (a no-op if already subscribed)."""
@@ -139,12 +165,7 @@ class ResilientSubscription:
     def _on_silent_reconnect(self, _connection: Any) -> None:
         self._silently_reconnected = True
 
-    async def _reconnected(self) -> None:
-        self.reconnects += 1
-        _log.info("pubsub_reconnected", name=self._name, channels=len(self._channels))
-        await self._on_reconnect()
-
-    async def _read_forever(self) -> None:
+    async def _run(self) -> None:
         failures = 0
         while True:
             if not self._channels:

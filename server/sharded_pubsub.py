@@ -32,6 +32,7 @@ from server.pubsub import (
     REDIS_DOWN,
     OnMessage,
     OnReconnect,
+    Subscription,
     deliver,
 )
 
@@ -49,7 +50,7 @@ class _Shard:
     leaving: dict[str, int] = field(default_factory=dict)  # channels we asked to leave
 
 
-class ShardedSubscription:
+class ShardedSubscription(Subscription):
     """Delivers the messages of a changing set of sharded channels; `start()`, `await stop()`.
 
     Same interface as `ResilientSubscription`; `cluster` is a `redis.asyncio.RedisCluster`.
@@ -63,47 +64,12 @@ class ShardedSubscription:
         name: str,
         channels: tuple[str, ...] = (),
     ) -> None:
+        super().__init__(cluster, on_message, on_reconnect, name, channels)
         self._cluster = cluster
-        self._on_message = on_message
-        self._on_reconnect = on_reconnect
-        self._name = name
-        self._channels: dict[str, None] = dict.fromkeys(channels)
         self._owner: dict[str, _Shard] = {}
         self._shards: dict[str, _Shard] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._has_channels = asyncio.Event()
-        if self._channels:
-            self._has_channels.set()
-        self._subscribed = asyncio.Event()
         self._broken = asyncio.Event()
         self._broken_because = ""
-        self.reconnects = 0
-
-    # --- the ResilientSubscription interface ------------------------------------------------
-
-    def start(self) -> None:
-        """Start the task that connects, and reconnects after failures (owned here)."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        """Stop and release every pub/sub connection."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self._close_all()
-
-    async def wait_subscribed(self, timeout_s: float = 5.0) -> None:
-        """Wait until every channel is subscribed (messages published from now on arrive)."""
-        await asyncio.wait_for(self._subscribed.wait(), timeout_s)
-
-    def __contains__(self, channel: str) -> bool:
-        return channel in self._channels
-
-    def __len__(self) -> int:
-        return len(self._channels)
 
     async def subscribe(self, channel: str) -> None:
         """Receive `channel` from now on (a no-op if already subscribed)."""
@@ -143,9 +109,7 @@ class ShardedSubscription:
             try:
                 await self._connect_all(fresh_slot_map=failures > 0)
                 if failures:
-                    self.reconnects += 1
-                    _log.info("pubsub_reconnected", name=self._name, channels=len(self._channels))
-                    await self._on_reconnect()
+                    await self._reconnected()
                 failures = 0
                 await self._broken.wait()
                 raise ConnectionError(self._broken_because)
@@ -157,7 +121,7 @@ class ShardedSubscription:
                         error=repr(exc),
                         exc_info=not isinstance(exc, REDIS_DOWN),
                     )
-                await self._close_all()
+                await self._close()
                 await asyncio.sleep(
                     RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
                 )
@@ -199,7 +163,7 @@ class ShardedSubscription:
         if shard.reader is None:
             shard.reader = asyncio.get_running_loop().create_task(self._read(shard))
 
-    async def _close_all(self) -> None:
+    async def _close(self) -> None:
         self._subscribed.clear()
         shards, self._shards, self._owner = self._shards, {}, {}
         for shard in shards.values():

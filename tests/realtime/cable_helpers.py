@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 import psycopg2
+import pytest
 from tornado.httpclient import HTTPRequest
 from tornado.netutil import bind_sockets
 from tornado.websocket import WebSocketClientConnection, websocket_connect
@@ -23,6 +24,7 @@ from server.http1 import HttpServerLike, make_http_server
 from server.infra import ValkeyServer
 from server.services import Services
 from server.settings import Settings
+from tests.conftest import make_settings
 
 JSON = "actioncable-v1-json"
 MSGPACK = "actioncable-v1-msgpack"
@@ -146,3 +148,17 @@ def restart_losing_data(server: ValkeyServer) -> None:
         if path.name.startswith("appendonly") or path.suffix == ".rdb":
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     server.start()
+
+
+class OwnRedis:
+    """Mixin for test classes whose nodes use a Valkey of their own (`valkey`), so restarting
+    it (`ValkeyServer.stop()` / `start()`, `restart_losing_data`) disturbs no other test."""
+
+    @pytest.fixture
+    def valkey(self, tmp_path: Path) -> Iterator[ValkeyServer]:
+        with own_valkey(tmp_path / "valkey") as server:
+            yield server
+
+    @pytest.fixture
+    def settings(self, infra_env: dict[str, str], valkey: ValkeyServer) -> Settings:
+        return make_settings(infra_env, redis_url=valkey.url, redis_timeout_s=1.0)

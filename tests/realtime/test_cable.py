@@ -27,9 +27,9 @@ from tests.realtime.cable_helpers import (
     MSGPACK,
     CableClient,
     ExtraNode,
+    OwnRedis,
     add_product,
     identifier,
-    own_valkey,
     restart_losing_data,
 )
 from tests.server.test_processes import cli_env, free_port, server_settings, started, wait_ready
@@ -166,17 +166,8 @@ async def test_since_beyond_history_gets_a_fresh_snapshot(
     client.close()
 
 
-class TestRedisRestart:
+class TestRedisRestart(OwnRedis):
     """A Redis that restarts and loses its data: epochs change, clients get fresh state."""
-
-    @pytest.fixture
-    def valkey(self, tmp_path: Path) -> Iterator[ValkeyServer]:
-        with own_valkey(tmp_path / "valkey") as server:
-            yield server
-
-    @pytest.fixture
-    def settings(self, infra_env: dict[str, str], valkey: ValkeyServer) -> Settings:
-        return make_settings(infra_env, redis_url=valkey.url, redis_timeout_s=1.0)
 
     @pytest.mark.gen_test(timeout=60)
     async def test_since_with_old_epoch_after_data_loss_gets_new_epoch_and_fresh_state(

@@ -9,7 +9,6 @@ import itertools
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,9 +25,9 @@ from tests.realtime.cable_helpers import (
     JSON,
     CableClient,
     ExtraNode,
+    OwnRedis,
     add_product,
     identifier,
-    own_valkey,
 )
 
 pytestmark = pytest.mark.usefixtures("clean_data")
@@ -199,18 +198,9 @@ async def test_two_nodes_publishing_at_once_never_reorder_or_duplicate_offsets(
     client.close()
 
 
-class TestRedisRestartKeepingData:
+class TestRedisRestartKeepingData(OwnRedis):
     """A Redis that restarts with its data (append-only file): the same epoch, and what was
     published while node B was resubscribing comes from history, once and in order."""
-
-    @pytest.fixture
-    def valkey(self, tmp_path: Path) -> Iterator[ValkeyServer]:
-        with own_valkey(tmp_path / "valkey") as server:
-            yield server
-
-    @pytest.fixture
-    def settings(self, infra_env: dict[str, str], valkey: ValkeyServer) -> Settings:
-        return make_settings(infra_env, redis_url=valkey.url, redis_timeout_s=1.0)
 
     @pytest.mark.gen_test(timeout=60)
     async def test_messages_published_around_the_restart_arrive_once_in_order(
