@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import msgpack
 import psycopg2
 import pytest
+import structlog
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
@@ -486,6 +487,33 @@ async def test_lone_surrogates_anywhere_get_error_frames_and_leave_nothing_behin
     assert [sorted(conn.subscriptions) for conn in services.cable.connections] == [[BENCH]]
     await assert_echoes(ws)
     await assert_node_serves(clients, base_url)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_every_refusal_is_logged_with_its_kind_and_the_client_address(
+    http_server: Any, http_port: int, base_url: str, clients: Clients
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        ws = await connect(clients, base_url)
+        await ws.write_message("{not json")
+        await read(ws)
+        await send(ws, subscribe_command('{"channel":"NoSuchChannel"}'))
+        await read(ws)
+        await send(ws, subscribe_command('{"channel":"InventoryChannel","product_id":-1}'))
+        await read(ws)
+        size = 4 * 1024 * 1024
+        header = client_frame(OP_TEXT, length=size)
+        reason = f"message over {MAX_FRAME_BYTES} bytes ({size})"
+        await assert_closed_for(clients, http_port, header, 1009, reason)
+    refusals = [entry for entry in logs if entry["event"] == "cable_refused"]
+    assert [r["kind"] for r in refusals] == [
+        "bad_command",
+        "unknown_channel",
+        "subscription_rejected",
+        "protocol_error",
+    ]
+    assert all(r["log_level"] == "warning" for r in refusals)
+    assert all(r["remote"] == "127.0.0.1" and r["reason"] for r in refusals)
 
 
 @pytest.mark.gen_test(timeout=30)
