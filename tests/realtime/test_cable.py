@@ -310,6 +310,27 @@ async def test_presence_counts_viewers_on_every_node_and_drops_those_who_leave(
     watcher.close()
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_a_crowd_arriving_at_once_costs_a_presence_message_per_period_not_per_shopper(
+    node_b: ExtraNode, product_id: int
+) -> None:
+    ident = identifier("InventoryChannel", product_id=product_id)
+    watcher = await CableClient.connect(node_b.url("/cable"))
+    await watcher.subscribe(ident)
+    await _presence_until(watcher, ident, viewers=1)
+    crowd = [await CableClient.connect(node_b.url("/cable")) for _ in range(30)]
+    await asyncio.gather(*(shopper.subscribe(ident) for shopper in crowd))
+    counts = []
+    while not counts or counts[-1] != 31:
+        message = await watcher.next_message(ident, timeout=10)
+        if message["event"] == "presence":
+            counts.append(message["viewers"])
+    assert len(counts) <= 3, counts  # one per flush period while the crowd arrived
+    for shopper in crowd:
+        shopper.close()
+    watcher.close()
+
+
 class TestPresenceWhenANodeDies:
     """A node killed outright cannot withdraw its counts: they must expire."""
 
