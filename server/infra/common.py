@@ -191,6 +191,12 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def port_frees_up(port: int, timeout: float = 2.0) -> bool:
+    """True once ``port`` is free, waiting up to ``timeout`` seconds: right after a server
+    was killed, the kernel may refuse its port for a moment (measured: up to ~200 ms)."""
+    return port_is_free(port) or wait_until(lambda: port_is_free(port), timeout=timeout)
+
+
 def _ephemeral_ports() -> tuple[int, int]:
     """The range the kernel picks client source ports (and port 0 binds) from."""
     try:

@@ -27,7 +27,7 @@ from server.infra.common import (
     pg_bin,
     pg_bin_dir,
     pid_alive,
-    port_is_free,
+    port_frees_up,
     read_pidfile,
     run,
     touch_owned_file,
@@ -208,7 +208,7 @@ class PostgresServer:
         if not self.is_initialized():
             raise InfraError(f"{self.data_dir} is not initialized; call init() first")
         self._wait_stale_postmaster_gone()
-        if not port_is_free(self.port):
+        if not port_frees_up(self.port):
             raise InfraError(
                 f"cannot start postgres {self.name}: port 127.0.0.1:{self.port} is used by "
                 "another process; stop it, or `down` and use another data dir"

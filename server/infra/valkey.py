@@ -19,7 +19,7 @@ from server.infra.common import (
     LogFn,
     log_tail_text,
     pid_alive,
-    port_is_free,
+    port_frees_up,
     read_pidfile,
     run,
     valkey_bin,
@@ -179,7 +179,7 @@ class ValkeyServer:
             # it was dying (e.g. just killed): start a fresh one below
         ports = [self.port] + ([self.port + CLUSTER_BUS_OFFSET] if self.cluster else [])
         for port in ports:
-            if not port_is_free(port):
+            if not port_frees_up(port):
                 raise InfraError(
                     f"cannot start valkey {self.name}: port 127.0.0.1:{port} is used by "
                     "another process; stop it, or `down` and use another data dir"
