@@ -162,3 +162,23 @@ class OwnRedis:
     @pytest.fixture
     def settings(self, infra_env: dict[str, str], valkey: ValkeyServer) -> Settings:
         return make_settings(infra_env, redis_url=valkey.url, redis_timeout_s=1.0)
+
+
+def stock_event(product_id: int, stock: int) -> dict[str, Any]:
+    """The inventory event the domain publishes when a product's stock changes."""
+    return {"event": "stock", "product_id": str(product_id), "stock": stock}
+
+
+async def read_stocks(
+    client: CableClient, ident: str, count: int, timeout: float = 10.0
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """The next `count` stock messages of `ident`, and the offsets of every message read
+    meanwhile (presence counts share an inventory stream)."""
+    stocks: list[dict[str, Any]] = []
+    offsets: list[int] = []
+    while len(stocks) < count:
+        message = await client.next_message(ident, timeout)
+        offsets.append(message["offset"])
+        if message["event"] == "stock":
+            stocks.append(message)
+    return stocks, offsets

@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,30 +28,13 @@ from tests.realtime.cable_helpers import (
     CableClient,
     ExtraNode,
     OwnRedis,
-    add_product,
     identifier,
     restart_losing_data,
+    stock_event,
 )
 from tests.server.test_processes import cli_env, free_port, server_settings, started, wait_ready
 
 JS_CLIENT = Path(__file__).resolve().parents[1] / "js" / "cable-client.mjs"
-
-
-@pytest.fixture
-def product_id(clean_data: None, infra_env: dict[str, str]) -> int:
-    return add_product(infra_env["FM_CATALOG_DSN"], stock=10)
-
-
-@pytest.fixture
-def node_b(io_loop: Any, settings: Settings) -> Iterator[ExtraNode]:
-    """A second node sharing Redis and the databases with the test's node (node A)."""
-    node: ExtraNode = io_loop.run_sync(lambda: ExtraNode.start(settings))
-    yield node
-    io_loop.run_sync(node.stop)
-
-
-def _stock(product_id: int, stock: int) -> dict[str, Any]:
-    return {"event": "stock", "product_id": str(product_id), "stock": stock}
 
 
 async def _js_events(proc: asyncio.subprocess.Process) -> AsyncIterator[dict[str, Any]]:
@@ -87,10 +70,10 @@ async def test_official_client_on_node_b_receives_change_published_on_node_a(
         assert (await anext(events))["event"] == "connected"
         first = await anext(events)
         assert first["event"] == "received"
-        assert {k: first["data"][k] for k in ("event", "product_id", "stock")} == _stock(
+        assert {k: first["data"][k] for k in ("event", "product_id", "stock")} == stock_event(
             product_id, 10
         )
-        await services.cable.publish(f"inventory:product:{product_id}", _stock(product_id, 7))
+        await services.cable.publish(f"inventory:product:{product_id}", stock_event(product_id, 7))
         second = await anext(events)
         assert second["data"]["stock"] == 7
         assert second["data"]["offset"] == first["data"]["offset"] + 1
@@ -112,7 +95,7 @@ async def test_msgpack_client_on_node_b_receives_change_published_on_node_a(
     await client.subscribe(ident)
     first = await client.next_message(ident)
     assert first["stock"] == 10
-    await services.cable.publish(f"inventory:product:{product_id}", _stock(product_id, 3))
+    await services.cable.publish(f"inventory:product:{product_id}", stock_event(product_id, 3))
     change = await client.next_message(ident)
     assert (change["stock"], change["offset"]) == (3, first["offset"] + 1)
     client.close()
@@ -126,14 +109,14 @@ async def test_resubscribing_with_since_replays_exactly_the_missed_messages(
     stream = f"inventory:product:{product_id}"
     client = await CableClient.connect(node_b.url("/cable"))
     await client.subscribe(ident)
-    await services.cable.publish(stream, _stock(product_id, 9))
+    await services.cable.publish(stream, stock_event(product_id, 9))
     seen = await client.next_message(ident)  # first the snapshot
     seen = await client.next_message(ident)
     assert seen["stock"] == 9
     client.close()  # the phone drops
 
     for stock in (8, 7, 6, 5, 4):  # published on the other node while it is away
-        await services.cable.publish(stream, _stock(product_id, stock))
+        await services.cable.publish(stream, stock_event(product_id, stock))
 
     back = await CableClient.connect(node_b.url("/cable"))
     resume = identifier(
@@ -143,7 +126,7 @@ async def test_resubscribing_with_since_replays_exactly_the_missed_messages(
     replayed = [await back.next_message(resume) for _ in range(5)]
     assert [m["stock"] for m in replayed] == [8, 7, 6, 5, 4]
     assert [m["offset"] for m in replayed] == list(range(seen["offset"] + 1, seen["offset"] + 6))
-    await services.cable.publish(stream, _stock(product_id, 3))
+    await services.cable.publish(stream, stock_event(product_id, 3))
     live = await back.next_message(resume)
     assert (live["stock"], live["offset"]) == (3, seen["offset"] + 6)
     back.close()
@@ -155,7 +138,7 @@ async def test_since_beyond_history_gets_a_fresh_snapshot(
 ) -> None:
     stream = f"inventory:product:{product_id}"
     position = await services.cable.broker.position(stream)
-    await services.cable.publish(stream, _stock(product_id, 6))
+    await services.cable.publish(stream, stock_event(product_id, 6))
     await services.redis.delete("{" + stream + "}:history")  # trimmed away meanwhile
     client = await CableClient.connect(node_b.url("/cable"))
     ident = identifier("InventoryChannel", product_id=product_id, since=0, epoch=position[1])
@@ -180,7 +163,7 @@ class TestRedisRestart(OwnRedis):
         before = await client.next_message(ident)
         client.close()
         await asyncio.get_running_loop().run_in_executor(None, restart_losing_data, valkey)
-        await services.cable.publish(stream, _stock(product_id, 2))  # after the restart
+        await services.cable.publish(stream, stock_event(product_id, 2))  # after the restart
         back = await CableClient.connect(node_b.url("/cable"))
         resume = identifier(
             "InventoryChannel", product_id=product_id, since=before["offset"], epoch=before["epoch"]
@@ -205,7 +188,7 @@ class TestRedisRestart(OwnRedis):
         deadline = asyncio.get_running_loop().time() + 20
         received: list[dict[str, Any]] = []
         while asyncio.get_running_loop().time() < deadline:
-            await services.cable.publish(stream, _stock(product_id, 1))
+            await services.cable.publish(stream, stock_event(product_id, 1))
             try:
                 received.append(await client.next_message(ident, timeout=0.5))
             except TimeoutError:
@@ -252,7 +235,7 @@ async def test_metrics_count_connections_subscriptions_messages_and_fanout_laten
     assert (await clients[0].read())["type"] in ("reject_subscription", "error")
     published = 4
     for stock in range(published):
-        await services.cable.publish(stream, _stock(product_id, stock))
+        await services.cable.publish(stream, stock_event(product_id, stock))
     for client in clients:
         stocks = []
         while len(stocks) < published:

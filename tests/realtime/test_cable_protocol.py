@@ -8,8 +8,6 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
@@ -26,37 +24,12 @@ from tests.realtime.cable_helpers import (
     CableClient,
     ExtraNode,
     OwnRedis,
-    add_product,
     identifier,
+    read_stocks,
+    stock_event,
 )
 
 pytestmark = pytest.mark.usefixtures("clean_data")
-
-
-@pytest.fixture
-def product_id(infra_env: dict[str, str]) -> int:
-    return add_product(infra_env["FM_CATALOG_DSN"], stock=10)
-
-
-@pytest.fixture
-def node_b(io_loop: Any, settings: Settings) -> Iterator[ExtraNode]:
-    node: ExtraNode = io_loop.run_sync(lambda: ExtraNode.start(settings))
-    yield node
-    io_loop.run_sync(node.stop)
-
-
-def _stock(product_id: int, stock: int) -> dict[str, Any]:
-    return {"event": "stock", "product_id": str(product_id), "stock": stock}
-
-
-async def _stocks(client: CableClient, ident: str, count: int) -> list[dict[str, Any]]:
-    """The next `count` stock messages (presence counts share the stream)."""
-    found: list[dict[str, Any]] = []
-    while len(found) < count:
-        message = await client.next_message(ident)
-        if message["event"] == "stock":
-            found.append(message)
-    return found
 
 
 class TestPings:
@@ -151,18 +124,18 @@ async def test_unsubscribe_stops_delivery_and_releases_the_redis_channel(
         client = await CableClient.connect(node_b.url("/cable"))
         ident = identifier("InventoryChannel", product_id=product_id)
         await client.subscribe(ident)
-        await _stocks(client, ident, 1)
+        await read_stocks(client, ident, 1)
         assert plain.pubsub_numsub(channel) == [(channel.encode(), 1)]
         await client.send({"command": "unsubscribe", "identifier": ident})
         deadline = time.monotonic() + 5
         while plain.pubsub_numsub(channel) != [(channel.encode(), 0)]:
             assert time.monotonic() < deadline, "node B still follows the stream"
             await asyncio.sleep(0.05)
-        await services.cable.publish(stream, _stock(product_id, 3))
+        await services.cable.publish(stream, stock_event(product_id, 3))
         with pytest.raises(TimeoutError):  # nothing for an identifier it left
             await client.read(timeout=0.5)
         await client.subscribe(ident)  # and it may come back
-        assert (await _stocks(client, ident, 1))[0]["stock"] == 10  # the database's count
+        assert (await read_stocks(client, ident, 1))[0][0]["stock"] == 10  # the database's count
         client.close()
     finally:
         plain.close()
@@ -176,12 +149,12 @@ async def test_two_nodes_publishing_at_once_never_reorder_or_duplicate_offsets(
     client = await CableClient.connect(node_b.url("/cable"))
     ident = identifier("InventoryChannel", product_id=product_id)
     await client.subscribe(ident)
-    first = (await _stocks(client, ident, 1))[0]
+    first = (await read_stocks(client, ident, 1))[0][0]
 
     async def publish_from(node: Services, stocks: range) -> list[int]:
         offsets = []
         for stock in stocks:
-            offset, _epoch = await node.cable.publish(stream, _stock(product_id, stock))
+            offset, _epoch = await node.cable.publish(stream, stock_event(product_id, stock))
             offsets.append(offset)
         return offsets
 
@@ -189,7 +162,7 @@ async def test_two_nodes_publishing_at_once_never_reorder_or_duplicate_offsets(
         publish_from(services, range(1000, 1050)), publish_from(node_b.services, range(2000, 2050))
     )
     assert sorted(from_a + from_b) == list(range(first["offset"] + 1, first["offset"] + 101))
-    received = await _stocks(client, ident, 100)
+    received, _ = await read_stocks(client, ident, 100)
     by_offset = {m["offset"]: m["stock"] for m in received}
     assert len(by_offset) == 100  # no duplicates
     assert [m["offset"] for m in received] == sorted(by_offset)  # delivered in offset order
@@ -210,19 +183,19 @@ class TestRedisRestartKeepingData(OwnRedis):
         client = await CableClient.connect(node_b.url("/cable"))
         ident = identifier("InventoryChannel", product_id=product_id)
         await client.subscribe(ident)
-        before = (await _stocks(client, ident, 1))[0]
+        before = (await read_stocks(client, ident, 1))[0][0]
         await asyncio.to_thread(valkey.stop)
         await asyncio.to_thread(valkey.start)
         published = 0
         deadline = time.monotonic() + 20
         while published < 5:  # as soon as Redis answers node A, before node B is back
             try:
-                await services.cable.publish(stream, _stock(product_id, 9 - published))
+                await services.cable.publish(stream, stock_event(product_id, 9 - published))
                 published += 1
             except redis.RedisError:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
-        received = await _stocks(client, ident, 5)
+        received, _ = await read_stocks(client, ident, 5)
         assert [m["stock"] for m in received] == [9, 8, 7, 6, 5]
         assert [m["offset"] for m in received] == list(
             range(before["offset"] + 1, before["offset"] + 6)

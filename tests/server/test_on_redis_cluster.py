@@ -36,7 +36,13 @@ from tests.handlers.test_cart import (
     ok,
     start_node,
 )
-from tests.realtime.cable_helpers import CableClient, add_product, identifier
+from tests.realtime.cable_helpers import (
+    CableClient,
+    add_product,
+    identifier,
+    read_stocks,
+    stock_event,
+)
 from tests.server.test_cache import CountingLoader, Nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_data")]
@@ -96,10 +102,6 @@ def cluster(infra_env: dict[str, str]) -> Iterator[RedisCluster]:
     client.close()
 
 
-def _stock(product_id: int, stock: int) -> dict[str, Any]:
-    return {"event": "stock", "product_id": str(product_id), "stock": stock}
-
-
 def _live_channel(product_id: int) -> str:
     return "{inventory:product:" + str(product_id) + "}:live"
 
@@ -130,29 +132,13 @@ async def _subscriber_on(node: Any, product_id: int) -> tuple[CableClient, str, 
     client = await CableClient.connect(node.url("/cable"))
     ident = identifier("InventoryChannel", product_id=product_id)
     await client.subscribe(ident)
-    first = await client.next_message(ident)
-    while first["event"] != "stock":
-        first = await client.next_message(ident)
+    (first,), _ = await read_stocks(client, ident, 1)
     return client, ident, first
 
 
-async def _next_stock(client: CableClient, ident: str, timeout: float = 30.0) -> dict[str, Any]:
-    while (message := await client.next_message(ident, timeout))["event"] != "stock":
-        pass
-    return message
-
-
-async def _read_stocks(client: CableClient, ident: str, count: int) -> tuple[list[int], list[int]]:
-    """The next `count` stock figures, and the offsets of every message read meanwhile
-    (presence counts share the stream)."""
-    stocks: list[int] = []
-    offsets: list[int] = []
-    while len(stocks) < count:
-        message = await client.next_message(ident, 30.0)
-        offsets.append(message["offset"])
-        if message["event"] == "stock":
-            stocks.append(message["stock"])
-    return stocks, offsets
+def _promoted(replica: ValkeyServer) -> bool:
+    """Whether `replica` has become a master."""
+    return parse_info(str(replica.command("INFO", "replication")))["role"] == "master"
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -173,7 +159,7 @@ async def test_stream_offsets_history_and_recovery_across_nodes(
         await client.subscribe(ident)
         snapshot = await client.next_message(ident)
         assert snapshot["stock"] == 10
-        await services.cable.publish(stream, _stock(product_id, 9))
+        await services.cable.publish(stream, stock_event(product_id, 9))
         seen = await client.next_message(ident)
         assert (seen["stock"], seen["offset"]) == (9, snapshot["offset"] + 1)
         # Sharded pub/sub: node B follows the stream on the master owning its slot, and no
@@ -187,7 +173,7 @@ async def test_stream_offsets_history_and_recovery_across_nodes(
         client.close()
 
         for stock in (8, 7, 6):  # published on node A while the client is away
-            await services.cable.publish(stream, _stock(product_id, stock))
+            await services.cable.publish(stream, stock_event(product_id, stock))
         back = await CableClient.connect(node_b.url("/cable"))
         resume = identifier(
             "InventoryChannel", product_id=product_id, since=seen["offset"], epoch=seen["epoch"]
@@ -323,12 +309,13 @@ async def test_a_burst_of_publishes_keeps_each_streams_order(
         client, ident, first = await _subscriber_on(node_b, products[0])
         offsets = await asyncio.gather(
             *(
-                services.cable.publish(f"inventory:product:{product}", _stock(product, stock))
+                services.cable.publish(f"inventory:product:{product}", stock_event(product, stock))
                 for stock in range(49, 29, -1)
                 for product in products
             )
         )
-        stocks, seen = await _read_stocks(client, ident, 20)
+        messages, seen = await read_stocks(client, ident, 20, 30.0)
+        stocks = [m["stock"] for m in messages]
         assert stocks == list(range(49, 29, -1))
         assert seen == list(range(first["offset"] + 1, first["offset"] + 1 + len(seen)))
         assert {offset for offset, _ in offsets[::3]} <= set(seen)
@@ -357,11 +344,12 @@ async def test_subscribers_keep_their_stream_through_a_planned_failover(
         replica.command("CLUSTER", "FAILOVER")
         await asyncio.to_thread(
             _wait_until,
-            lambda: parse_info(str(replica.command("INFO", "replication")))["role"] == "master",
+            lambda: _promoted(replica),
         )
         for stock in (9, 8, 7):
-            await services.cable.publish(stream, _stock(product_id, stock))
-        stocks, seen = await _read_stocks(client, ident, 3)
+            await services.cable.publish(stream, stock_event(product_id, stock))
+        messages, seen = await read_stocks(client, ident, 3, 30.0)
+        stocks = [m["stock"] for m in messages]
         assert stocks == [9, 8, 7]
         assert seen == list(range(first["offset"] + 1, first["offset"] + 1 + len(seen)))
         assert node_b.services.cable.broker.reconnects >= 1
@@ -390,18 +378,18 @@ async def test_subscribers_recover_their_stream_when_its_master_dies(
         await asyncio.to_thread(master.stop)
         await asyncio.to_thread(
             _wait_until,
-            lambda: parse_info(str(replica.command("INFO", "replication")))["role"] == "master",
+            lambda: _promoted(replica),
             60.0,
         )
         deadline = time.monotonic() + 30
         while True:  # node A's client learns the new slot map on its first refusals
             try:
-                await services.cable.publish(stream, _stock(product_id, 9))
+                await services.cable.publish(stream, stock_event(product_id, 9))
                 break
             except redis.RedisError:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.2)
-        message = await _next_stock(client, ident)
+        (message,), _ = await read_stocks(client, ident, 1, 30.0)
         # The replica had the stream's offset and history (or, had it not, a new epoch).
         assert message["stock"] == 9
         assert message["offset"] == first["offset"] + 1 or message["epoch"] != first["epoch"]
