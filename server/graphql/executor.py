@@ -35,7 +35,6 @@ from tartiflette.language.ast import OperationDefinitionNode
 from tartiflette.language.parsers.libgraphqlparser import parse_to_document
 from tartiflette.types.list import GraphQLList
 
-from server.graphql import carts, catalog, orders, users
 from server.graphql.compiled import Plan, compile_plan
 from server.graphql.cost import FieldShape, Shapes
 from server.graphql.errors import (
@@ -46,6 +45,7 @@ from server.graphql.errors import (
     GraphQLRequestError,
     coerce_error,
 )
+from server.graphql.resolvers import carts, catalog, orders, users
 
 # Modules with SDL (beside them) and resolvers; `catalog` declares the root types.
 RESOLVER_MODULES: tuple[ModuleType, ...] = (catalog, carts, orders, users)

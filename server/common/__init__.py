@@ -1,0 +1,2 @@
+"""What every layer shares and nothing else: domain errors, structured logs, strict JSON text,
+and the node's lifecycle state. Imports nothing from the rest of `server`."""

@@ -1,0 +1,214 @@
+"""Carts: one per user on the user's shard, versioned, with a price snapshot per item.
+
+Why a snapshot: the price a buyer saw when adding an item is the price the cart shows and the
+order charges, even if an admin changes the product later (re-adding or updating the quantity
+takes the current price again). Why a version: clients on several devices (and CartChannel
+subscribers) can tell which cart state is newer; every change bumps it by one.
+
+Every change runs in one transaction on the user's shard primary that first bumps the
+`carts` row (which also serialises concurrent changes of the same cart), then publishes
+`{event: "cart", cart}` on `cart:user:<id>` after the commit, through an injected
+`publish(stream, message)` callable (the node passes `CableServer.publish`), so this module
+knows nothing of Tornado or Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from server.adapters.db.router import ShardRouter
+from server.common.errors import InvalidInput, NotFound
+from server.common.logs import get_logger
+
+Publish = Callable[[str, dict[str, Any]], Awaitable[Any]]
+"""`publish(stream, message)`: delivers a domain event to cable subscribers on every node."""
+
+MIN_QUANTITY = 1
+MAX_QUANTITY = 99
+MAX_ID = 2**63 - 1  # bigint; larger ids cannot name anything
+
+_log = get_logger("finalmarket.carts")
+
+_CART_SQL = (
+    "SELECT c.version, i.product_id, i.quantity, i.unit_price_cents "
+    "FROM carts c LEFT JOIN cart_items i ON i.user_id = c.user_id "
+    "WHERE c.user_id = %s ORDER BY i.added_at, i.product_id"
+)
+
+
+class _Cursor(Protocol):
+    """What cart reads need of a cursor (an aiopg cursor or the router's ReadCursor)."""
+
+    async def execute(self, sql: str, params: Any = ...) -> Any: ...
+
+    async def fetchone(self) -> Any: ...
+
+    async def fetchall(self) -> Any: ...
+
+
+def cart_stream(user_id: int) -> str:
+    """The cable stream of a user's cart (CartChannel follows it)."""
+    return f"cart:user:{user_id}"
+
+
+async def load_cart(cur: _Cursor, user_id: int) -> dict[str, Any]:
+    """The contract's `Cart` read through `cur` (inside a transaction it sees its changes)."""
+    await cur.execute(_CART_SQL, (user_id,))
+    rows = await cur.fetchall()
+    items = [
+        {"product_id": str(row[1]), "quantity": row[2], "unit_price_cents": row[3]}
+        for row in rows
+        if row[1] is not None
+    ]
+    return {
+        "items": items,
+        "total_cents": sum(item["quantity"] * item["unit_price_cents"] for item in items),
+        "version": rows[0][0] if rows else 0,
+    }
+
+
+async def cart_view(router: ShardRouter, user_id: int) -> dict[str, Any]:
+    """The contract's `Cart`: items with price snapshots, total and version."""
+    async with router.read(user_id) as cur:
+        return await load_cart(cur, user_id)
+
+
+def check_quantity(quantity: int) -> None:
+    """Refuse quantities outside 1..99 (`InvalidInput` naming the field)."""
+    if not MIN_QUANTITY <= quantity <= MAX_QUANTITY:
+        raise InvalidInput(
+            f"quantity must be between {MIN_QUANTITY} and {MAX_QUANTITY}",
+            field="quantity",
+            minimum=MIN_QUANTITY,
+            maximum=MAX_QUANTITY,
+        )
+
+
+async def publish_quietly(publish: Publish | None, stream: str, message: dict[str, Any]) -> None:
+    """Publish an event after a commit; a failure is logged, never raised.
+
+    The change is already committed, so the request succeeded; subscribers that miss the
+    event recover through the stream's offsets and the channel's snapshot.
+    """
+    if publish is None:
+        return
+    try:
+        await publish(stream, message)
+    except Exception as exc:  # the committed change stands either way
+        _log.warning("publish_failed", stream=stream, error=repr(exc))
+
+
+class CartService:
+    """Changes to a user's cart, each one versioned and published after commit."""
+
+    def __init__(self, router: ShardRouter, publish: Publish | None = None) -> None:
+        self.router = router
+        self.publish = publish
+
+    async def get(self, user_id: int) -> dict[str, Any]:
+        """The user's cart (read-your-writes: the router reads the primary after a change)."""
+        return await cart_view(self.router, user_id)
+
+    async def add_item(self, user_id: int, product_id: int, quantity: int) -> dict[str, Any]:
+        """Add `quantity` units (to what the cart holds already) at the current price.
+
+        `NotFound` for an unknown product; `InvalidInput` when the line would pass 99 units.
+        """
+        check_quantity(quantity)
+        price_cents, currency = await self._price_of(product_id)
+        async with self.router.write(user_id) as cur:
+            await self._bump(cur, user_id)
+            await cur.execute(
+                "INSERT INTO cart_items "
+                "(user_id, product_id, quantity, unit_price_cents, currency) "
+                "VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (user_id, product_id) DO UPDATE "
+                "SET quantity = cart_items.quantity + EXCLUDED.quantity, "
+                "    unit_price_cents = EXCLUDED.unit_price_cents, currency = EXCLUDED.currency "
+                "RETURNING quantity",
+                (user_id, product_id, quantity, price_cents, currency),
+            )
+            (total,) = await cur.fetchone()
+            if total > MAX_QUANTITY:  # raising rolls the whole change back
+                raise InvalidInput(
+                    f"the cart would hold {total} units of product {product_id}; "
+                    f"at most {MAX_QUANTITY} are allowed",
+                    field="quantity",
+                    product_id=str(product_id),
+                    maximum=MAX_QUANTITY,
+                )
+            cart = await load_cart(cur, user_id)
+        await self._announce(user_id, cart)
+        return cart
+
+    async def set_quantity(self, user_id: int, product_id: int, quantity: int) -> dict[str, Any]:
+        """Set an item's quantity, taking the current price; `NotFound` if it is not there."""
+        check_quantity(quantity)
+        price_cents, currency = await self._price_of(product_id)
+        async with self.router.write(user_id) as cur:
+            await self._bump(cur, user_id)
+            await cur.execute(
+                "UPDATE cart_items SET quantity = %s, unit_price_cents = %s, currency = %s "
+                "WHERE user_id = %s AND product_id = %s",
+                (quantity, price_cents, currency, user_id, product_id),
+            )
+            if cur.rowcount == 0:
+                raise self._not_in_cart(product_id)
+            cart = await load_cart(cur, user_id)
+        await self._announce(user_id, cart)
+        return cart
+
+    async def remove_item(self, user_id: int, product_id: int) -> dict[str, Any]:
+        """Remove an item; `NotFound` if the cart does not hold it."""
+        async with self.router.write(user_id) as cur:
+            await self._bump(cur, user_id)
+            await cur.execute(
+                "DELETE FROM cart_items WHERE user_id = %s AND product_id = %s",
+                (user_id, product_id),
+            )
+            if cur.rowcount == 0:
+                raise self._not_in_cart(product_id)
+            cart = await load_cart(cur, user_id)
+        await self._announce(user_id, cart)
+        return cart
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    async def _price_of(self, product_id: int) -> tuple[int, str]:
+        """The product's current price and currency (the snapshot), or `NotFound`."""
+        if not 1 <= product_id <= MAX_ID:
+            raise NotFound(f"no product {product_id}", product_id=str(product_id))
+        row = await self._price_row(product_id, fresh=False)
+        if row is None:
+            # A product created moments ago may not have reached the catalog replica yet:
+            # ask the primary before telling the shopper it does not exist.
+            row = await self._price_row(product_id, fresh=True)
+        if row is None:
+            raise NotFound(f"no product {product_id}", product_id=str(product_id))
+        return int(row[0]), str(row[1])
+
+    async def _price_row(self, product_id: int, *, fresh: bool) -> Any:
+        async with self.router.catalog_read(fresh=fresh) as cur:
+            await cur.execute(
+                "SELECT price_cents, currency FROM products WHERE id = %s", (product_id,)
+            )
+            return await cur.fetchone()
+
+    @staticmethod
+    async def _bump(cur: Any, user_id: int) -> None:
+        """Increment the cart's version (creating the cart row if the user has none); the
+        row lock this takes serialises concurrent changes of one cart."""
+        await cur.execute(
+            "INSERT INTO carts (user_id, version) VALUES (%s, 1) "
+            "ON CONFLICT (user_id) DO UPDATE "
+            "SET version = carts.version + 1, updated_at = now()",
+            (user_id,),
+        )
+
+    @staticmethod
+    def _not_in_cart(product_id: int) -> NotFound:
+        return NotFound(f"product {product_id} is not in the cart", product_id=str(product_id))
+
+    async def _announce(self, user_id: int, cart: dict[str, Any]) -> None:
+        await publish_quietly(self.publish, cart_stream(user_id), {"event": "cart", "cart": cart})

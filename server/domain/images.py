@@ -1,0 +1,185 @@
+"""`ImageService`: an upload in, a product image out (variants stored, the catalog updated).
+
+    probe      type from magic bytes, size and pixel caps from the header (on a thread of
+               the node, so a refusal never waits behind other uploads' renders)
+    dedupe     the same bytes on the same product: the recorded image, no work
+    render     in the worker process: decode once, derive four sizes, twelve encodes and
+               the placeholder (or reuse the rendition of the same bytes on another product)
+    store      content-addressed files, then the manifest naming them
+    record     the catalog row; the product's cached pages are invalidated
+
+Nothing is written before every check has passed, so a refused upload leaves no file and no
+row. Free of HTTP: the handler maps the `ImageRejected` errors to problems.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from server.adapters.images.intake import ImageProbe, IntakeLimits, probe
+from server.adapters.images.pipeline import EXTENSIONS, SIZES, Encoding
+from server.adapters.images.storage import ImageStorage, content_name, digest, manifest_name
+from server.adapters.images.workers import ImageWorkers, Slot
+from server.common.logs import get_logger
+from server.domain.catalog import CatalogService
+
+__all__ = ["ImageService", "Manifest"]
+
+_log = get_logger("finalmarket.images")
+PIPELINE_VERSION = 1  # bump when decode/derive change what a rendition looks like
+MANIFEST_CACHE_ENTRIES = 10_000  # manifests never change, so a plain LRU is exact
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A rendition of one upload: its variants by size and format (storage names), the
+    placeholder and the large variant's dimensions. Stored as JSON beside the variants."""
+
+    key: str
+    width: int
+    height: int
+    placeholder: str
+    variants: dict[str, dict[str, str]]
+
+    def to_json(self) -> bytes:
+        """The stored form."""
+        return json.dumps(
+            {
+                "key": self.key,
+                "width": self.width,
+                "height": self.height,
+                "placeholder": self.placeholder,
+                "variants": self.variants,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        """Read the stored form."""
+        raw = json.loads(data)
+        return cls(raw["key"], raw["width"], raw["height"], raw["placeholder"], raw["variants"])
+
+
+class ImageService:
+    """Product images for one node: intake, rendering, storage, catalog, serving lookups."""
+
+    def __init__(
+        self,
+        catalog: CatalogService,
+        storage: ImageStorage,
+        workers: ImageWorkers,
+        limits: IntakeLimits,
+        *,
+        encoding: Encoding | None = None,
+        url_prefix: str = "/images",
+    ) -> None:
+        self.catalog = catalog
+        self.storage = storage
+        self.workers = workers
+        self.limits = limits
+        self.encoding = encoding or Encoding()
+        self.url_prefix = url_prefix.rstrip("/")
+        self._fingerprint = f"v{PIPELINE_VERSION}|{SIZES}|{self.encoding}".encode()
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+
+    # --- uploads ----------------------------------------------------------------------------
+
+    def admit(self) -> Slot:
+        """A place for one upload (`ImagesBusy` when the node has no room): take it before
+        reading the body, release it when the request ends."""
+        return self.workers.admit()
+
+    async def check_product(self, product_id: int) -> None:
+        """`NotFound` unless the product exists (a cached read: cheap before a big body)."""
+        await self.catalog.product_page(product_id)
+
+    async def add_product_image(
+        self, product_id: int, data: bytes | bytearray, actor: int | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """Turn an upload into a product image; returns the image and whether it is new.
+
+        Raises the `ImageRejected` errors (nothing written) or `NotFound`.
+        """
+        header = await asyncio.to_thread(probe, data, self.limits)
+        content_hash = await asyncio.to_thread(digest, data)
+        existing = await self.catalog.find_image(product_id, content_hash)
+        if existing is not None:
+            return existing, False
+        key = digest(content_hash.encode() + b"|" + self._fingerprint)
+        manifest = await self.manifest(key)
+        if manifest is None:
+            manifest, files = await self._render(key, data, header)
+            files[manifest_name(key)] = manifest.to_json()  # last: after what it names
+            await self.storage.put_many(files)
+            self._remember(manifest)
+        return await self.catalog.add_image(
+            product_id,
+            content_hash=content_hash,
+            placeholder=manifest.placeholder,
+            variants={
+                size: {fmt: self.url_of(name) for fmt, name in formats.items()}
+                for size, formats in manifest.variants.items()
+            },
+            src={size: f"{self.url_prefix}/{key}/{size}" for size in SIZES},
+            width=manifest.width,
+            height=manifest.height,
+            actor=actor,
+        )
+
+    async def _render(
+        self, key: str, data: bytes | bytearray, header: ImageProbe
+    ) -> tuple[Manifest, dict[str, bytes]]:
+        rendition = await self.workers.render(data, header, self.encoding)
+        files: dict[str, bytes] = {}
+        variants: dict[str, dict[str, str]] = {size: {} for size in SIZES}
+        for size, fmt, output in rendition.variants:
+            name = content_name(output, EXTENSIONS[fmt])
+            files[name] = output
+            variants[size][fmt] = name
+        manifest = Manifest(key, rendition.width, rendition.height, rendition.placeholder, variants)
+        _log.info(
+            "image_rendered",
+            key=key,
+            source=f"{header.type.name} {header.width}x{header.height}",
+            bytes=sum(len(output) for output in files.values()),
+        )
+        return manifest, files
+
+    # --- serving ----------------------------------------------------------------------------
+
+    def url_of(self, name: str) -> str:
+        """The URL a stored variant is served at."""
+        return f"{self.url_prefix}/{name}"
+
+    async def variant(self, name: str) -> bytes | None:
+        """The bytes of a stored variant (`3f/3fa9...c1.avif`), or None."""
+        return await self.storage.get(name)
+
+    async def manifest(self, key: str) -> Manifest | None:
+        """The rendition named `key`, or None (manifests are immutable, so kept in an LRU)."""
+        cached = self._manifests.get(key)
+        if cached is not None:
+            self._manifests.move_to_end(key)
+            return cached
+        data = await self.storage.get(manifest_name(key))
+        if data is None:
+            return None
+        manifest = Manifest.from_json(data)
+        self._remember(manifest)
+        return manifest
+
+    def _remember(self, manifest: Manifest) -> None:
+        self._manifests[manifest.key] = manifest
+        self._manifests.move_to_end(manifest.key)
+        while len(self._manifests) > MANIFEST_CACHE_ENTRIES:
+            self._manifests.popitem(last=False)
+
+    async def aclose(self) -> None:
+        """Stop the worker process and release the storage."""
+        await self.workers.aclose()
+        await self.storage.aclose()

@@ -1,0 +1,374 @@
+"""Start/stop the whole embedded topology under one data directory and describe it as env.
+
+Layout of ``data_dir``::
+
+    infra.json              persisted topology + ports (written on first ``up``)
+    infra.lock              flock so two ``up``/``down`` calls do not interleave
+    postgres/<name>/        PostgreSQL data directories (owned by finalmarket-pg when root)
+    postgres/<name>.log     their server logs
+    valkey/<name>/          Valkey directories (config, pid file, AOF, log, nodes.conf)
+
+Topologies (chosen at the first ``up``; a later ``up`` must use the same flags):
+
+* light (default): one PostgreSQL server with ``fm_catalog`` and ``fm_shard_0..3``, one Valkey.
+* ``replicas=True``: catalog and each shard on its own primary, each with a streaming hot
+  standby; primary DSNs are multi-host URIs with ``target_session_attrs=read-write`` so clients
+  follow a promoted standby.
+* ``redis_cluster=True``: six Valkey nodes in cluster mode (3 masters, 3 replicas).
+
+All servers are embedded dev/test servers: 127.0.0.1 only, no passwords (trust auth).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import shlex
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from server.wiring.infra.common import (
+    InfraError,
+    LogFn,
+    OsUser,
+    default_pg_os_user,
+    pick_free_port,
+)
+from server.wiring.infra.postgres import PostgresServer
+from server.wiring.infra.valkey import CLUSTER_BUS_OFFSET, ValkeyServer, create_cluster
+
+STATE_FILE = "infra.json"
+STATE_VERSION = 1
+SHARD_COUNT = 4
+CATALOG_DB = "fm_catalog"
+CLUSTER_NODES = 6
+
+
+def shard_db(index: int) -> str:
+    """Database name of shard ``index``."""
+    return f"fm_shard_{index}"
+
+
+# -- persisted state ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PgGroup:
+    """A PostgreSQL primary (plus optional standby) and the databases it holds."""
+
+    name: str
+    port: int
+    replica_port: int | None
+    databases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InfraState:
+    """Everything persisted in ``infra.json``: topology flags and every server's port."""
+
+    replicas: bool
+    redis_cluster: bool
+    pg_groups: tuple[PgGroup, ...]
+    valkey_ports: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "topology": {"replicas": self.replicas, "redis_cluster": self.redis_cluster},
+            "postgres": [
+                {
+                    "name": g.name,
+                    "port": g.port,
+                    "replica_port": g.replica_port,
+                    "databases": list(g.databases),
+                    "data_dir": f"postgres/{g.name}",
+                    "replica_data_dir": f"postgres/{g.name}-replica" if g.replica_port else None,
+                }
+                for g in self.pg_groups
+            ],
+            "valkey": [
+                {"name": f"node{i}", "port": port, "dir": f"valkey/node{i}"}
+                for i, port in enumerate(self.valkey_ports)
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InfraState:
+        if data.get("version") != STATE_VERSION:
+            raise InfraError(f"unsupported {STATE_FILE} version {data.get('version')!r}")
+        topo = data["topology"]
+        groups = tuple(
+            PgGroup(g["name"], int(g["port"]), g["replica_port"], tuple(g["databases"]))
+            for g in data["postgres"]
+        )
+        return cls(
+            replicas=bool(topo["replicas"]),
+            redis_cluster=bool(topo["redis_cluster"]),
+            pg_groups=groups,
+            valkey_ports=tuple(int(v["port"]) for v in data["valkey"]),
+        )
+
+
+def _plan(replicas: bool, redis_cluster: bool) -> InfraState:
+    """Choose server layout and free ports for a new data directory."""
+    used: set[int] = set()
+
+    def port(bus: bool = False) -> int:
+        chosen = pick_free_port(exclude=used, bus_offset=CLUSTER_BUS_OFFSET if bus else None)
+        used.update({chosen, chosen + CLUSTER_BUS_OFFSET} if bus else {chosen})
+        return chosen
+
+    if replicas:
+        layout = [("catalog", (CATALOG_DB,))]
+        layout += [(f"shard{i}", (shard_db(i),)) for i in range(SHARD_COUNT)]
+        groups = tuple(PgGroup(name, port(), port(), dbs) for name, dbs in layout)
+    else:
+        all_dbs = (CATALOG_DB, *(shard_db(i) for i in range(SHARD_COUNT)))
+        groups = (PgGroup("main", port(), None, all_dbs),)
+    valkey = tuple(port(bus=redis_cluster) for _ in range(CLUSTER_NODES if redis_cluster else 1))
+    return InfraState(replicas, redis_cluster, groups, valkey)
+
+
+def _load_state(data_dir: Path) -> InfraState | None:
+    path = data_dir / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        return InfraState.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InfraError(f"corrupt {path}: {exc}") from exc
+
+
+def _save_state(data_dir: Path, state: InfraState) -> None:
+    path = data_dir / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state.to_json(), indent=2) + "\n")
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _locked(data_dir: Path) -> Iterator[None]:
+    """Exclusive lock on the data directory for the duration of ``up``/``down``."""
+    with (data_dir / "infra.lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# -- server objects ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Servers:
+    pg: list[tuple[PgGroup, PostgresServer, PostgresServer | None]]
+    valkey: list[ValkeyServer]
+
+
+def _servers(data_dir: Path, state: InfraState, log: LogFn, os_user: OsUser | None) -> _Servers:
+    pg_root = data_dir / "postgres"
+    pg = []
+    for group in state.pg_groups:
+        primary = PostgresServer(pg_root / group.name, group.port, os_user=os_user, log=log)
+        replica = None
+        if group.replica_port is not None:
+            replica = PostgresServer(
+                pg_root / f"{group.name}-replica", group.replica_port, os_user=os_user, log=log
+            )
+        pg.append((group, primary, replica))
+    valkey = [
+        ValkeyServer(data_dir / "valkey" / f"node{i}", port, cluster=state.redis_cluster, log=log)
+        for i, port in enumerate(state.valkey_ports)
+    ]
+    return _Servers(pg, valkey)
+
+
+def _all_running(servers: _Servers) -> bool:
+    for _, primary, replica in servers.pg:
+        if not primary.is_running() or (replica is not None and not replica.is_running()):
+            return False
+    return all(node.is_running() for node in servers.valkey)
+
+
+def _threadsafe(log: LogFn) -> LogFn:
+    lock = threading.Lock()
+
+    def locked_log(line: str) -> None:
+        with lock:
+            log(line)
+
+    return locked_log
+
+
+def _run_parallel(tasks: list[Callable[[], None]]) -> None:
+    """Run independent setup tasks concurrently; re-raise the first failure."""
+    pool = ThreadPoolExecutor(max_workers=max(1, len(tasks)))
+    futures = [pool.submit(task) for task in tasks]
+    try:
+        wait(futures)
+    finally:
+        # Interrupted (Ctrl-C) or not, let running tasks finish before the lock is released,
+        # so a `down` in the caller's cleanup does not race servers that are still starting.
+        while True:
+            try:
+                pool.shutdown(wait=True)
+                break
+            except KeyboardInterrupt:
+                continue
+    errors = [exc for f in futures if (exc := f.exception()) is not None]
+    if errors:
+        raise errors[0]
+
+
+# -- settings ----------------------------------------------------------------------------
+
+
+def _pg_dsns(group: PgGroup, dbname: str) -> tuple[str, str | None]:
+    """(primary DSN, replica DSN) for one database of a group."""
+    if group.replica_port is None:
+        return f"postgresql://postgres@127.0.0.1:{group.port}/{dbname}", None
+    primary = (
+        f"postgresql://postgres@127.0.0.1:{group.port},127.0.0.1:{group.replica_port}"
+        f"/{dbname}?target_session_attrs=read-write"
+    )
+    return primary, f"postgresql://postgres@127.0.0.1:{group.replica_port}/{dbname}"
+
+
+def settings_for(state: InfraState) -> dict[str, str]:
+    """The ``FM_*`` environment settings describing a topology."""
+    by_db = {db: group for group in state.pg_groups for db in group.databases}
+    settings: dict[str, str] = {}
+    catalog, catalog_replica = _pg_dsns(by_db[CATALOG_DB], CATALOG_DB)
+    settings["FM_CATALOG_DSN"] = catalog
+    if catalog_replica is not None:
+        settings["FM_CATALOG_REPLICA_DSN"] = catalog_replica
+    shards = []
+    for i in range(SHARD_COUNT):
+        primary, replica = _pg_dsns(by_db[shard_db(i)], shard_db(i))
+        shards.append({"primary": primary, "replica": replica})
+    settings["FM_SHARDS"] = json.dumps(shards, separators=(",", ":"))
+    settings["FM_REDIS_URL"] = f"redis://127.0.0.1:{state.valkey_ports[0]}/0"
+    if state.redis_cluster:
+        settings["FM_REDIS_CLUSTER"] = "1"
+    return settings
+
+
+def env_lines(settings: dict[str, str]) -> list[str]:
+    """Shell ``export`` lines for ``settings`` (values quoted with ``shlex.quote``)."""
+    return [f"export {key}={shlex.quote(value)}" for key, value in settings.items()]
+
+
+# -- up / down ---------------------------------------------------------------------------
+
+
+def _bring_up_group(
+    group: PgGroup, primary: PostgresServer, replica: PostgresServer | None
+) -> None:
+    primary.init()
+    primary.start()
+    for db in group.databases:
+        primary.create_database(db)
+    if replica is not None:
+        primary.make_replica(replica.data_dir, replica.port)
+        replica.start()
+
+
+def _bring_up_valkey(nodes: list[ValkeyServer], cluster: bool, log: LogFn) -> None:
+    for node in nodes:
+        node.start()
+    if cluster:
+        create_cluster(nodes, replicas=1, log=log)
+
+
+def _check_flags(data_dir: Path, state: InfraState, replicas: bool, redis_cluster: bool) -> None:
+    if (state.replicas, state.redis_cluster) != (replicas, redis_cluster):
+        raise InfraError(
+            f"{data_dir} was created with replicas={state.replicas}, "
+            f"redis_cluster={state.redis_cluster}, but replicas={replicas}, "
+            f"redis_cluster={redis_cluster} was requested; run `down` and use another data "
+            "dir for a different topology (topologies are never mixed)"
+        )
+
+
+def up(
+    data_dir: Path,
+    *,
+    replicas: bool = False,
+    redis_cluster: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, str]:
+    """Start the embedded PostgreSQL + Valkey servers under ``data_dir``; return FM_* settings.
+
+    Idempotent: servers already running are left alone (then this takes well under a second),
+    and data directories and ports from the first ``up`` are reused, so the returned settings
+    are identical across ``down``/``up``. Raises :class:`InfraError` if the requested topology
+    differs from the persisted one, if a port is taken by another process, or if a server does
+    not become ready (the message includes the tail of its log).
+    """
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(data_dir):
+        state = _load_state(data_dir)
+        if state is None:
+            state = _plan(replicas, redis_cluster)
+            _save_state(data_dir, state)
+            log(f"infra: new topology in {data_dir}")
+        _check_flags(data_dir, state, replicas, redis_cluster)
+        os_user = default_pg_os_user()
+        safe_log = _threadsafe(log)
+        servers = _servers(data_dir, state, safe_log, os_user)
+        if _all_running(servers):
+            log("infra: already running")
+            return settings_for(state)
+        started = time.monotonic()
+        tasks: list[Callable[[], None]] = [partial(_bring_up_group, *entry) for entry in servers.pg]
+        tasks.append(partial(_bring_up_valkey, servers.valkey, state.redis_cluster, safe_log))
+        _run_parallel(tasks)
+        log(f"infra: up in {time.monotonic() - started:.1f}s")
+        return settings_for(state)
+
+
+def is_up(data_dir: Path) -> bool:
+    """Whether every server of ``data_dir``'s topology is running (False if none was made)."""
+    data_dir = Path(data_dir).resolve()
+    state = _load_state(data_dir) if data_dir.is_dir() else None
+    if state is None:
+        return False
+    return _all_running(_servers(data_dir, state, lambda line: None, default_pg_os_user()))
+
+
+def down(data_dir: Path, *, log: Callable[[str], None] = print) -> None:
+    """Stop every server started by :func:`up` for ``data_dir``; keep all data.
+
+    Idempotent: does nothing (and raises nothing) if nothing is running or ``data_dir``
+    was never used. PostgreSQL stops with ``pg_ctl stop -m fast``, Valkey with
+    ``SHUTDOWN NOSAVE`` (the append-only file is still flushed).
+    """
+    data_dir = Path(data_dir).resolve()
+    if not (data_dir / STATE_FILE).exists():
+        log(f"infra: nothing to stop in {data_dir}")
+        return
+    with _locked(data_dir):
+        state = _load_state(data_dir)
+        if state is None:
+            return
+        safe_log = _threadsafe(log)
+        servers = _servers(data_dir, state, safe_log, default_pg_os_user())
+
+        def stop_group(primary: PostgresServer, replica: PostgresServer | None) -> None:
+            primary.stop()  # primary first: the standby receives its shutdown checkpoint
+            if replica is not None:
+                replica.stop()
+
+        tasks: list[Callable[[], None]] = [partial(stop_group, p, r) for _, p, r in servers.pg]
+        tasks += [node.stop for node in servers.valkey]
+        _run_parallel(tasks)
+        log("infra: down")
