@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import aiopg
 
-from server.wiring.demo_catalog import DemoProduct
+
+@dataclass(frozen=True, slots=True)
+class NewProduct:
+    """One product row to insert, with its initial stock (demo data, imports)."""
+
+    sku: str
+    name: str
+    description: str
+    price_cents: int
+    currency: str
+    stock: int
+
 
 # One statement per batch: products and their inventory rows together, joined by SKU.
 _INSERT_PRODUCTS = """
@@ -28,7 +40,7 @@ async def count_products(pool: aiopg.Pool) -> int:
         return int(row[0])
 
 
-async def insert_products(pool: aiopg.Pool, products: Sequence[DemoProduct]) -> int:
+async def insert_products(pool: aiopg.Pool, products: Sequence[NewProduct]) -> int:
     """Insert `products` with their stock in one statement; returns the number inserted."""
     if not products:
         return 0

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from server.wiring.settings import Settings
-
 # Commands are retried a few times on connection errors so a Redis restart costs latency,
 # not errors, for idempotent reads; the broker handles resubscription itself.
 _RETRY_ATTEMPTS = 2
 
 
-def open_redis(settings: Settings) -> Any:
+class RedisSettings(Protocol):
+    """What opening the client reads (`server.wiring.settings.Settings` has all of it)."""
+
+    @property
+    def redis_url(self) -> str: ...
+    @property
+    def redis_cluster(self) -> bool: ...
+    @property
+    def redis_timeout_s(self) -> float: ...
+    @property
+    def redis_max_connections(self) -> int: ...
+
+
+def open_redis(settings: RedisSettings) -> Any:
     """A `redis.asyncio` client for `settings.redis_url` (cluster-aware when configured).
 
     No connection is made here: the first command connects, so a node starts while Redis is

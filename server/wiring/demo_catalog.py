@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+from server.adapters.catalog_store import NewProduct
 
 # (category, base price in cents, nouns). Prices vary around the base by material and luck.
 _CATEGORIES: tuple[tuple[str, int, tuple[str, ...]], ...] = (
@@ -67,19 +68,7 @@ _DETAILS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class DemoProduct:
-    """One generated product row, ready to insert."""
-
-    sku: str
-    name: str
-    description: str
-    price_cents: int
-    currency: str
-    stock: int
-
-
-def demo_products(count: int, *, start: int = 0, seed: int = 20261127) -> Iterator[DemoProduct]:
+def demo_products(count: int, *, start: int = 0, seed: int = 20261127) -> Iterator[NewProduct]:
     """`count` products numbered from `start` (SKUs `FM-000001`...), the same every run."""
     rng = random.Random(seed + start)
     for number in range(start + 1, start + count + 1):
@@ -90,7 +79,7 @@ def demo_products(count: int, *, start: int = 0, seed: int = 20261127) -> Iterat
         raw_cents = base_cents * factor * rng.uniform(0.6, 1.8)
         price_cents = round(raw_cents / 100) * 100 - 1  # prices end in .99
         details = " ".join(rng.sample(_DETAILS, 2)).format(adjective=adjective)
-        yield DemoProduct(
+        yield NewProduct(
             sku=f"FM-{number:06d}",
             name=f"{adjective} {material} {noun}",
             description=f"{rng.choice(_OPENERS)} {material} {noun.lower()} for {category}. "

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,18 +25,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from server.adapters.db.dsn import ShardDsn
+
 ENV_PREFIX = "FM_"
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 MIN_SECRET_KEY_CHARS = 32
-
-
-class ShardDsn(BaseModel):
-    """Where one user shard lives: its primary and, optionally, a streaming replica."""
-
-    model_config = {"extra": "forbid", "frozen": True}
-
-    primary: str = Field(min_length=1, description="libpq DSN of the shard's primary")
-    replica: str | None = Field(default=None, description="libpq DSN of the shard's replica")
 
 
 def _group(name: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import aiopg
 
 from server.adapters.db import aiopg_fix
-from server.wiring.settings import Settings, ShardDsn
+from server.adapters.db.dsn import DatabaseSettings, ShardDsn
 
 aiopg_fix.install()
 
@@ -32,7 +32,7 @@ class PoolOptions:
     statement_timeout_ms: int = 5000
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PoolOptions:
+    def from_settings(cls, settings: DatabaseSettings) -> PoolOptions:
         """The pool options a node's settings ask for."""
         return cls(
             min_size=settings.pool_min_size,
@@ -108,7 +108,7 @@ class Database:
     shards: Sequence[RolePools]
 
     @classmethod
-    async def open(cls, settings: Settings) -> Database:
+    async def open(cls, settings: DatabaseSettings) -> Database:
         """Open every pool the settings name (lazily connecting with `pool_min_size=0`)."""
         options = PoolOptions.from_settings(settings)
         catalog_dsn = ShardDsn(primary=settings.catalog_dsn, replica=settings.catalog_replica_dsn)

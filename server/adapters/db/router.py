@@ -53,8 +53,8 @@ import aiopg
 import psycopg2
 import psycopg2.extensions
 
+from server.adapters.db.dsn import DatabaseSettings
 from server.adapters.db.pools import Database, PoolOptions, RolePools, open_pool, shard_index
-from server.wiring.settings import Settings
 
 Clock = Callable[[], float]
 
@@ -504,7 +504,7 @@ class ShardRouter:
             self._primaries[role.name] = _PrimaryState(dsn=dsn, multi_host=multi, stale=multi)
 
     @classmethod
-    def for_settings(cls, db: Database, settings: Settings, **options: Any) -> ShardRouter:
+    def for_settings(cls, db: Database, settings: DatabaseSettings, **options: Any) -> ShardRouter:
         """A router over `db` (opened from `settings`) that knows its configured primary DSNs
         and pool options; `options` are the other keyword arguments of the constructor."""
         dsns = {db.catalog.name: settings.catalog_dsn}
