@@ -16,45 +16,22 @@ import hmac
 import json
 from typing import Any, TypeVar
 
-import psycopg2
 from pydantic import BaseModel, ValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from handlers.base import ApiError, BaseHandler
 from handlers.openapi import Documented
 from server.adapters.ratelimit import Decision
 from server.adapters.sessions import Session
 from server.common import jsontext
-from server.common.errors import Conflict, DomainError, InvalidInput, NotFound, Unauthenticated
 from server.common.logs import get_logger
 
 SESSION_COOKIE = "fm_session"
 CSRF_COOKIE = "fm_csrf"
 CSRF_HEADER = "X-CSRF-Token"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_STATUS_OF: dict[type[DomainError], int] = {
-    InvalidInput: 422,
-    NotFound: 404,
-    Conflict: 409,
-    Unauthenticated: 401,
-}
 
 Body = TypeVar("Body", bound=BaseModel)
 _log = get_logger("finalmarket.api")
-
-
-def _is_overload(error: BaseException) -> bool:
-    """Failures that mean "busy or briefly unreachable", not "this request is wrong"."""
-    return isinstance(
-        error, TimeoutError | psycopg2.OperationalError | RedisConnectionError | RedisTimeoutError
-    )
-
-
-def problem_from(error: DomainError) -> ApiError:
-    """The HTTP problem for a domain error (its kind and fields travel unchanged)."""
-    status = next((code for cls, code in _STATUS_OF.items() if isinstance(error, cls)), 400)
-    return ApiError(status, error.kind, error.detail, **error.fields)
 
 
 class SessionHandler(BaseHandler):
@@ -74,38 +51,17 @@ class SessionHandler(BaseHandler):
                 "body-too-large",
                 f"request body is {length} bytes; at most {self.max_body_bytes()} are accepted",
             )
-        await self._rate_limit(self.services.ip_limit, f"ip:{self.request.remote_ip}")
+        await self._rate_limit(self.gate.ip_limit, f"ip:{self.request.remote_ip}")
         await self._authenticate()
         if self.session is not None:
-            await self._rate_limit(self.services.user_limit, f"user:{self.session.user_id}")
+            await self._rate_limit(self.gate.user_limit, f"user:{self.session.user_id}")
         if self._authenticated_by_cookie and self.request.method not in _SAFE_METHODS:
             self._check_csrf()
 
     def max_body_bytes(self) -> int:
         """The largest request body this handler accepts (413 beyond it). Override for
         handlers that take more than JSON, such as uploads."""
-        return self.services.settings.max_body_bytes
-
-    def _handle_request_exception(self, e: BaseException) -> None:
-        # Domain errors are answers, not failures: render them as problems, no traceback.
-        if isinstance(e, DomainError) and not self._finished:
-            problem = problem_from(e)
-            _log.info("domain_error", kind=e.kind, detail=e.detail, status=problem.status_code)
-            self.send_error(problem.status_code, exc_info=(ApiError, problem, None))
-            return
-        if _is_overload(e) and not self._finished:
-            # A database or Redis that is down or saturated (pool wait timed out): the request
-            # may succeed shortly, on this node or another, so say so instead of a bare 500.
-            _log.warning("unavailable", error=repr(e))
-            problem = ApiError(
-                503,
-                "temporarily-unavailable",
-                "a backing service is busy or down; retry",
-                headers={"Retry-After": "1"},
-            )
-            self.send_error(503, exc_info=(ApiError, problem, None))
-            return
-        super()._handle_request_exception(e)
+        return self.gate.max_body_bytes
 
     # --- authentication ---------------------------------------------------------------------
 
@@ -122,7 +78,7 @@ class SessionHandler(BaseHandler):
             self._authenticated_by_cookie = True
         if token is None:
             return
-        self.session = await self.services.sessions.resolve(token)
+        self.session = await self.gate.sessions.resolve(token)
         if self.session is None:
             raise ApiError(401, "unauthorized", "the token is unknown, expired or revoked")
         self.token = token
@@ -159,7 +115,7 @@ class SessionHandler(BaseHandler):
     # --- rate limits ------------------------------------------------------------------------
 
     async def _rate_limit(self, limit: Any, key: str) -> None:
-        decision: Decision = await self.services.rate_limiter.check(limit, key)
+        decision: Decision = await self.gate.rate_limiter.check(limit, key)
         for name, value in decision.headers().items():
             if name != "Retry-After" or not decision.allowed:
                 self.set_header(name, value)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from handlers.api import CSRF_COOKIE, SESSION_COOKIE, ApiHandler
+from handlers.gate import Gate
 from handlers.openapi import Operation
 from server.adapters.sessions import SESSION_TTL_S, Session
 from server.domain.users import User, UserService
@@ -27,15 +29,22 @@ class SignIn(BaseModel):
     password: str = Field(min_length=1, max_length=1024)
 
 
-class _SessionIssuer(ApiHandler):
+class _UsersHandler(ApiHandler):
+    """Handlers of accounts: they get the node's `UserService`."""
+
+    users: UserService
+
+    def initialize(self, gate: Gate, users: UserService) -> None:  # type: ignore[override]
+        super().initialize(gate)
+        self.users = users
+
+
+class _SessionIssuer(_UsersHandler):
     """Shared by sign-up and sign-in: issue a token and the cookies that carry it."""
 
-    def users(self) -> UserService:
-        return UserService(self.services.router)
-
     async def issue(self, user: User, status: int) -> None:
-        token = await self.services.sessions.create(user.id, user.is_admin)
-        secure = self.services.settings.cookie_secure
+        token = await self.gate.sessions.create(user.id, user.is_admin)
+        secure = self.gate.cookie_secure
         self.set_cookie(
             SESSION_COOKIE,
             token,
@@ -71,7 +80,7 @@ class UsersHandler(_SessionIssuer):
 
     async def post(self) -> None:
         body = self.json_body(SignUp)
-        user = await self.users().create_user(body.email, body.password, body.name)
+        user = await self.users.create_user(body.email, body.password, body.name)
         await self.issue(user, 201)
 
 
@@ -91,20 +100,20 @@ class SessionsHandler(_SessionIssuer):
 
     async def post(self) -> None:
         body = self.json_body(SignIn)
-        user = await self.users().authenticate(body.email, body.password)
+        user = await self.users.authenticate(body.email, body.password)
         await self.issue(user, 200)
 
     async def delete(self) -> None:
         self.require_user()
         assert self.token is not None
-        await self.services.sessions.revoke(self.token)
+        await self.gate.sessions.revoke(self.token)
         self.clear_cookie(SESSION_COOKIE)
         self.clear_cookie(CSRF_COOKIE)
         self.set_status(204)
         self.finish()
 
 
-class MeHandler(ApiHandler):
+class MeHandler(_UsersHandler):
     """`GET /api/v1/me`: the caller's account."""
 
     openapi_path = "/api/v1/me"
@@ -112,5 +121,15 @@ class MeHandler(ApiHandler):
 
     async def get(self) -> None:
         session: Session = self.require_user()
-        user = await UserService(self.services.router).get(session.user_id)
+        user = await self.users.get(session.user_id)
         self.write_json(user.to_dict())
+
+
+def routes(gate: Gate, users: UserService) -> list[Any]:
+    """The account and session routes, for `server.wiring.app.make_app`."""
+    args = {"gate": gate, "users": users}
+    return [
+        (r"/api/v1/users", UsersHandler, args),
+        (r"/api/v1/sessions", SessionsHandler, args),
+        (r"/api/v1/me", MeHandler, args),
+    ]

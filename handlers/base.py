@@ -13,8 +13,17 @@ from typing import Any
 import structlog
 import tornado.web
 
+from handlers.gate import Gate
+from server.adapters.faults import as_domain_error
+from server.common.errors import (
+    Conflict,
+    DomainError,
+    InvalidInput,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 from server.common.logs import get_logger
-from server.wiring.services import Services
 
 _log = get_logger("finalmarket.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -52,15 +61,32 @@ class ApiError(tornado.web.HTTPError):
         self.headers = headers or {}
 
 
+_STATUS_OF: dict[type[DomainError], int] = {
+    InvalidInput: 422,
+    NotFound: 404,
+    Conflict: 409,
+    Unauthenticated: 401,
+    Unavailable: 503,
+}
+
+
+def problem_from(error: DomainError) -> ApiError:
+    """The HTTP problem for a domain error (its kind and fields travel unchanged)."""
+    status = next((code for cls, code in _STATUS_OF.items() if isinstance(error, cls)), 400)
+    headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, Unavailable) else None
+    return ApiError(status, error.kind, error.detail, headers=headers, **error.fields)
+
+
 class BaseHandler(tornado.web.RequestHandler):
     """Parent of all handlers: binds the request id, counts requests, renders errors."""
 
-    services: Services
+    gate: Gate
     request_id: str
 
-    def initialize(self, services: Services) -> None:
-        """Receive the node's services through the route (never module globals)."""
-        self.services = services
+    def initialize(self, gate: Gate) -> None:
+        """Receive the node's admission policy through the route (never module globals);
+        subclasses take the domain services they use as further arguments."""
+        self.gate = gate
 
     def prepare(self) -> Awaitable[None] | None:
         """Adopt the caller's `X-Request-Id` when it is well formed, or make one."""
@@ -68,14 +94,14 @@ class BaseHandler(tornado.web.RequestHandler):
         self.request_id = offered if _REQUEST_ID.match(offered) else new_request_id()
         self.set_header("X-Request-Id", self.request_id)
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
-        self.services.state.request_started()
+        self.gate.lifecycle.request_started()
         self._counted_in_flight = True
         return None
 
     def on_finish(self) -> None:
         """Invoked after the response is sent: update metrics, drop the log context."""
         if getattr(self, "_counted_in_flight", False):
-            self.services.state.request_finished()
+            self.gate.lifecycle.request_finished()
             self._counted_in_flight = False
         structlog.contextvars.unbind_contextvars("request_id")
 
@@ -85,9 +111,31 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(tornado.escape.json_encode(body))
 
+    def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
+        """Invoked by Tornado for an exception that left a handler method. Domain errors are
+        answers, not failures: logged in one line without a traceback (a busy or unreachable
+        backing service as a warning); anything else is logged as Tornado does."""
+        domain = as_domain_error(value) if value is not None else None
+        if isinstance(domain, Unavailable):
+            _log.warning("unavailable", error=repr(value))
+        elif domain is not None:
+            _log.info("domain_error", kind=domain.kind, detail=domain.detail)
+        else:
+            super().log_exception(typ, value, tb)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """The single exit for errors: RFC 9457 problem details, tracebacks only in debug."""
+        """The single exit for errors: RFC 9457 problem details, tracebacks only in debug.
+
+        A domain error (or a driver failure the adapters map to one) is rendered as the problem
+        of its kind, with its status."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        if exc is not None and not isinstance(exc, tornado.web.HTTPError):
+            domain = as_domain_error(exc)
+            if domain is not None:
+                exc = problem_from(domain)
+                status_code = exc.status_code
+                self.set_status(status_code)
+                kwargs.pop("exc_info")  # an answer, not a failure: no traceback even in debug
         problem: dict[str, Any]
         if isinstance(exc, ApiError):
             problem = {

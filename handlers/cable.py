@@ -9,11 +9,11 @@ protocol objects own them from then on (see docs/decisions.md for why).
 from __future__ import annotations
 
 from handlers.base import ApiError
+from handlers.gate import Gate
 from handlers.websocket import WebSocketUpgrade, switching_protocols
 from realtime.cable import CableServer
 from realtime.cable_codec import UNSUPPORTED_PROTOCOL, choose_codec
 from realtime.wsframe import CLOSE_PROTOCOL_ERROR, encode_close
-from server.wiring.services import Services
 
 
 class CableHandler(WebSocketUpgrade):
@@ -21,8 +21,8 @@ class CableHandler(WebSocketUpgrade):
 
     cable: CableServer
 
-    def initialize(self, services: Services, cable: CableServer) -> None:  # type: ignore[override]
-        super().initialize(services)
+    def initialize(self, gate: Gate, cable: CableServer) -> None:  # type: ignore[override]
+        super().initialize(gate)
         self.cable = cable
 
     async def get(self) -> None:

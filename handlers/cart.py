@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from handlers.api import ApiHandler
+from handlers.gate import Gate
 from handlers.openapi import Operation
 from server.domain.carts import MAX_ID, MAX_QUANTITY, MIN_QUANTITY, CartService
 
@@ -60,8 +61,13 @@ class SetQuantity(BaseModel):
 
 
 class _CartBase(ApiHandler):
-    def carts(self) -> CartService:
-        return CartService(self.services.router, self.services.cable.publish)
+    """Handlers of the caller's cart: they get the node's `CartService`."""
+
+    carts: CartService
+
+    def initialize(self, gate: Gate, carts: CartService) -> None:  # type: ignore[override]
+        super().initialize(gate)
+        self.carts = carts
 
 
 class CartHandler(_CartBase):
@@ -72,7 +78,7 @@ class CartHandler(_CartBase):
 
     async def get(self) -> None:
         session = self.require_user()
-        self.write_json(await self.carts().get(session.user_id))
+        self.write_json(await self.carts.get(session.user_id))
 
 
 class CartItemsHandler(_CartBase):
@@ -91,9 +97,7 @@ class CartItemsHandler(_CartBase):
     async def post(self) -> None:
         session = self.require_user()
         body = self.json_body(AddItem)
-        self.write_json(
-            await self.carts().add_item(session.user_id, body.product_id, body.quantity)
-        )
+        self.write_json(await self.carts.add_item(session.user_id, body.product_id, body.quantity))
 
 
 class CartItemHandler(_CartBase):
@@ -117,18 +121,19 @@ class CartItemHandler(_CartBase):
     async def patch(self, product_id: str) -> None:
         session = self.require_user()
         body = self.json_body(SetQuantity)
-        cart = await self.carts().set_quantity(session.user_id, int(product_id), body.quantity)
+        cart = await self.carts.set_quantity(session.user_id, int(product_id), body.quantity)
         self.write_json(cart)
 
     async def delete(self, product_id: str) -> None:
         session = self.require_user()
-        self.write_json(await self.carts().remove_item(session.user_id, int(product_id)))
+        self.write_json(await self.carts.remove_item(session.user_id, int(product_id)))
 
 
-def routes(deps: dict[str, Any]) -> list[Any]:
+def routes(gate: Gate, carts: CartService) -> list[Any]:
     """The cart routes, for `server.wiring.app.make_app`."""
+    args = {"gate": gate, "carts": carts}
     return [
-        (r"/api/v1/cart", CartHandler, deps),
-        (r"/api/v1/cart/items", CartItemsHandler, deps),
-        (r"/api/v1/cart/items/([0-9]+)", CartItemHandler, deps),
+        (r"/api/v1/cart", CartHandler, args),
+        (r"/api/v1/cart/items", CartItemsHandler, args),
+        (r"/api/v1/cart/items/([0-9]+)", CartItemHandler, args),
     ]

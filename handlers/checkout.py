@@ -13,6 +13,7 @@ from typing import Any
 
 from handlers.api import ApiHandler
 from handlers.base import ApiError
+from handlers.gate import Gate
 from handlers.openapi import Operation
 from server.domain.checkout import MAX_KEY_CHARS, CheckoutInProgress, CheckoutService
 from server.domain.notifications import NotificationService
@@ -27,7 +28,27 @@ PAGE_QUERY = {
 }
 
 
-class _Paged(ApiHandler):
+class _OrdersBase(ApiHandler):
+    """Handlers of checkout, orders and notifications: they get those domain services."""
+
+    checkout: CheckoutService
+    orders: OrderService
+    notifications: NotificationService
+
+    def initialize(  # type: ignore[override]
+        self,
+        gate: Gate,
+        checkout: CheckoutService,
+        orders: OrderService,
+        notifications: NotificationService,
+    ) -> None:
+        super().initialize(gate)
+        self.checkout = checkout
+        self.orders = orders
+        self.notifications = notifications
+
+
+class _Paged(_OrdersBase):
     def page_args(self) -> tuple[int, str | None]:
         """`first` (1..MAX_PAGE, default DEFAULT_PAGE) and `after` from the query string."""
         raw = self.get_query_argument("first", None)
@@ -44,7 +65,7 @@ class _Paged(ApiHandler):
         return first, self.get_query_argument("after", None)
 
 
-class CheckoutHandler(ApiHandler):
+class CheckoutHandler(_OrdersBase):
     """`POST /api/v1/checkout`: turn the caller's cart into an order (201 `{order}`)."""
 
     openapi_path = "/api/v1/checkout"
@@ -79,7 +100,7 @@ class CheckoutHandler(ApiHandler):
                 f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_KEY_CHARS} characters",
                 field=IDEMPOTENCY_HEADER,
             )
-        service = CheckoutService(self.services.router, self.services.cable.publish)
+        service = self.checkout
         body = self.request.body
         request_hash = hashlib.sha256(body).hexdigest() if body else ""
         try:
@@ -108,11 +129,11 @@ class OrdersHandler(_Paged):
     async def get(self) -> None:
         session = self.require_user()
         first, after = self.page_args()
-        orders = OrderService(self.services.router)
+        orders = self.orders
         self.write_json(await orders.page(session.user_id, first, after))
 
 
-class OrderHandler(ApiHandler):
+class OrderHandler(_OrdersBase):
     """`GET /api/v1/orders/{id}`: one of the caller's orders (404 for anyone else's)."""
 
     openapi_path = "/api/v1/orders/{order_id}"
@@ -122,7 +143,7 @@ class OrderHandler(ApiHandler):
 
     async def get(self, order_id: str) -> None:
         session = self.require_user()
-        orders = OrderService(self.services.router)
+        orders = self.orders
         self.write_json(await orders.get(session.user_id, int(order_id)))
 
 
@@ -142,11 +163,11 @@ class NotificationsHandler(_Paged):
     async def get(self) -> None:
         session = self.require_user()
         first, after = self.page_args()
-        service = NotificationService(self.services.router)
+        service = self.notifications
         self.write_json(await service.page(session.user_id, first, after))
 
 
-class NotificationReadHandler(ApiHandler):
+class NotificationReadHandler(_OrdersBase):
     """`POST /api/v1/notifications/{id}/read`: mark one read; answers the notification."""
 
     openapi_path = "/api/v1/notifications/{notification_id}/read"
@@ -158,12 +179,18 @@ class NotificationReadHandler(ApiHandler):
 
     async def post(self, notification_id: str) -> None:
         session = self.require_user()
-        service = NotificationService(self.services.router)
+        service = self.notifications
         self.write_json(await service.mark_read(session.user_id, int(notification_id)))
 
 
-def routes(deps: dict[str, Any]) -> list[Any]:
+def routes(
+    gate: Gate,
+    checkout: CheckoutService,
+    orders: OrderService,
+    notifications: NotificationService,
+) -> list[Any]:
     """The checkout, order and notification routes, for `server.wiring.app.make_app`."""
+    deps = {"gate": gate, "checkout": checkout, "orders": orders, "notifications": notifications}
     return [
         (r"/api/v1/checkout", CheckoutHandler, deps),
         (r"/api/v1/orders", OrdersHandler, deps),

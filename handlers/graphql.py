@@ -28,13 +28,14 @@ import tornado.web
 
 from handlers.api import SessionHandler
 from handlers.base import ApiError, BaseHandler
+from handlers.gate import Gate
 from handlers.products import PUBLIC_CACHE_CONTROL
 from handlers.websocket import WebSocketUpgrade, switching_protocols
+from realtime.graphql_socket import GraphQLWsServer
 from realtime.graphql_ws import choose_subprotocol
 from server.common import jsontext
 from server.graphql.errors import INTERNAL_SERVER_ERROR, GraphQLRequestError, code_of
 from server.graphql.service import GraphQLRequest, GraphQLService, Outcome
-from server.wiring.services import Services
 
 JSON = "application/json"
 GRAPHQL_RESPONSE = "application/graphql-response+json"
@@ -80,9 +81,12 @@ class GraphQLHandler(SessionHandler, WebSocketUpgrade):
     graphql: GraphQLService
     media = JSON
 
-    def initialize(self, services: Services, graphql: GraphQLService) -> None:  # type: ignore[override]
-        super().initialize(services)
+    def initialize(  # type: ignore[override]
+        self, gate: Gate, graphql: GraphQLService, ws: GraphQLWsServer
+    ) -> None:
+        super().initialize(gate)
         self.graphql = graphql
+        self.ws = ws
 
     def _is_upgrade(self) -> bool:
         return self.request.headers.get("Upgrade", "").lower() == "websocket"
@@ -92,7 +96,7 @@ class GraphQLHandler(SessionHandler, WebSocketUpgrade):
             # Credentials of a WebSocket are checked by its connection_init; only the request
             # itself counts against the address's rate limit here.
             BaseHandler.prepare(self)
-            await self._rate_limit(self.services.ip_limit, f"ip:{self.request.remote_ip}")
+            await self._rate_limit(self.gate.ip_limit, f"ip:{self.request.remote_ip}")
             return
         media = negotiate(self.request.headers.get("Accept", ""))
         if media is None:
@@ -187,7 +191,7 @@ class GraphQLHandler(SessionHandler, WebSocketUpgrade):
             raise ApiError(400, "bad-upgrade", "Connection must include Upgrade")
         client_key = self.check_handshake()
         remote_ip = self.request.remote_ip or "?"
-        ws = self.graphql.ws
+        ws = self.ws
         self.refuse_if_crowded(ws.may_accept(remote_ip), ws.limits.max_connections_per_ip)
         offered = self.offered_subprotocols()
         subprotocol = choose_subprotocol(offered)
@@ -206,6 +210,6 @@ class GraphQLHandler(SessionHandler, WebSocketUpgrade):
         await ws.adopt(sock, subprotocol, session, invalid, remote_ip, handshake)
 
 
-def routes(deps: dict[str, Any]) -> list[Any]:
-    """The `/graphql` route, for `server.wiring.app.make_app`."""
-    return [(r"/graphql", GraphQLHandler, {**deps, "graphql": deps["services"].graphql})]
+def routes(gate: Gate, graphql: GraphQLService, ws: GraphQLWsServer) -> list[Any]:
+    """The `/graphql` route (HTTP and WebSocket), for `server.wiring.app.make_app`."""
+    return [(r"/graphql", GraphQLHandler, {"gate": gate, "graphql": graphql, "ws": ws})]

@@ -14,7 +14,7 @@ accepts (AVIF, then WebP, then JPEG) with `Vary: Accept`, cached for 30 days too
 can change with the client's `Accept`, the bytes behind each choice never do). Both answer
 `ETag` (the variant's digest) and 304 to `If-None-Match`.
 
-Add to the app with `routes(deps)` (see `server/app.py`).
+Added to the app by `server.wiring.app.make_app` with `routes(gate, images)`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from handlers.api import ApiHandler
 from handlers.base import ApiError, BaseHandler
+from handlers.gate import Gate
 from handlers.multipart import FileField, boundary_of
 from handlers.openapi import Operation
 from handlers.products import product_id_of
@@ -40,7 +41,6 @@ from server.adapters.images import (
 )
 from server.adapters.images.workers import Slot
 from server.domain.images import ImageService
-from server.wiring.services import Services
 
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the file
 MAX_AGE_S = 30 * 24 * 3600
@@ -122,13 +122,13 @@ class ProductImagesHandler(ApiHandler):
     _product_id = 0
     _received = 0
 
-    def initialize(self, services: Services, images: ImageService) -> None:  # type: ignore[override]
-        super().initialize(services)
+    def initialize(self, gate: Gate, images: ImageService) -> None:  # type: ignore[override]
+        super().initialize(gate)
         self.images = images
 
     @override
     def max_body_bytes(self) -> int:
-        return self.services.settings.image_max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+        return self.images.limits.max_bytes + MULTIPART_OVERHEAD_BYTES
 
     @override
     async def prepare(self) -> None:
@@ -144,7 +144,7 @@ class ProductImagesHandler(ApiHandler):
         self._product_id = product_id_of(self.path_args[0])
         await self.images.check_product(self._product_id)
         boundary = boundary_of(self.request.headers.get("Content-Type", ""))
-        max_file = self.services.settings.image_max_upload_bytes
+        max_file = self.images.limits.max_bytes
         self._form = FileField(boundary, "file", max_file)
         try:
             self._slot = self.images.admit()
@@ -208,8 +208,8 @@ class _ImageHandler(BaseHandler):
 
     images: ImageService
 
-    def initialize(self, services: Services, images: ImageService) -> None:  # type: ignore[override]
-        super().initialize(services)
+    def initialize(self, gate: Gate, images: ImageService) -> None:  # type: ignore[override]
+        super().initialize(gate)
         self.images = images
 
     async def send_variant(self, name: str, cache_control: str, *, body: bool) -> None:
@@ -269,9 +269,9 @@ class NegotiatedImageHandler(_ImageHandler):
         await self.send_variant(manifest.variants[size][fmt], NEGOTIATED_CACHE_CONTROL, body=body)
 
 
-def routes(deps: dict[str, Any]) -> list[Any]:
-    """The image routes, for `make_app`: `routes.extend(images.routes(deps))`."""
-    args = {**deps, "images": deps["services"].images}
+def routes(gate: Gate, images: ImageService) -> list[Any]:
+    """The image routes, for `server.wiring.app.make_app`."""
+    args = {"gate": gate, "images": images}
     return [
         (r"/api/v1/products/([^/]+)/images", ProductImagesHandler, args),
         (r"/images/([0-9a-f]{2}/[0-9a-f]{40}\.(?:jpg|webp|avif))", ImageFileHandler, args),

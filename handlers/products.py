@@ -6,7 +6,7 @@ anonymous reads may be kept by shared caches for `PUBLIC_MAX_AGE_S` (the stock f
 bound) and served stale for `STALE_WHILE_REVALIDATE_S` more while they refresh; the live
 count is on the cable anyway.
 
-Add to the app with `routes(deps)` (see `server/app.py`).
+Added to the app by `server.wiring.app.make_app` with `routes(gate, catalog)`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from handlers.api import ApiHandler
 from handlers.base import ApiError
+from handlers.gate import Gate
 from handlers.openapi import Operation
 from server.common.errors import InvalidInput
 from server.domain.catalog import (
@@ -29,7 +30,6 @@ from server.domain.catalog import (
     Rendered,
 )
 from server.domain.inventory import MAX_STOCK
-from server.wiring.services import Services
 
 PUBLIC_MAX_AGE_S = 1
 STALE_WHILE_REVALIDATE_S = 4
@@ -133,8 +133,8 @@ class _CatalogHandler(ApiHandler):
 
     catalog: CatalogService
 
-    def initialize(self, services: Services, catalog: CatalogService) -> None:  # type: ignore[override]
-        super().initialize(services)
+    def initialize(self, gate: Gate, catalog: CatalogService) -> None:  # type: ignore[override]
+        super().initialize(gate)
         self.catalog = catalog
 
     def send_rendered(self, page: Rendered) -> None:
@@ -241,9 +241,9 @@ class StockHandler(_CatalogHandler):
         self.write_json(result)
 
 
-def routes(deps: dict[str, Any]) -> list[Any]:
-    """The product routes, for `make_app`: `routes.extend(products.routes(deps))`."""
-    args = {**deps, "catalog": deps["services"].catalog}
+def routes(gate: Gate, catalog: CatalogService) -> list[Any]:
+    """The product routes, for `server.wiring.app.make_app`."""
+    args = {"gate": gate, "catalog": catalog}
     return [
         (r"/api/v1/products", ProductsHandler, args),
         (r"/api/v1/products/([^/]+)", ProductHandler, args),

@@ -55,7 +55,7 @@ class WebSocketUpgrade(BaseHandler):
         if len(client_key) != 24:
             raise ApiError(400, "websocket-key", "Sec-WebSocket-Key is missing or malformed")
         self.check_origin()
-        if self.services.state.draining:
+        if self.gate.lifecycle.draining:
             raise ApiError(
                 503,
                 "draining",
@@ -70,7 +70,7 @@ class WebSocketUpgrade(BaseHandler):
         origin = self.request.headers.get("Origin")
         if origin is None:
             return
-        if origin in self.services.settings.cable_allowed_origins:
+        if origin in self.gate.allowed_origins:
             return
         if urlsplit(origin).netloc == self.request.host:
             return
@@ -106,7 +106,7 @@ class WebSocketUpgrade(BaseHandler):
         token = token or self.get_query_argument("token", None) or self.get_cookie(SESSION_COOKIE)
         if not token:
             return None, False
-        session = await self.services.sessions.resolve(token)
+        session = await self.gate.sessions.resolve(token)
         return session, session is None
 
     def detach_socket(self) -> socket.socket | None:

@@ -15,6 +15,13 @@ from realtime.presence import Presence
 from server.adapters.db.router import ShardRouter
 from server.adapters.sessions import Session
 from server.domain.carts import cart_view
+from server.domain.events import (
+    CartChanged,
+    StockChanged,
+    cart_stream,
+    notification_stream,
+    stock_stream,
+)
 from server.domain.inventory import current_stock
 
 MAX_PRODUCT_ID = 2**63 - 1
@@ -94,12 +101,12 @@ class InventoryChannel(Channel):
         product_id = product_id_param(params)
         if await current_stock(self.router, product_id) is None:
             raise Reject(f"no product {product_id}")
-        return f"inventory:product:{product_id}"
+        return stock_stream(product_id)
 
     async def snapshot(self, params: dict[str, Any], user: Session | None) -> dict[str, Any] | None:
         product_id = product_id_param(params)
         stock = await current_stock(self.router, product_id)
-        return {"event": "stock", "product_id": str(product_id), "stock": stock or 0}
+        return StockChanged(product_id, stock or 0).to_message()
 
 
 class CartChannel(Channel):
@@ -112,11 +119,11 @@ class CartChannel(Channel):
             raise Reject("CartChannel needs a signed-in user")
         if "user_id" in params and str(params["user_id"]) != str(user.user_id):
             raise Reject("a cart can only be followed by its owner")
-        return f"cart:user:{user.user_id}"
+        return cart_stream(user.user_id)
 
     async def snapshot(self, params: dict[str, Any], user: Session | None) -> dict[str, Any] | None:
         assert user is not None  # stream_for refused anonymous callers
-        return {"event": "cart", "cart": await cart_view(self.router, user.user_id)}
+        return CartChanged(user.user_id, await cart_view(self.router, user.user_id)).to_message()
 
 
 class NotificationsChannel(Channel):
@@ -129,7 +136,7 @@ class NotificationsChannel(Channel):
             raise Reject("NotificationsChannel needs a signed-in user")
         if "user_id" in params and str(params["user_id"]) != str(user.user_id):
             raise Reject("notifications can only be followed by their owner")
-        return f"notifications:user:{user.user_id}"
+        return notification_stream(user.user_id)
 
 
 class BenchmarkChannel(Channel):

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from server.common.logs import get_logger
+from server.domain.events import Publish, ViewersChanged
 
 PRESENCE_PERIOD_S = 1.0
 PRESENCE_TTL_S = 15.0
@@ -46,8 +46,6 @@ redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[5]) * 1000))
 redis.call('PEXPIRE', KEYS[2], math.floor(tonumber(ARGV[5]) * 1000))
 return total
 """
-
-Publish = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
 def presence_keys(product_id: int) -> tuple[str, str]:
@@ -132,7 +130,5 @@ class Presence:
                 self._published[product_id] = total
                 if count == 0 and total == 0:
                     self._published.pop(product_id, None)
-                await self._publish(
-                    f"inventory:product:{product_id}",
-                    {"event": "presence", "product_id": str(product_id), "viewers": total},
-                )
+                event = ViewersChanged(product_id, total)
+                await self._publish(event.stream, event.to_message())

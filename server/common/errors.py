@@ -41,3 +41,12 @@ class Unauthenticated(DomainError):
     """The credentials given do not identify anyone."""
 
     kind = "unauthorized"
+
+
+class Unavailable(DomainError):
+    """A backing service (a database, Redis) is busy or briefly unreachable: the same request
+    may succeed shortly, on this node or another. Adapters raise it in place of driver errors
+    (`server.adapters.faults.as_domain_error`)."""
+
+    kind = "temporarily-unavailable"
+    retry_after_s = 1

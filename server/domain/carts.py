@@ -14,14 +14,13 @@ knows nothing of Tornado or Redis.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from server.adapters.db.router import ShardRouter
 from server.common.errors import InvalidInput, NotFound
 from server.common.logs import get_logger
+from server.domain.events import CartChanged, Publish, announce
 
-Publish = Callable[[str, dict[str, Any]], Awaitable[Any]]
 """`publish(stream, message)`: delivers a domain event to cable subscribers on every node."""
 
 MIN_QUANTITY = 1
@@ -45,11 +44,6 @@ class _Cursor(Protocol):
     async def fetchone(self) -> Any: ...
 
     async def fetchall(self) -> Any: ...
-
-
-def cart_stream(user_id: int) -> str:
-    """The cable stream of a user's cart (CartChannel follows it)."""
-    return f"cart:user:{user_id}"
 
 
 async def load_cart(cur: _Cursor, user_id: int) -> dict[str, Any]:
@@ -83,20 +77,6 @@ def check_quantity(quantity: int) -> None:
             minimum=MIN_QUANTITY,
             maximum=MAX_QUANTITY,
         )
-
-
-async def publish_quietly(publish: Publish | None, stream: str, message: dict[str, Any]) -> None:
-    """Publish an event after a commit; a failure is logged, never raised.
-
-    The change is already committed, so the request succeeded; subscribers that miss the
-    event recover through the stream's offsets and the channel's snapshot.
-    """
-    if publish is None:
-        return
-    try:
-        await publish(stream, message)
-    except Exception as exc:  # the committed change stands either way
-        _log.warning("publish_failed", stream=stream, error=repr(exc))
 
 
 class CartService:
@@ -211,4 +191,4 @@ class CartService:
         return NotFound(f"product {product_id} is not in the cart", product_id=str(product_id))
 
     async def _announce(self, user_id: int, cart: dict[str, Any]) -> None:
-        await publish_quietly(self.publish, cart_stream(user_id), {"event": "cart", "cart": cart})
+        await announce(self.publish, CartChanged(user_id, cart))

@@ -45,6 +45,7 @@ from server.adapters.cache import NS_PRODUCT, NS_PRODUCT_LIST, CachedLoader
 from server.adapters.db.router import ShardRouter
 from server.common.errors import InvalidInput, NotFound
 from server.common.logs import get_logger
+from server.domain.events import Publish, StockChanged
 from server.domain.inventory import (
     MAX_STOCK,
     OutOfStock,
@@ -68,7 +69,6 @@ __all__ = [
 
 _log = get_logger("finalmarket.catalog")
 
-Publish = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 MAX_PRODUCT_ID = 2**63 - 1
 MAX_NAME_CHARS = 200
@@ -119,11 +119,6 @@ WITH p AS (
 )
 INSERT INTO inventory (product_id, stock) SELECT id, %s FROM p RETURNING product_id
 """
-
-
-def stock_stream(product_id: int) -> str:
-    """The cable stream of one product's stock (`InventoryChannel` follows it)."""
-    return f"inventory:product:{product_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -686,15 +681,21 @@ class CatalogService:
                 raise InvalidInput("delta must not be 0", field="delta")
         stock = await change_stock(self.router, product_id, delta=delta, set_to=set, actor=actor)
         self.stock.changed(product_id, stock)
-        message = {"event": "stock", "product_id": str(product_id), "stock": stock}
+        event = StockChanged(product_id, stock)
         try:
-            await self._publish(stock_stream(product_id), message)
+            await self._publish(event.stream, event.to_message())
         except Exception as exc:
             # The change stands; cable subscribers resynchronise from snapshots on reconnect.
             _log.warning("stock_publish_failed", product_id=product_id, error=repr(exc))
         return {"product_id": str(product_id), "stock": stock}
 
     # --- images (admins) ----------------------------------------------------------------------
+
+    async def current_stock(self, product_id: int) -> int | None:
+        """The product's stock read from the primary now (None: no such product); for callers
+        that follow the stock stream and need the count it starts from."""
+        found = await stock_of(self.router, [product_id], fresh=True)
+        return found.get(product_id)
 
     async def find_image(self, product_id: int, content_hash: str) -> dict[str, Any] | None:
         """The product's image made from an upload with this digest, if there is one."""

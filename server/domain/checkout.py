@@ -46,7 +46,8 @@ from typing import Any
 from server.adapters.db.router import ShardRouter
 from server.common.errors import Conflict, InvalidInput, NotFound
 from server.common.logs import get_logger
-from server.domain.carts import Publish, cart_stream, load_cart, publish_quietly
+from server.domain.carts import load_cart
+from server.domain.events import CartChanged, Publish, StockChanged, announce
 from server.domain.inventory import OutOfStock
 from server.domain.notifications import NotificationService, insert_notification
 from server.domain.orders import order_dict
@@ -96,11 +97,6 @@ class CheckoutResult:
     status: int
     body: dict[str, Any]
     replayed: bool = False
-
-
-def stock_stream(product_id: int) -> str:
-    """The cable stream of a product's stock (InventoryChannel follows it)."""
-    return f"inventory:product:{product_id}"
 
 
 def check_key(key: str) -> None:
@@ -378,12 +374,8 @@ class CheckoutService:
         await self.confirm(user_id, key)
         await self.notifications.announce(user_id, notification)
         for product_id, left in stock.items():
-            await publish_quietly(
-                self.publish,
-                stock_stream(product_id),
-                {"event": "stock", "product_id": str(product_id), "stock": left},
-            )
-        await publish_quietly(self.publish, cart_stream(user_id), {"event": "cart", "cart": cart})
+            await announce(self.publish, StockChanged(product_id, left))
+        await announce(self.publish, CartChanged(user_id, cart))
         return CheckoutResult(201, {"order": order})
 
     async def _abandon(self, user_id: int, key: str) -> None:
@@ -425,11 +417,7 @@ class CheckoutService:
 
     async def _publish_stock(self, stock: dict[int, int]) -> None:
         for product_id, left in stock.items():
-            await publish_quietly(
-                self.publish,
-                stock_stream(product_id),
-                {"event": "stock", "product_id": str(product_id), "stock": left},
-            )
+            await announce(self.publish, StockChanged(product_id, left))
 
 
 @dataclass(slots=True)
@@ -526,11 +514,7 @@ class CheckoutSweeper:
             except Exception as exc:  # one shard down must not stop the others
                 _log.warning("sweep_saga_failed", user_id=user_id, error=repr(exc))
         for product_id, left in stock.items():
-            await publish_quietly(
-                self.publish,
-                stock_stream(product_id),
-                {"event": "stock", "product_id": str(product_id), "stock": left},
-            )
+            await announce(self.publish, StockChanged(product_id, left))
         report.keys_removed = await self._remove_stale_keys()
         return report
 

@@ -12,15 +12,10 @@ from typing import Any
 
 from server.adapters.db.router import ShardRouter
 from server.common.errors import NotFound
-from server.domain.carts import Publish, publish_quietly
+from server.domain.events import NotificationCreated, Publish, announce
 from server.domain.orders import DEFAULT_PAGE, MAX_ID, check_page_size, decode_cursor, encode_cursor
 
 _COLUMNS = "id, kind, title, body, created_at, read_at"
-
-
-def notification_stream(user_id: int) -> str:
-    """The cable stream of a user's notifications (NotificationsChannel follows it)."""
-    return f"notifications:user:{user_id}"
 
 
 def notification_dict(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -36,12 +31,6 @@ def notification_dict(row: tuple[Any, ...]) -> dict[str, Any]:
         "created_at": created_at.isoformat(),
         "read_at": read_at.isoformat() if read_at else None,
     }
-
-
-def notification_event(notification: dict[str, Any]) -> dict[str, Any]:
-    """The NotificationsChannel message for a notification."""
-    fields = ("id", "kind", "title", "body", "created_at")
-    return {"event": "notification", "notification": {k: notification[k] for k in fields}}
 
 
 async def insert_notification(
@@ -65,9 +54,7 @@ class NotificationService:
 
     async def announce(self, user_id: int, notification: dict[str, Any]) -> None:
         """Publish a committed notification to the user's NotificationsChannel."""
-        await publish_quietly(
-            self.publish, notification_stream(user_id), notification_event(notification)
-        )
+        await announce(self.publish, NotificationCreated(user_id, notification))
 
     async def create(self, user_id: int, kind: str, title: str, body: str = "") -> dict[str, Any]:
         """Write a notification on its own and publish it."""

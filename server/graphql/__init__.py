@@ -6,6 +6,6 @@ pipeline (`services.graphql`: cost and depth limits, cost bucket, persisted quer
 cache, subscriptions), served at `/graphql` by `handlers.graphql`.
 """
 
-from server.graphql.service import GraphQLRequest, GraphQLService, Outcome
+from server.graphql.service import GraphQLLimits, GraphQLRequest, GraphQLService, Outcome
 
-__all__ = ["GraphQLRequest", "GraphQLService", "Outcome"]
+__all__ = ["GraphQLLimits", "GraphQLRequest", "GraphQLService", "Outcome"]

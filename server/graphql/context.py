@@ -1,5 +1,5 @@
-"""The context every resolver receives as `ctx`: the node's services, the caller, and the
-request's DataLoaders.
+"""The context every resolver receives as `ctx`: the node's domain services, the caller, and
+the request's DataLoaders.
 
 tartiflette's schema registry is global per schema name, so resolvers are plain module
 functions; everything node-specific reaches them through this object, never through module
@@ -8,23 +8,47 @@ globals. Two nodes in one process (the tests) therefore never see each other's s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
 
 from server.adapters.sessions import Session
+from server.domain.carts import CartService
+from server.domain.catalog import CatalogService
+from server.domain.checkout import CheckoutService
+from server.domain.notifications import NotificationService
+from server.domain.orders import OrderService
+from server.domain.users import UserService
 from server.graphql.errors import Forbidden, Unauthenticated
 from server.graphql.loaders import Loaders
 
-if TYPE_CHECKING:
-    from server.wiring.services import Services
+# `watch(stream)`: follow a stream from any node while the context is open (the realtime hub's
+# `CableServer.watch`); subscriptions read their events from it.
+Watch = Callable[[str], AbstractAsyncContextManager[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class GraphQLDomain:
+    """What resolvers may use: the node's domain services and the stream follower, nothing
+    else (no pools, no Redis, no sockets). Built once per node by the wiring."""
+
+    catalog: CatalogService
+    carts: CartService
+    checkout: CheckoutService
+    orders: OrderService
+    notifications: NotificationService
+    users: UserService
+    watch: Watch
 
 
 class RequestContext:
     """Per request (or per subscription): who asks, on which node; loaders made on first use."""
 
-    __slots__ = ("_loaders", "remote_ip", "services", "session")
+    __slots__ = ("_loaders", "domain", "remote_ip", "session")
 
-    def __init__(self, services: Services, session: Session | None, remote_ip: str) -> None:
-        self.services = services
+    def __init__(self, domain: GraphQLDomain, session: Session | None, remote_ip: str) -> None:
+        self.domain = domain
         self.session = session
         self.remote_ip = remote_ip
         self._loaders: Loaders | None = None
@@ -34,7 +58,9 @@ class RequestContext:
         """This request's DataLoaders (each key loaded at most once, in batches)."""
         loaders = self._loaders
         if loaders is None:
-            loaders = self._loaders = Loaders(self.services)
+            loaders = self._loaders = Loaders(
+                self.domain.catalog, self.domain.users, self.domain.carts
+            )
         return loaders
 
     def require_user(self) -> Session:

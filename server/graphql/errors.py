@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg2
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from tartiflette import TartifletteError
 
-from server.common.errors import DomainError
+from server.adapters.faults import as_domain_error
+from server.common.errors import DomainError, Unavailable
 from server.common.logs import get_logger
 
 _log = get_logger("finalmarket.graphql")
@@ -87,23 +85,20 @@ def code_of(kind: str) -> str:
     return kind.upper().replace("-", "_")
 
 
-def is_overload(exc: BaseException) -> bool:
-    """Failures meaning "busy or briefly unreachable": the client may retry."""
-    return isinstance(
-        exc, TimeoutError | psycopg2.OperationalError | RedisConnectionError | RedisTimeoutError
-    )
-
-
 def describe_exception(exc: BaseException | None) -> dict[str, Any]:
     """`{"code": ..., **fields}` and the client-facing message for an exception a resolver
     raised; unexpected ones are logged and hidden behind a generic message."""
-    if isinstance(exc, DomainError):
-        return {"message": exc.detail, "extensions": {"code": code_of(exc.kind), **exc.fields}}
-    if exc is not None and is_overload(exc):
+    domain = as_domain_error(exc) if exc is not None else None
+    if isinstance(domain, Unavailable):
         _log.warning("graphql_unavailable", error=repr(exc))
         return {
             "message": "a backing service is busy or down; retry",
             "extensions": {"code": SERVICE_UNAVAILABLE},
+        }
+    if domain is not None:
+        return {
+            "message": domain.detail,
+            "extensions": {"code": code_of(domain.kind), **domain.fields},
         }
     _log.error("graphql_resolver_failed", error=repr(exc), exc_info=exc)
     return {"message": "internal error", "extensions": {"code": INTERNAL_SERVER_ERROR}}

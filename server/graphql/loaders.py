@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from server.common.errors import NotFound
-from server.domain.carts import cart_view
+from server.domain.carts import CartService
+from server.domain.catalog import CatalogService
 from server.domain.users import User, UserService
-
-if TYPE_CHECKING:
-    from server.wiring.services import Services
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -123,8 +121,9 @@ class Loaders:
 
     __slots__ = ("cart", "product", "stock", "user")
 
-    def __init__(self, services: Services) -> None:
-        catalog, router = services.catalog, services.router
+    def __init__(
+        self, catalog: CatalogService, user_service: UserService, cart_service: CartService
+    ) -> None:
 
         async def products(keys: list[str]) -> dict[str, dict[str, Any] | None]:
             ids = {key: int(key) for key in keys if _is_id(key)}
@@ -137,10 +136,10 @@ class Loaders:
             return {key: counts.get(product_id, 0) for key, product_id in ids.items()}
 
         async def users(keys: list[int]) -> dict[int, User]:
-            return await UserService(router).get_many(keys)
+            return await user_service.get_many(keys)
 
         async def carts(keys: list[int]) -> dict[int, dict[str, Any]]:
-            views = await asyncio.gather(*(cart_view(router, user_id) for user_id in keys))
+            views = await asyncio.gather(*(cart_service.get(user_id) for user_id in keys))
             return dict(zip(keys, views, strict=True))
 
         self.product: BatchLoader[str, dict[str, Any]] = BatchLoader(products)

@@ -9,14 +9,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from realtime.graphql_socket import GraphQLWsServer
     from server.graphql.service import GraphQLService
 
 
 class GraphQLStatsCollector(Collector):
     """Operations executed, requests refused (by code), and GraphQL WebSockets."""
 
-    def __init__(self, service: GraphQLService) -> None:
+    def __init__(self, service: GraphQLService, ws: GraphQLWsServer) -> None:
         self._service = service
+        self._ws = ws
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """The current figures (called by the registry on each scrape)."""
@@ -37,10 +39,10 @@ class GraphQLStatsCollector(Collector):
         yield GaugeMetricFamily(
             "fm_graphql_ws_connections",
             "Open GraphQL WebSockets.",
-            value=len(service.ws.connections),
+            value=len(self._ws.connections),
         )
         yield CounterMetricFamily(
             "fm_graphql_ws_refusals",
             "GraphQL WebSocket messages and sockets refused (malformed, flood, unauthorized).",
-            value=service.ws.refusals,
+            value=self._ws.refusals,
         )

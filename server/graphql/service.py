@@ -12,22 +12,24 @@ For each operation, in order (ARCHITECTURE section 5):
    carries `extensions.cost` with the bucket's state.
 
 `run_http` answers GraphQL-over-HTTP requests (the handler maps `Outcome.kind` to a status);
-`open_operation` opens one for a WebSocket (`realtime.graphql_socket.Operations`).
+`open_operation` opens one for a WebSocket (`realtime.graphql_socket`, built around this
+service by the wiring).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from realtime.graphql_socket import GraphQLWsLimits, GraphQLWsServer
 from realtime.graphql_ws import OperationRefused
 from realtime.watch import WatchOverflow
-from server.adapters.sessions import Session
+from server.adapters.cache import CachedLoader
+from server.adapters.ratelimit import LeasedRateLimiter
+from server.adapters.sessions import Session, SessionStore
 from server.common import jsontext
 from server.common.logs import get_logger
-from server.graphql.context import RequestContext
+from server.graphql.context import GraphQLDomain, RequestContext
 from server.graphql.cost import CostReport, analyse, check_limits
 from server.graphql.document import check_document
 from server.graphql.errors import (
@@ -43,13 +45,9 @@ from server.graphql.errors import (
     error,
 )
 from server.graphql.executor import Executor, ParsedDocument, Prepared
-from server.graphql.metrics import GraphQLStatsCollector
 from server.graphql.persisted import PersistedQueries, check_hash, requested_hash
 from server.graphql.results import ResultCache, encode
 from server.graphql.throttle import CostThrottle
-
-if TYPE_CHECKING:
-    from server.wiring.services import Services
 
 _log = get_logger("finalmarket.graphql")
 
@@ -93,60 +91,51 @@ class Outcome:
     public: bool = False  # a shared cache may keep it (anonymous caller, public query, no error)
 
 
-class GraphQLService:
-    """GraphQL for one node: executor, persisted queries, result cache, cost bucket, and the
-    WebSocket server for subscriptions."""
+@dataclass(frozen=True, slots=True)
+class GraphQLLimits:
+    """The node's GraphQL bounds (settings `FM_GRAPHQL_*`)."""
 
-    def __init__(self, services: Services) -> None:
-        settings = services.settings
-        self.services = services
+    max_cost: int
+    max_depth: int
+    max_document_bytes: int
+    persisted_query_ttl_s: int
+    result_cache_ttl_s: float
+    throttle_maximum: int
+    throttle_restore_per_second: float
+
+
+class GraphQLService:
+    """GraphQL for one node: executor, persisted queries, result cache and cost bucket. The
+    transports (the HTTP handler, the WebSocket server) are built by the wiring around it."""
+
+    def __init__(
+        self,
+        domain: GraphQLDomain,
+        *,
+        sessions: SessionStore,
+        redis: Any,
+        cache: CachedLoader,
+        rate_limiter: LeasedRateLimiter,
+        limits: GraphQLLimits,
+    ) -> None:
+        self.domain = domain
+        self.sessions = sessions
         self.executor = Executor()
-        self.max_cost = settings.graphql_max_cost
-        self.max_depth = settings.graphql_max_depth
-        self.max_document_bytes = settings.graphql_max_document_bytes
-        self.max_nesting = settings.graphql_max_depth + NESTING_ALLOWANCE
-        self.persisted = PersistedQueries(services.redis, settings.graphql_persisted_query_ttl_s)
-        self.results = ResultCache(
-            services.cache, settings.graphql_result_cache_ttl_s, services.catalog.stock.fresh_s
-        )
+        self.max_cost = limits.max_cost
+        self.max_depth = limits.max_depth
+        self.max_document_bytes = limits.max_document_bytes
+        self.max_nesting = limits.max_depth + NESTING_ALLOWANCE
+        self.persisted = PersistedQueries(redis, limits.persisted_query_ttl_s)
+        self.results = ResultCache(cache, limits.result_cache_ttl_s, domain.catalog.stock.fresh_s)
         self.throttle = CostThrottle(
-            services.rate_limiter,
-            settings.graphql_throttle_maximum,
-            settings.graphql_throttle_restore_per_second,
-        )
-        self.ws = GraphQLWsServer(
-            self,
-            GraphQLWsLimits(
-                max_message_bytes=settings.graphql_ws_max_message_bytes,
-                max_operations=settings.graphql_ws_max_subscriptions,
-                init_timeout_s=settings.graphql_ws_init_timeout_s,
-                messages_per_second=settings.graphql_ws_messages_per_second,
-                message_burst=settings.graphql_ws_message_burst,
-                max_connections_per_ip=settings.cable_max_connections_per_ip,
-            ),
+            rate_limiter, limits.throttle_maximum, limits.throttle_restore_per_second
         )
         self.executed = 0  # operations that reached execution (tests: "no resolver ran")
         self.refusals: dict[str, int] = {}  # refused before execution, by error code
-        services.metrics.registry.register(GraphQLStatsCollector(self))
 
-    @classmethod
-    async def open(cls, services: Services) -> GraphQLService:
-        """Build the service and its schema."""
-        service = cls(services)
-        await service.executor.start()
-        return service
-
-    def start(self) -> None:
-        """Start background work (WebSocket keep-alives)."""
-        self.ws.start()
-
-    async def drain(self) -> None:
-        """Close WebSockets with 1001 so clients reconnect to another node."""
-        await self.ws.drain()
-
-    async def stop(self) -> None:
-        """Cancel running subscriptions."""
-        await self.ws.stop()
+    async def start(self) -> None:
+        """Build the schema (once per node, before serving)."""
+        await self.executor.start()
 
     # --- HTTP -------------------------------------------------------------------------------
 
@@ -171,7 +160,7 @@ class GraphQLService:
                 raise GraphQLRequestError(
                     OPERATION_NOT_SUPPORTED, "subscriptions run over the WebSocket at /graphql"
                 )
-            context = RequestContext(self.services, session, remote_ip)
+            context = RequestContext(self.domain, session, remote_ip)
             prepared = await self.executor.prepare(parsed, operation_name, variables, context)
             report = self._analyse(prepared)
             check_limits(report, max_cost=self.max_cost, max_depth=self.max_depth)
@@ -289,7 +278,7 @@ class GraphQLService:
 
     async def authenticate(self, token: str) -> Session | None:
         """The session of a token sent in a WebSocket's `connection_init`."""
-        return await self.services.sessions.resolve(token)
+        return await self.sessions.resolve(token)
 
     async def open_operation(
         self, payload: Any, session: Session | None, remote_ip: str
@@ -302,7 +291,7 @@ class GraphQLService:
             request = GraphQLRequest.from_json(payload)
             text, register = await self._document(request)
             parsed = self.executor.parse(text)
-            context = RequestContext(self.services, session, remote_ip)
+            context = RequestContext(self.domain, session, remote_ip)
             prepared = await self.executor.prepare(
                 parsed,
                 _optional_str(request.operation_name, "operationName"),

@@ -7,17 +7,21 @@ from typing import Any
 
 import tornado.web
 
+from handlers import auth as auth_handlers
 from handlers import cart as cart_handlers
 from handlers import checkout as checkout_handlers
 from handlers import graphql as graphql_handlers
+from handlers import health as health_handlers
 from handlers import images as image_handlers
 from handlers import products
-from handlers.auth import MeHandler, SessionsHandler, UsersHandler
 from handlers.base import BaseHandler, NotFoundHandler
 from handlers.cable import CableHandler
-from handlers.health import HealthzHandler, MetricsHandler, ReadyzHandler
+from handlers.gate import Gate
+from handlers.health import NodeHealth
 from handlers.openapi import OpenApiHandler
+from server.adapters.readiness import unready_reasons
 from server.common.logs import get_logger
+from server.wiring.metrics import NodeMetrics
 from server.wiring.services import Services
 
 _access_log = get_logger("finalmarket.access")
@@ -25,28 +29,44 @@ _ACCESS_LOGGER = logging.getLogger("finalmarket.access")
 
 
 def make_app(services: Services) -> tornado.web.Application:
-    """Build the application for one node; every handler gets `services` via `initialize`."""
-    deps = {"services": services}
+    """Build the application for one node: each route gets the node's `Gate` and exactly the
+    domain services its handlers use, through Tornado's `initialize()`."""
+    gate = Gate(
+        lifecycle=services.state,
+        sessions=services.sessions,
+        rate_limiter=services.rate_limiter,
+        ip_limit=services.ip_limit,
+        user_limit=services.user_limit,
+        max_body_bytes=services.settings.max_body_bytes,
+        cookie_secure=services.settings.cookie_secure,
+        allowed_origins=frozenset(services.settings.cable_allowed_origins),
+    )
+    metrics = services.metrics
+    health = NodeHealth(
+        node_id=services.settings.node_id,
+        unready_reasons=lambda: unready_reasons(
+            services.router, services.redis, services.settings.readiness_timeout_s
+        ),
+        record_ready=lambda ready: metrics.ready.set(1 if ready else 0),
+        render_metrics=metrics.render,
+    )
+    only_gate = {"gate": gate}
     routes: list[Any] = [
-        (r"/healthz", HealthzHandler, deps),
-        (r"/readyz", ReadyzHandler, deps),
-        (r"/metrics", MetricsHandler, deps),
-        (r"/cable", CableHandler, {**deps, "cable": services.cable}),
-        *graphql_handlers.routes(deps),
-        (r"/api/v1/users", UsersHandler, deps),
-        (r"/api/v1/sessions", SessionsHandler, deps),
-        (r"/api/v1/me", MeHandler, deps),
-        *products.routes(deps),
-        *cart_handlers.routes(deps),
-        *checkout_handlers.routes(deps),
-        *image_handlers.routes(deps),
-        (r"/api/v1/openapi\.json", OpenApiHandler, deps),
+        *health_handlers.routes(gate, health),
+        (r"/cable", CableHandler, {"gate": gate, "cable": services.cable}),
+        *graphql_handlers.routes(gate, services.graphql, services.graphql_ws),
+        *auth_handlers.routes(gate, services.users),
+        *products.routes(gate, services.catalog),
+        *cart_handlers.routes(gate, services.carts),
+        *checkout_handlers.routes(gate, services.checkout, services.orders, services.notifications),
+        *image_handlers.routes(gate, services.images),
+        (r"/api/v1/openapi\.json", OpenApiHandler, only_gate),
     ]
     return tornado.web.Application(
         routes,
         default_handler_class=NotFoundHandler,
-        default_handler_args=deps,
-        log_function=_log_request,
+        default_handler_args=only_gate,
+        log_function=lambda handler: _log_request(handler, metrics),
         serve_traceback=services.settings.debug,
         compress_response=False,
     )
@@ -57,13 +77,12 @@ def _route_name(handler: tornado.web.RequestHandler) -> str:
     return type(handler).__name__.removesuffix("Handler")
 
 
-def _log_request(handler: tornado.web.RequestHandler) -> None:
+def _log_request(handler: tornado.web.RequestHandler, metrics: NodeMetrics) -> None:
     """Access log and request metrics, called by Tornado once per finished request."""
     status = handler.get_status()
     elapsed_s = handler.request.request_time()
     if isinstance(handler, BaseHandler):
         route, method = _route_name(handler), handler.request.method or "?"
-        metrics = handler.services.metrics
         metrics.http_requests.labels(route, method, str(status)).inc()
         metrics.http_latency.labels(route, method).observe(elapsed_s)
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR

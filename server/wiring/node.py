@@ -38,7 +38,7 @@ class Node:
         self.port: int | None = None
         self.drain_hooks: list[Callable[[], Awaitable[None]]] = [
             services.cable.drain,
-            services.graphql.drain,
+            services.graphql_ws.drain,
         ]
 
     async def listen(self) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from realtime.cable import CableLimits, CableServer
+from realtime.graphql_socket import GraphQLWsLimits, GraphQLWsServer
 from realtime.metrics import CableStatsCollector
 from server.adapters.cache import CachedLoader, CacheInvalidationListener, CacheStatsCollector
 from server.adapters.db.pools import Database
@@ -14,11 +15,18 @@ from server.adapters.db.router import ShardRouter
 from server.adapters.images import ImageWorkers, IntakeLimits, open_storage
 from server.adapters.ratelimit import LeasedRateLimiter, Limit, RateLimiter
 from server.adapters.sessions import SessionStore
+from server.common.lifecycle import NodeState
 from server.common.logs import get_logger
+from server.domain.carts import CartService
 from server.domain.catalog import STOCK_FRESH_S, CatalogService
-from server.domain.checkout import CheckoutSweeper
+from server.domain.checkout import CheckoutService, CheckoutSweeper
 from server.domain.images import ImageService
-from server.graphql import GraphQLService
+from server.domain.notifications import NotificationService
+from server.domain.orders import OrderService
+from server.domain.users import UserService
+from server.graphql import GraphQLLimits, GraphQLService
+from server.graphql.context import GraphQLDomain
+from server.graphql.metrics import GraphQLStatsCollector
 from server.wiring.data_metrics import DataStatsCollector
 from server.wiring.metrics import NodeMetrics
 from server.wiring.settings import Settings
@@ -30,39 +38,12 @@ _log = get_logger("finalmarket.services")
 
 
 @dataclass
-class NodeState:
-    """Lifecycle flags the handlers read (readiness goes 503 once draining starts), and the
-    count of requests in flight that shutdown waits for."""
-
-    draining: bool = False
-    in_flight: int = 0
-    _idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def request_started(self) -> None:
-        """A request entered a handler."""
-        self.in_flight += 1
-        self._idle.clear()
-
-    def request_finished(self) -> None:
-        """A request left its handler."""
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no request is in flight; False if `timeout_s` passed first."""
-        if self.in_flight == 0:
-            return True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
-
-
-@dataclass
 class Services:
-    """Everything handlers reach: settings, pools, Redis, metrics, lifecycle state.
+    """The wiring's container: everything one node is made of, built once by `open`.
+
+    Only the wiring reads it: `server.wiring.app.make_app` hands each route the `Gate` and
+    the domain services it uses, and GraphQL resolvers get a typed context; no handler,
+    channel or resolver sees this object.
 
     Built by `server.wiring.node` (or a test) and handed to `server.wiring.app.make_app`;
     nothing here is a
@@ -83,10 +64,16 @@ class Services:
     ip_limit: Limit
     user_limit: Limit
     images: ImageService
+    users: UserService
+    carts: CartService
+    checkout: CheckoutService
+    orders: OrderService
+    notifications: NotificationService
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     state: NodeState = field(default_factory=NodeState)
     # Built by `open` once the rest exists (resolvers reach the services through it).
     graphql: GraphQLService = field(init=False)
+    graphql_ws: GraphQLWsServer = field(init=False)
 
     def __post_init__(self) -> None:
         # Gauges read the lifecycle state when scraped, so there is one source of truth.
@@ -163,8 +150,50 @@ class Services:
                 "user", settings.ratelimit_user_per_second, settings.ratelimit_user_burst
             ),
             images=images,
+            users=UserService(router),
+            carts=CartService(router, cable.publish),
+            checkout=CheckoutService(router, cable.publish),
+            orders=OrderService(router),
+            notifications=NotificationService(router, cable.publish),
         )
-        services.graphql = await GraphQLService.open(services)
+        graphql = GraphQLService(
+            GraphQLDomain(
+                catalog=catalog,
+                carts=services.carts,
+                checkout=services.checkout,
+                orders=services.orders,
+                notifications=services.notifications,
+                users=services.users,
+                watch=cable.watch,
+            ),
+            sessions=services.sessions,
+            redis=redis,
+            cache=cache,
+            rate_limiter=services.rate_limiter,
+            limits=GraphQLLimits(
+                max_cost=settings.graphql_max_cost,
+                max_depth=settings.graphql_max_depth,
+                max_document_bytes=settings.graphql_max_document_bytes,
+                persisted_query_ttl_s=settings.graphql_persisted_query_ttl_s,
+                result_cache_ttl_s=settings.graphql_result_cache_ttl_s,
+                throttle_maximum=settings.graphql_throttle_maximum,
+                throttle_restore_per_second=settings.graphql_throttle_restore_per_second,
+            ),
+        )
+        await graphql.start()
+        services.graphql = graphql
+        services.graphql_ws = GraphQLWsServer(
+            graphql,
+            GraphQLWsLimits(
+                max_message_bytes=settings.graphql_ws_max_message_bytes,
+                max_operations=settings.graphql_ws_max_subscriptions,
+                init_timeout_s=settings.graphql_ws_init_timeout_s,
+                messages_per_second=settings.graphql_ws_messages_per_second,
+                message_burst=settings.graphql_ws_message_burst,
+                max_connections_per_ip=settings.cable_max_connections_per_ip,
+            ),
+        )
+        services.metrics.registry.register(GraphQLStatsCollector(graphql, services.graphql_ws))
         return services
 
     def start(self) -> None:
@@ -172,7 +201,7 @@ class Services:
         self.cable.start()
         self.cache_listener.start()
         self.sweeper.start()
-        self.graphql.start()
+        self.graphql_ws.start()
 
     async def close(self) -> None:
         """Stop background work, release pools and Redis connections.
@@ -181,7 +210,7 @@ class Services:
         """
         for name, step in (
             ("sweeper", self.sweeper.stop),
-            ("graphql", self.graphql.stop),
+            ("graphql", self.graphql_ws.stop),
             ("cable", self.cable.stop),
             ("cache_listener", self.cache_listener.stop),
             ("images", self.images.aclose),

@@ -154,12 +154,12 @@ async def test_a_subscription_flood_on_one_socket_is_bounded_and_the_node_keeps_
     assert seen.get("next", 0) <= services.settings.graphql_ws_max_subscriptions
     # the flood's operations are gone with its socket; the node still serves both ways
     for _ in range(100):
-        if not services.graphql.ws.connections and not any(
+        if not services.graphql_ws.connections and not any(
             services.cable.hub.subscriber_count(f"inventory:product:{pid}") for pid in products
         ):
             break
         await asyncio.sleep(0.02)
-    assert not services.graphql.ws.connections
+    assert not services.graphql_ws.connections
     await _still_serves(client, base_url)
     fresh = await WsClient.connect(ws_url)
     await fresh.init()

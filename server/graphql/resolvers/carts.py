@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from server.domain.carts import CartService, cart_stream
+from server.domain.carts import CartService
+from server.domain.events import cart_stream
 from server.graphql.compiled import direct, renamed
 from server.graphql.context import RequestContext
 from server.graphql.loaders import parse_id
@@ -15,7 +16,7 @@ SDL = Path(__file__).with_suffix(".graphql")
 
 
 def _carts(ctx: RequestContext) -> CartService:
-    return CartService(ctx.services.router, ctx.services.cable.publish)
+    return ctx.domain.carts
 
 
 def _prefetched(ctx: RequestContext, cart: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +67,7 @@ async def cart_updated(
 ) -> AsyncIterator[dict[str, Any]]:
     """`Subscription.cartUpdated`: the cart now, then after every change (any node)."""
     session = ctx.require_user()
-    async with ctx.services.cable.watch(cart_stream(session.user_id)) as events:
+    async with ctx.domain.watch(cart_stream(session.user_id)) as events:
         yield await _carts(ctx).get(session.user_id)
         async for message in events:
             if message.get("event") == "cart":

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from server.common.errors import NotFound
-from server.domain.catalog import encode_cursor, stock_stream
-from server.domain.inventory import stock_of
+from server.domain.catalog import encode_cursor
+from server.domain.events import stock_stream
 from server.graphql.compiled import direct, renamed
 from server.graphql.context import RequestContext
 from server.graphql.loaders import parse_id
@@ -31,7 +31,7 @@ async def products(parent: Any, args: dict[str, Any], ctx: RequestContext, info:
     stock are handed to the loaders at once, so the page costs the same statements for 5
     products as for 50."""
     after = args.get("after") or None
-    page, next_cursor = await ctx.services.catalog.product_list(
+    page, next_cursor = await ctx.domain.catalog.product_list(
         args.get("first"), after, args.get("query")
     )
     loaders = ctx.loaders
@@ -82,7 +82,7 @@ async def adjust_stock(parent: Any, args: dict[str, Any], ctx: RequestContext, i
     """`Mutation.adjustStock(productId, delta)` (administrators)."""
     session = ctx.require_admin()
     product_id = parse_id(args["productId"])
-    changed = await ctx.services.catalog.change_stock(
+    changed = await ctx.domain.catalog.change_stock(
         product_id, delta=args["delta"], actor=session.user_id
     )
     key = str(product_id)
@@ -102,12 +102,11 @@ async def stock_updated(
     the two is lost; one that raced the read may repeat the count it already showed.
     """
     product_id = parse_id(args["productId"])
-    services = ctx.services
-    async with services.cable.watch(stock_stream(product_id)) as events:
-        now = await stock_of(services.router, [product_id], fresh=True)
-        if product_id not in now:
+    async with ctx.domain.watch(stock_stream(product_id)) as events:
+        now = await ctx.domain.catalog.current_stock(product_id)
+        if now is None:
             raise NotFound(f"no product {product_id}", product_id=str(product_id))
-        yield {"productId": str(product_id), "stock": now[product_id]}
+        yield {"productId": str(product_id), "stock": now}
         async for message in events:
             if message.get("event") == "stock":
                 yield {"productId": message["product_id"], "stock": message["stock"]}

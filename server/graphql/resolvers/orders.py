@@ -6,9 +6,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from server.domain.checkout import CheckoutService
-from server.domain.notifications import NotificationService, notification_stream
-from server.domain.orders import OrderService, encode_cursor
+from server.domain.events import notification_stream
+from server.domain.orders import encode_cursor
 from server.graphql.compiled import renamed
 from server.graphql.context import RequestContext
 from server.graphql.loaders import parse_id
@@ -38,9 +37,7 @@ async def orders(parent: Any, args: dict[str, Any], ctx: RequestContext, info: A
         return None
     after = args.get("after") or None
     first = args.get("first")
-    page = await OrderService(ctx.services.router).page(
-        ctx.session.user_id, 20 if first is None else first, after
-    )
+    page = await ctx.domain.orders.page(ctx.session.user_id, 20 if first is None else first, after)
     ctx.loaders.product.prefetch(
         line["product_id"] for order in page["items"] for line in order["items"]
     )
@@ -53,7 +50,7 @@ async def notifications(parent: Any, args: dict[str, Any], ctx: RequestContext, 
         return None
     after = args.get("after") or None
     first = args.get("first")
-    page = await NotificationService(ctx.services.router).page(
+    page = await ctx.domain.notifications.page(
         ctx.session.user_id, 20 if first is None else first, after
     )
     return _connection("notification", page, after)
@@ -62,10 +59,7 @@ async def notifications(parent: Any, args: dict[str, Any], ctx: RequestContext, 
 async def checkout(parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any) -> Any:
     """`Mutation.checkout(idempotencyKey)`: the order (the first one again for a used key)."""
     session = ctx.require_user()
-    services = ctx.services
-    result = await CheckoutService(services.router, services.cable.publish).checkout(
-        session.user_id, args["idempotencyKey"]
-    )
+    result = await ctx.domain.checkout.checkout(session.user_id, args["idempotencyKey"])
     order: dict[str, Any] = result.body["order"]
     ctx.loaders.product.prefetch(line["product_id"] for line in order["items"])
     return order
@@ -73,7 +67,7 @@ async def checkout(parent: Any, args: dict[str, Any], ctx: RequestContext, info:
 
 async def mark_read(parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any) -> Any:
     session = ctx.require_user()
-    service = NotificationService(ctx.services.router)
+    service = ctx.domain.notifications
     return await service.mark_read(session.user_id, parse_id(args["id"], "notification"))
 
 
@@ -82,7 +76,7 @@ async def notification_received(
 ) -> AsyncIterator[dict[str, Any]]:
     """`Subscription.notificationReceived`: each new notification, from any node."""
     session = ctx.require_user()
-    async with ctx.services.cable.watch(notification_stream(session.user_id)) as events:
+    async with ctx.domain.watch(notification_stream(session.user_id)) as events:
         async for message in events:
             if message.get("event") == "notification":
                 yield message["notification"]
