@@ -144,45 +144,22 @@ class GraphQLService:
     ) -> Outcome:
         """Answer one GraphQL-over-HTTP request (GET allows queries only)."""
         caller = _caller(session, remote_ip)
-        report: CostReport | None = None
+        progress = _Progress()
         try:
-            text, register = await self._document(request)
-            parsed = self.executor.parse(text)
-            operation_name = _optional_str(request.operation_name, "operationName")
-            variables = _variables(request.variables)
-            kind = self.executor.operation_type(parsed, operation_name)
-            if method == "GET" and kind in ("mutation", "subscription"):
-                return Outcome(
-                    _body([error(f"{kind}s are sent with POST", OPERATION_NOT_SUPPORTED)], None),
-                    "method_not_allowed",
-                )
-            if kind == "subscription":
-                raise GraphQLRequestError(
-                    OPERATION_NOT_SUPPORTED, "subscriptions run over the WebSocket at /graphql"
-                )
-            context = RequestContext(self.domain, session, remote_ip)
-            prepared = await self.executor.prepare(parsed, operation_name, variables, context)
-            report = self._analyse(prepared)
-            check_limits(report, max_cost=self.max_cost, max_depth=self.max_depth)
-            charged = await self.throttle.charge(caller, report.requested)
-            if not charged.allowed:
-                retry_after_s = self.throttle.retry_after_s(charged)
-                errors = [
-                    error(
-                        f"throttled: this query costs {report.requested} and "
-                        f"{charged.remaining} are available; retry in {retry_after_s:.1f}s",
-                        THROTTLED,
-                    )
-                ]
-                cost = self._cost(report.requested, None, charged.remaining)
-                self._count_refusal(THROTTLED)
-                return Outcome(_body(errors, cost), "throttled", retry_after_s)
-            if register is not None:
-                await self.persisted.put(register, text)
+            admitted = await self._admit(
+                request, session, remote_ip, progress, http_method=method, noun="query"
+            )
+        except _MethodNotAllowed as refused:
+            return Outcome(_body(refused.errors, None), "method_not_allowed")
+        except _Throttled as refused:
+            cost = self._cost(refused.requested, None, refused.remaining)
+            errors = [error(str(refused), THROTTLED)]  # over HTTP the wait is in Retry-After
+            return Outcome(_body(errors, cost), "throttled", refused.retry_after_s)
         except GraphQLRequestError as refused:
-            return await self._refused(refused, report, caller)
+            return await self._refused(refused, progress.report, caller)
+        prepared, report = admitted.prepared, admitted.report
         data, response, actual = await self._execute(prepared, report)
-        remaining = charged.remaining
+        remaining = admitted.remaining
         if actual < report.requested:
             remaining = (await self.throttle.refund(caller, report.requested - actual)).remaining
         cost = self._cost(report.requested, actual, remaining)
@@ -194,6 +171,52 @@ class GraphQLService:
         assert response is not None
         response["extensions"] = {"cost": cost}
         return Outcome(encode(response), public=public and not response.get("errors"))
+
+    async def _admit(
+        self,
+        request: GraphQLRequest,
+        session: Session | None,
+        remote_ip: str,
+        progress: _Progress,
+        *,
+        http_method: str | None,
+        noun: str,
+    ) -> _Admitted:
+        """Steps 1-5 of the pipeline, shared by HTTP and WebSocket: the document, parse and
+        validate, the operation and its variables, cost and depth limits, the charge to the
+        caller's bucket, then the persisted query's registration. Raises `GraphQLRequestError`
+        (counted) for any refusal; `progress.report` holds the cost once it is known.
+        `http_method` is None on a WebSocket, where every operation type is allowed."""
+        try:
+            text, register = await self._document(request)
+            parsed = self.executor.parse(text)
+            operation_name = _optional_str(request.operation_name, "operationName")
+            variables = _variables(request.variables)
+            if http_method is not None:
+                kind = self.executor.operation_type(parsed, operation_name)
+                if http_method == "GET" and kind in ("mutation", "subscription"):
+                    raise _MethodNotAllowed(OPERATION_NOT_SUPPORTED, f"{kind}s are sent with POST")
+                if kind == "subscription":
+                    raise GraphQLRequestError(
+                        OPERATION_NOT_SUPPORTED, "subscriptions run over the WebSocket at /graphql"
+                    )
+            context = RequestContext(self.domain, session, remote_ip)
+            prepared = await self.executor.prepare(parsed, operation_name, variables, context)
+            report = progress.report = self._analyse(prepared)
+            check_limits(report, max_cost=self.max_cost, max_depth=self.max_depth)
+            charged = await self.throttle.charge(_caller(session, remote_ip), report.requested)
+            if not charged.allowed:
+                raise _Throttled(
+                    report.requested, charged.remaining, self.throttle.retry_after_s(charged), noun
+                )
+            if register is not None:
+                await self.persisted.put(register, text)
+        except _MethodNotAllowed:
+            raise  # the wrong method, not a refused operation: not counted
+        except GraphQLRequestError as refused:
+            self._count_refusal(refused.code)
+            raise
+        return _Admitted(prepared, report, charged.remaining)
 
     async def _document(self, request: GraphQLRequest) -> tuple[str, str | None]:
         """(document text, hash to register it under after it validates, or None)."""
@@ -258,7 +281,6 @@ class GraphQLService:
     async def _refused(
         self, refused: GraphQLRequestError, report: CostReport | None, caller: str
     ) -> Outcome:
-        self._count_refusal(refused.code)
         cost = None
         if refused.code in (MAX_COST_EXCEEDED, MAX_DEPTH_EXCEEDED) and report is not None:
             status = await self.throttle.charge(caller, 0)  # look only
@@ -286,35 +308,18 @@ class GraphQLService:
         """Prepare an operation sent over a WebSocket (`subscribe`/`start` payload) and return
         its results as they come (a query or mutation: one). Refusals before execution raise
         `OperationRefused` with the errors."""
-        caller = _caller(session, remote_ip)
         try:
             request = GraphQLRequest.from_json(payload)
-            text, register = await self._document(request)
-            parsed = self.executor.parse(text)
-            context = RequestContext(self.domain, session, remote_ip)
-            prepared = await self.executor.prepare(
-                parsed,
-                _optional_str(request.operation_name, "operationName"),
-                _variables(request.variables),
-                context,
-            )
-            report = self._analyse(prepared)
-            check_limits(report, max_cost=self.max_cost, max_depth=self.max_depth)
-            charged = await self.throttle.charge(caller, report.requested)
-            if not charged.allowed:
-                retry_after_s = self.throttle.retry_after_s(charged)
-                raise GraphQLRequestError(
-                    THROTTLED,
-                    f"throttled: this operation costs {report.requested} and "
-                    f"{charged.remaining} are available; retry in {retry_after_s:.1f}s",
-                    retryAfter=retry_after_s,
-                )
-            if register is not None:
-                await self.persisted.put(register, text)
         except GraphQLRequestError as refused:
             self._count_refusal(refused.code)
             raise OperationRefused(refused.errors) from None
-        return self._results(prepared, report, charged.remaining)
+        try:
+            admitted = await self._admit(
+                request, session, remote_ip, _Progress(), http_method=None, noun="operation"
+            )
+        except GraphQLRequestError as refused:
+            raise OperationRefused(refused.errors) from None
+        return self._results(admitted.prepared, admitted.report, admitted.remaining)
 
     async def _results(
         self, prepared: Prepared, report: CostReport, remaining: int
@@ -335,6 +340,41 @@ class GraphQLService:
             raise OperationRefused([error(message, SUBSCRIPTION_LAGGED)]) from None
         except Exception as exc:  # the source failed: unknown product, not signed in, ...
             raise OperationRefused([describe_exception(exc)]) from None
+
+
+@dataclass(slots=True)
+class _Progress:
+    """How far a request got before a refusal: its cost report, once analysed."""
+
+    report: CostReport | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    """An operation that passed every check and was charged: ready to execute."""
+
+    prepared: Prepared
+    report: CostReport
+    remaining: int
+
+
+class _MethodNotAllowed(GraphQLRequestError):
+    """A mutation or subscription sent with GET (HTTP answers 405)."""
+
+
+class _Throttled(GraphQLRequestError):
+    """The caller's cost bucket cannot pay for the operation now."""
+
+    def __init__(self, requested: int, remaining: int, retry_after_s: float, noun: str) -> None:
+        super().__init__(
+            THROTTLED,
+            f"throttled: this {noun} costs {requested} and {remaining} are available; "
+            f"retry in {retry_after_s:.1f}s",
+            retryAfter=retry_after_s,
+        )
+        self.requested = requested
+        self.remaining = remaining
+        self.retry_after_s = retry_after_s
 
 
 def _caller(session: Session | None, remote_ip: str) -> str:

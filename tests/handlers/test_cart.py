@@ -15,8 +15,6 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
-from handlers import cart as cart_handlers
-from handlers import checkout as checkout_handlers
 from server.adapters.http1 import make_http_server
 from server.domain.users import UserService
 from server.wiring.app import make_app
@@ -35,11 +33,8 @@ CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
 
 def commerce_app(services: Services) -> Application:
-    """The node's app with the cart/checkout routes (a no-op once server.wiring.app lists them)."""
-    app = make_app(services)
-    deps = {"services": services}
-    app.add_handlers(r".*$", cart_handlers.routes(deps) + checkout_handlers.routes(deps))
-    return app
+    """The node's app (it serves the cart and checkout routes)."""
+    return make_app(services)
 
 
 def commerce_settings(env: dict[str, str]) -> Settings:
