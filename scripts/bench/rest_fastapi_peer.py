@@ -11,15 +11,16 @@ Market. It serves
 - `GET /api/v1/products?first=N`
 
 from **the same Redis entries Final Market wrote** (warm them through Final Market first): each
-request runs the same versioned-read Lua script as `server/cache/store.py` (one round trip:
+request runs the same versioned-read Lua script as `server/adapters/cache/store.py` (one round trip:
 namespace version, entity version, value), unpacks the msgpack value and appends the live
-stock, exactly as `server/catalog.py` renders it (same bytes, same ETag, 304 on
+stock, exactly as `server/domain/catalog.py` renders it (same bytes, same ETag, 304 on
 `If-None-Match`). Stock comes from PostgreSQL with the same 1 s freshness bound as Final
 Market's `LiveStock` (one statement per product per second, shared by concurrent misses).
 
 The peer only reads: a missing entry answers 503 (the benchmark counts non-2xx answers), it
 has no rate limiter and no in-process cache of the Redis value, so every request costs one
-Redis round trip. Keep `_READ` and the key names in step with `server/cache/{store,keys}.py`.
+Redis round trip. Keep `_READ` and the key names in step with
+`server/adapters/cache/{store,keys}.py`.
 """
 
 from __future__ import annotations
