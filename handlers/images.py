@@ -94,6 +94,8 @@ def choose_format(accept: str) -> str:
 
 @tornado.web.stream_request_body
 class ProductImagesHandler(ApiHandler):
+    """`POST /api/v1/products/{id}/images` (admins): add an image, rendered in 12 variants."""
+
     openapi_path = "/api/v1/products/{id}/images"
     openapi = {
         "POST": Operation(
@@ -113,8 +115,6 @@ class ProductImagesHandler(ApiHandler):
             },
         )
     }
-
-    """`POST /api/v1/products/{id}/images` (admins): add an image, rendered in 12 variants."""
 
     images: ImageService
     _form: FileField | None = None

@@ -152,6 +152,8 @@ class _CatalogHandler(ApiHandler):
 
 
 class ProductsHandler(_CatalogHandler):
+    """`GET /api/v1/products?first=&after=&q=` (anyone); `POST /api/v1/products` (admins)."""
+
     openapi_path = "/api/v1/products"
     openapi = {
         "GET": Operation(
@@ -165,8 +167,6 @@ class ProductsHandler(_CatalogHandler):
         ),
         "POST": Operation("Create a product (admin)", ok=201, body=ProductCreate, auth="admin"),
     }
-
-    """`GET /api/v1/products?first=&after=&q=` (anyone); `POST /api/v1/products` (admins)."""
 
     async def get(self) -> None:
         first_arg = self.get_query_argument("first", None)
@@ -188,6 +188,8 @@ class ProductsHandler(_CatalogHandler):
 
 
 class ProductHandler(_CatalogHandler):
+    """`GET /api/v1/products/{id}` (anyone); `PATCH /api/v1/products/{id}` (admins)."""
+
     openapi_path = "/api/v1/products/{id}"
     openapi = {
         "GET": Operation(
@@ -201,8 +203,6 @@ class ProductHandler(_CatalogHandler):
             problems={404: "no such product"},
         ),
     }
-
-    """`GET /api/v1/products/{id}` (anyone); `PATCH /api/v1/products/{id}` (admins)."""
 
     async def get(self, raw_id: str) -> None:
         self.send_rendered(await self.catalog.product_page(product_id_of(raw_id)))
@@ -218,6 +218,9 @@ class ProductHandler(_CatalogHandler):
 
 
 class StockHandler(_CatalogHandler):
+    """`POST /api/v1/products/{id}/stock` (admins): `{delta}` or `{set}` -> `{product_id,
+    stock}`; the change is broadcast to `InventoryChannel` subscribers."""
+
     openapi_path = "/api/v1/products/{id}/stock"
     openapi = {
         "POST": Operation(
@@ -227,9 +230,6 @@ class StockHandler(_CatalogHandler):
             problems={404: "no such product", 409: "out-of-stock or stock-limit"},
         )
     }
-
-    """`POST /api/v1/products/{id}/stock` (admins): `{delta}` or `{set}` -> `{product_id,
-    stock}`; the change is broadcast to `InventoryChannel` subscribers."""
 
     async def post(self, raw_id: str) -> None:
         session = self.require_admin()

@@ -29,6 +29,7 @@ from realtime.cable_codec import CableCodec, CommandError
 from realtime.channels import Channel, Reject, Subscription, build_channels
 from realtime.connection import CLOSE_GOING_AWAY, CableConnection, parse_identifier
 from realtime.hub import Hub
+from realtime.limits import CableLimits
 from realtime.presence import PRESENCE_TTL_S, Presence
 from realtime.watch import DEFAULT_MAX_PENDING, StreamWatch, WatchOverflow
 from realtime.wsframe import encode_frame
@@ -43,25 +44,6 @@ _log = get_logger("finalmarket.cable")
 _SHARED_SUBSCRIPTIONS_MAX = 100_000
 SLOW_CONSUMER_SWEEP_S = 0.25
 FANOUT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-
-@dataclass(frozen=True, slots=True)
-class CableLimits:
-    """Inbound and outbound bounds of every connection."""
-
-    max_frame_bytes: int = 64 * 1024
-    max_subscriptions: int = 100
-    commands_per_second: float = 50.0
-    command_burst: int = 100
-    slow_consumer_bytes: int = 1024 * 1024
-    slow_consumer_grace_s: float = 5.0
-    max_connections_per_ip: int = 2000
-    ping_interval_s: float = 3.0
-
-    @property
-    def slow_consumer_hard_bytes(self) -> int:
-        """Unsent bytes past which a connection is cut off without grace."""
-        return 4 * self.slow_consumer_bytes
 
 
 @dataclass(slots=True)

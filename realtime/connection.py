@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from realtime import allowance, cable_codec
 from realtime.cable_codec import CableCodec, CommandError
+from realtime.limits import CableLimits
 from realtime.wsframe import (
     OP_CLOSE,
     OP_PING,
@@ -29,7 +30,6 @@ from server.adapters.sessions import Session
 from server.common import jsontext
 
 if TYPE_CHECKING:
-    from realtime.cable import CableServer
     from realtime.channels import Subscription
 
 CLOSE_NORMAL = 1000
@@ -37,6 +37,24 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 # Errors tolerated before the connection is cut off as abusive.
 MAX_COMMAND_ERRORS = 20
+
+
+class ConnectionOwner(Protocol):
+    """What a connection asks of the cable server that owns it (`realtime.cable.CableServer`):
+    its limits, the commands it cannot run alone, and the bookkeeping of its life."""
+
+    limits: CableLimits
+    full_allowance: float
+    commands: int
+
+    def subscribe(self, conn: CableConnection, identifier: str) -> None: ...
+    def unsubscribe(self, conn: CableConnection, identifier: str) -> None: ...
+    def perform(self, conn: CableConnection, identifier: str, data: str) -> None: ...
+    def forget(self, conn: CableConnection) -> None: ...
+    def log_refusal(self, conn: CableConnection, kind: str, reason: str) -> None: ...
+    def writer_paused(self, conn: CableConnection) -> None: ...
+    def writer_resumed(self, conn: CableConnection) -> None: ...
+    def metrics_slow_consumer(self) -> None: ...
 
 
 class CableConnection(asyncio.Protocol):
@@ -57,7 +75,7 @@ class CableConnection(asyncio.Protocol):
     )
 
     def __init__(
-        self, server: CableServer, codec: CableCodec, user: Session | None, remote_ip: str
+        self, server: ConnectionOwner, codec: CableCodec, user: Session | None, remote_ip: str
     ) -> None:
         self.server = server
         self.codec = codec
