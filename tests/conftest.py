@@ -31,7 +31,7 @@ from server.wiring.infra import pgbouncer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
 
-# The node runs on uvloop (server/node.py): so do the tests, with its transports and sockets.
+# The node runs on uvloop (server/wiring/node.py): so do the tests, with its transports and sockets.
 asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 _EXTERNAL_KEYS = ("FM_CATALOG_DSN", "FM_SHARDS", "FM_REDIS_URL")

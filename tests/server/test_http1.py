@@ -1,4 +1,4 @@
-"""The HTTP/1.1 connection layer (server/http1.py) over real sockets, byte for byte.
+"""The HTTP/1.1 connection layer (server/adapters/http1.py) over real sockets, byte for byte.
 
 The behaviour Tornado's own server has (keep-alive, pipelining, chunked bodies both ways,
 HEAD, 304, HTTP/1.0, forwarded headers) is checked against both `FM_HTTP_SERVER` backends;
