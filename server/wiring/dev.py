@@ -124,14 +124,20 @@ def admin_command(data_dir: Path | None) -> str:
     """The `users create --admin` command line for this checkout (and data directory)."""
     argv0 = Path(sys.argv[0]).absolute()
     if argv0.name == "finalmarket":
-        program = os.path.relpath(argv0) if argv0.is_relative_to(Path.cwd()) else str(argv0)
+        program = _shown_path(argv0)
     else:  # python -m server
-        program = "python -m server"
+        program = f"{_shown_path(Path(sys.executable))} -m server"
     where = f" --data-dir {shlex.quote(str(data_dir))}" if data_dir is not None else ""
     return (
         f"{program} users create{where} --email you@example.com --password 'a long passphrase'"
         " --admin"
     )
+
+
+def _shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies inside it (`.venv/bin/...`)."""
+    path = path.absolute()
+    return shlex.quote(os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path))
 
 
 def _announce(host: str, admin: str) -> Any:

@@ -13,6 +13,7 @@ import pytest
 
 from server.wiring import infra
 from server.wiring.cli import build_parser
+from server.wiring.dev import admin_command
 from tests.server.test_processes import cli_env, quiet, run_cli
 
 Command = tuple[tuple[str, ...], argparse.ArgumentParser, str | None]
@@ -61,6 +62,17 @@ def test_the_walk_sees_every_command() -> None:
         "users create",
         "settings",
     }
+
+
+def test_the_dev_banners_admin_command_names_a_data_dir_given_on_the_command_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("sys.argv", [str(Path.cwd() / ".venv" / "bin" / "finalmarket"), "dev"])
+    assert admin_command(None) == (
+        ".venv/bin/finalmarket users create --email you@example.com"
+        " --password 'a long passphrase' --admin"
+    )
+    assert " users create --data-dir '/tmp/my data' --email " in admin_command(Path("/tmp/my data"))
 
 
 @pytest.fixture
