@@ -30,8 +30,36 @@ def _data_dir(value: str | None) -> Path:
     return Path(value or os.environ.get("FM_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
 
 
-def _settings(**overrides: Any) -> Settings:
-    settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
+# Without these (from the environment or a config file), a command uses the dev topology.
+_SERVER_SETTINGS = frozenset({"FM_CATALOG_DSN", "FM_SHARDS", "FM_REDIS_URL"})
+
+
+def _settings(data_dir: str | None, **overrides: Any) -> Settings:
+    """The node's settings; when no server location is configured at all, those of the dev
+    topology in the data directory (made by `infra up` or `dev`), secret key included.
+    Settings given in the environment or config files always win."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = load_settings(**given)
+    except SettingsInvalid as exc:
+        if not _SERVER_SETTINGS.issubset(exc.missing):
+            raise
+        from server.wiring.dev import dev_settings
+
+        directory = _data_dir(data_dir)
+        found = dev_settings(directory)
+        if not found:
+            raise SettingsInvalid(
+                f"{exc}\nno dev servers in {directory} either: run `finalmarket dev` or "
+                "`finalmarket infra up` first, or pass --data-dir",
+                exc.missing,
+            ) from None
+        taken = {key: value for key, value in found.items() if key not in os.environ}
+        os.environ.update(taken)
+        secret = " and secret key" if "FM_SECRET_KEY" in taken else ""
+        running = "" if infra.is_up(directory) else " (not running: `finalmarket infra up`)"
+        _err(f"finalmarket: using the dev servers{secret} in {directory}{running}")
+        settings = load_settings(**given)
     configure_logging(settings.log_level, settings.log_format, settings.node_id)
     return settings
 
@@ -51,9 +79,13 @@ async def _with_database(
 
 def cmd_infra_up(args: argparse.Namespace) -> int:
     """Start the embedded servers and print their settings as `export` lines."""
+    from server.wiring.dev import dev_secret_key
+
+    data_dir = _data_dir(args.data_dir)
     settings = infra.up(
-        _data_dir(args.data_dir), replicas=args.replicas, redis_cluster=args.redis_cluster, log=_err
+        data_dir, replicas=args.replicas, redis_cluster=args.redis_cluster, log=_err
     )
+    dev_secret_key(data_dir)  # for the commands that find this topology by themselves
     print("\n".join(infra.env_lines(settings)))
     return 0
 
@@ -66,7 +98,7 @@ def cmd_infra_down(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Apply pending migrations to the catalog and every shard."""
-    settings = _settings()
+    settings = _settings(args.data_dir)
     applied = run_async(_with_database(settings, migrate_all))
     for database, names in applied.items():
         _err(f"{database}: {', '.join(names) if names else 'up to date'}")
@@ -77,7 +109,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     """Add demo products to the catalog."""
     from server.wiring.seed import seed_catalog
 
-    settings = _settings()
+    settings = _settings(args.data_dir)
     added = run_async(_with_database(settings, lambda db: seed_catalog(db, args.products)))
     _err(f"added {added} products")
     return 0
@@ -85,7 +117,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run one node until SIGTERM/SIGINT."""
-    settings = _settings(port=args.port, node_id=args.node_id, host=args.host)
+    settings = _settings(args.data_dir, port=args.port, node_id=args.node_id, host=args.host)
     run_event_loop(run_node(settings))
     return 0
 
@@ -94,7 +126,7 @@ def cmd_users_create(args: argparse.Namespace) -> int:
     """Create an account (admin with --admin)."""
     from server.domain.users import UserService
 
-    settings = _settings()
+    settings = _settings(args.data_dir)
 
     async def create(db: Database) -> Any:
         from server.adapters.db.router import ShardRouter
@@ -123,7 +155,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from server.wiring.dev import run_dev
 
     return run_dev(
-        _data_dir(args.data_dir), port=args.port, products=args.products, replicas=args.replicas
+        _data_dir(args.data_dir),
+        port=args.port,
+        products=args.products,
+        replicas=args.replicas,
+        data_dir_flag=args.data_dir is not None,
     )
 
 
@@ -141,55 +177,107 @@ def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
 # --- parser -----------------------------------------------------------------------------------
 
 
+DATA_DIR_HELP = (
+    f"data directory of the embedded servers (default: $FM_DATA_DIR or ./{DEFAULT_DATA_DIR})"
+)
+FOUND_HELP = (
+    "; its servers and secret key are used when FM_CATALOG_DSN, FM_SHARDS and FM_REDIS_URL "
+    "are not set"
+)
+
+
+def _command(
+    sub: Any, name: str, summary: str, func: Callable[[argparse.Namespace], int] | None = None
+) -> argparse.ArgumentParser:
+    """A subcommand whose `-h` shows `func`'s docstring (or `summary`) as its description."""
+    description = (
+        func.__doc__ if func is not None else None
+    ) or f"{summary[0].upper()}{summary[1:]}."
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=summary, description=description)
+    if func is not None:
+        parser.set_defaults(func=func)
+    return parser
+
+
+def _data_dir_option(parser: argparse.ArgumentParser, found: bool = False) -> None:
+    parser.add_argument(
+        "--data-dir", metavar="DIR", help=DATA_DIR_HELP + (FOUND_HELP if found else "")
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line grammar of `finalmarket`."""
-    parser = argparse.ArgumentParser(prog="finalmarket", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from server.domain.users import MIN_PASSWORD_CHARS
 
-    dev = sub.add_parser("dev", help="embedded servers, migrations, demo data, one node")
+    parser = argparse.ArgumentParser(prog="finalmarket", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = _command(sub, "dev", "embedded servers, migrations, demo data, one node", cmd_dev)
+    _data_dir_option(dev)
     dev.add_argument(
-        "--data-dir", help=f"where the embedded servers keep data ({DEFAULT_DATA_DIR})"
+        "--port", type=int, default=DEV_PORT, help="TCP port of the node (%(default)s)"
     )
-    dev.add_argument("--port", type=int, default=DEV_PORT)
     dev.add_argument(
-        "--products", type=int, default=DEV_DEMO_PRODUCTS, help="demo products on first run"
+        "--products",
+        type=int,
+        default=DEV_DEMO_PRODUCTS,
+        help="demo products seeded into an empty catalog (%(default)s)",
     )
     dev.add_argument("--replicas", action="store_true", help="a streaming replica per database")
-    dev.set_defaults(func=cmd_dev)
 
-    infra_cmd = sub.add_parser("infra", help="embedded PostgreSQL and Redis")
-    infra_sub = infra_cmd.add_subparsers(dest="infra_command", required=True)
-    up = infra_sub.add_parser("up", help="start them and print FM_ settings")
-    up.add_argument("--data-dir")
-    up.add_argument("--replicas", action="store_true")
-    up.add_argument("--redis-cluster", action="store_true")
-    up.set_defaults(func=cmd_infra_up)
-    down = infra_sub.add_parser("down", help="stop them")
-    down.add_argument("--data-dir")
-    down.set_defaults(func=cmd_infra_down)
+    infra_cmd = _command(
+        sub, "infra", "embedded PostgreSQL and Redis (Valkey) in the background, for dev and tests"
+    )
+    infra_sub = infra_cmd.add_subparsers(dest="infra_command", required=True, metavar="COMMAND")
+    up = _command(infra_sub, "up", "start them and print their FM_ settings", cmd_infra_up)
+    _data_dir_option(up)
+    up.add_argument(
+        "--replicas",
+        action="store_true",
+        help="catalog and each shard on their own primary with a streaming replica",
+    )
+    up.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="a Valkey cluster of 3 masters and 3 replicas instead of one Valkey",
+    )
+    down = _command(infra_sub, "down", "stop them (their data is kept)", cmd_infra_down)
+    _data_dir_option(down)
 
-    sub.add_parser("migrate", help="apply migrations everywhere").set_defaults(func=cmd_migrate)
+    migrate = _command(sub, "migrate", "apply migrations everywhere", cmd_migrate)
+    _data_dir_option(migrate, found=True)
 
-    seed = sub.add_parser("seed", help="add demo products")
-    seed.add_argument("--products", type=int, default=DEV_DEMO_PRODUCTS)
-    seed.set_defaults(func=cmd_seed)
+    seed = _command(sub, "seed", "add demo products", cmd_seed)
+    seed.add_argument(
+        "--products",
+        type=int,
+        default=DEV_DEMO_PRODUCTS,
+        help="how many products to add (%(default)s)",
+    )
+    _data_dir_option(seed, found=True)
 
-    serve = sub.add_parser("serve", help="run one node")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--node-id")
-    serve.add_argument("--host")
-    serve.set_defaults(func=cmd_serve)
+    serve = _command(sub, "serve", "run one node", cmd_serve)
+    serve.add_argument("--port", type=int, help="TCP port to listen on (overrides FM_PORT)")
+    serve.add_argument("--host", help="address to listen on, e.g. 0.0.0.0 (overrides FM_HOST)")
+    serve.add_argument(
+        "--node-id",
+        metavar="ID",
+        help="name of the node in logs, metrics and broker messages (overrides FM_NODE_ID)",
+    )
+    _data_dir_option(serve, found=True)
 
-    users = sub.add_parser("users", help="manage accounts")
-    users_sub = users.add_subparsers(dest="users_command", required=True)
-    create = users_sub.add_parser("create", help="create an account")
-    create.add_argument("--email", required=True)
-    create.add_argument("--password", required=True)
-    create.add_argument("--name", default="")
-    create.add_argument("--admin", action="store_true")
-    create.set_defaults(func=cmd_users_create)
+    users = _command(sub, "users", "manage accounts")
+    users_sub = users.add_subparsers(dest="users_command", required=True, metavar="COMMAND")
+    create = _command(users_sub, "create", "create an account", cmd_users_create)
+    create.add_argument("--email", required=True, help="sign-in address (stored lower-cased)")
+    create.add_argument(
+        "--password", required=True, help=f"its password (at least {MIN_PASSWORD_CHARS} characters)"
+    )
+    create.add_argument("--name", default="", help="display name (default: none)")
+    create.add_argument("--admin", action="store_true", help="may manage products and stock")
+    _data_dir_option(create, found=True)
 
-    sub.add_parser("settings", help="print the settings table").set_defaults(func=cmd_settings)
+    _command(sub, "settings", "print the settings table", cmd_settings)
     return parser
 
 

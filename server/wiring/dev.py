@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,33 @@ def _say(line: str) -> None:
 
 
 def dev_secret_key(data_dir: Path) -> str:
-    """A secret kept in the data directory, made on first use (dev only; never in git)."""
+    """A secret kept in the data directory, made on first use (dev only; never in git).
+
+    Made atomically, so nodes started at once on a fresh directory all read the same secret.
+    """
     path = data_dir / _SECRET_FILE
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(48))
-        path.chmod(0o600)
+        tmp = data_dir / f".{_SECRET_FILE}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(48))
+        try:
+            os.link(tmp, path)  # fails if another process made it first: keep theirs
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return path.read_text().strip()
+
+
+def dev_settings(data_dir: Path) -> dict[str, str]:
+    """The `FM_*` settings of the dev topology in `data_dir` (what `infra up` and `dev` made
+    there, running or stopped) and its secret key; empty if no topology was made there."""
+    servers = infra.settings_of(data_dir)
+    if servers is None:
+        return {}
+    return {**servers, "FM_SECRET_KEY": dev_secret_key(data_dir)}
 
 
 async def prepare_data(settings: Settings, products: int) -> None:
@@ -55,8 +76,16 @@ async def prepare_data(settings: Settings, products: int) -> None:
         await db.close()
 
 
-def run_dev(data_dir: Path, *, port: int, products: int, replicas: bool = False) -> int:
-    """Run the quick start; returns the process exit code."""
+def run_dev(
+    data_dir: Path,
+    *,
+    port: int,
+    products: int,
+    replicas: bool = False,
+    data_dir_flag: bool = False,
+) -> int:
+    """Run the quick start; returns the process exit code. `data_dir_flag`: the data directory
+    was named on the command line (so the admin command in the banner names it too)."""
     external = all(os.environ.get(key) for key in _EXTERNAL_KEYS)
     started_infra = False
     try:
@@ -81,7 +110,8 @@ def run_dev(data_dir: Path, *, port: int, products: int, replicas: bool = False)
 
         async def main() -> None:
             await prepare_data(settings, products)
-            await run_node(settings, on_listening=_announce(settings.host))
+            admin = admin_command(data_dir if data_dir_flag else None)
+            await run_node(settings, on_listening=_announce(settings.host, admin))
 
         run_event_loop(main())
     finally:
@@ -90,8 +120,29 @@ def run_dev(data_dir: Path, *, port: int, products: int, replicas: bool = False)
     return 0
 
 
-def _announce(host: str) -> Any:
+def admin_command(data_dir: Path | None) -> str:
+    """The `users create --admin` command line for this checkout (and data directory)."""
+    argv0 = Path(sys.argv[0]).absolute()
+    if argv0.name == "finalmarket":
+        program = _shown_path(argv0)
+    else:  # python -m server
+        program = f"{_shown_path(Path(sys.executable))} -m server"
+    where = f" --data-dir {shlex.quote(str(data_dir))}" if data_dir is not None else ""
+    return (
+        f"{program} users create{where} --email you@example.com --password 'a long passphrase'"
+        " --admin"
+    )
+
+
+def _shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies inside it (`.venv/bin/...`)."""
+    path = path.absolute()
+    return shlex.quote(os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path))
+
+
+def _announce(host: str, admin: str) -> Any:
     def on_listening(port: int) -> None:
         _say(f"Final Market is running at http://{host}:{port}/  (Ctrl-C stops it)")
+        _say(f"make an admin: {admin}")
 
     return on_listening

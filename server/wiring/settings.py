@@ -578,7 +578,12 @@ def config_files(environ: Mapping[str, str]) -> list[Path]:
 
 
 class SettingsInvalid(Exception):
-    """Start-up refused: a setting is missing or malformed. `str()` is one line per problem."""
+    """Start-up refused: a setting is missing or malformed. `str()` is one line per problem;
+    `missing` names (as `FM_*` variables) the required settings that no source gave."""
+
+    def __init__(self, message: str, missing: frozenset[str] = frozenset()) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -589,13 +594,21 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise SettingsInvalid(_describe_validation(exc)) from None
+        raise SettingsInvalid(_describe_validation(exc), _missing(exc)) from None
     except SettingsError as exc:
         raise SettingsInvalid(_describe_settings_error(exc)) from None
 
 
 def _env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
+
+
+def _missing(exc: ValidationError) -> frozenset[str]:
+    return frozenset(
+        _env_name(str(error["loc"][0]))
+        for error in exc.errors()
+        if error["type"] == "missing" and len(error["loc"]) == 1
+    )
 
 
 def _describe_validation(exc: ValidationError) -> str:

@@ -13,7 +13,14 @@ Typical use::
 
 from server.wiring.infra.common import InfraError
 from server.wiring.infra.postgres import PostgresServer
-from server.wiring.infra.topology import down, env_lines, is_up, settings_for, up
+from server.wiring.infra.topology import (
+    down,
+    env_lines,
+    is_up,
+    settings_for,
+    settings_of,
+    up,
+)
 from server.wiring.infra.valkey import ValkeyServer, create_cluster
 
 __all__ = [
@@ -25,5 +32,6 @@ __all__ = [
     "env_lines",
     "is_up",
     "settings_for",
+    "settings_of",
     "up",
 ]

@@ -336,6 +336,14 @@ def up(
         return settings_for(state)
 
 
+def settings_of(data_dir: Path) -> dict[str, str] | None:
+    """The ``FM_*`` settings of the topology made in ``data_dir`` (running or not), without
+    starting anything; None if ``up`` never ran there."""
+    data_dir = Path(data_dir).resolve()
+    state = _load_state(data_dir) if data_dir.is_dir() else None
+    return None if state is None else settings_for(state)
+
+
 def is_up(data_dir: Path) -> bool:
     """Whether every server of ``data_dir``'s topology is running (False if none was made)."""
     data_dir = Path(data_dir).resolve()
