@@ -34,6 +34,7 @@ const TEXT = new Set([".js", ".css", ".webmanifest", ".svg"]);
 const JS_TARGET = ["es2020"];
 const CSS_TARGET = ["chrome90", "firefox90", "safari14"];
 const HASHED = /\.[0-9a-f]{8}\./;
+const LIBS = { app: "@hotwired/stimulus and @rails/actioncable (MIT)", sw: "Workbox (MIT)" };
 
 const sha256 = (data) => createHash("sha256").update(data).digest("hex");
 const hash8 = (data) => sha256(data).slice(0, 8);
@@ -141,7 +142,7 @@ export async function build(argv = process.argv.slice(2)) {
   };
 
   log("esbuild src/app.js, src/app.css");
-  emit("app.js", await bundle(esbuild, "src/app.js", { format: "esm" }));
+  emit("app.js", await bundle(esbuild, "src/app.js", { format: "esm", banner: { js: `/*! Final Market storefront; includes ${LIBS.app} */` } }));
   emit("app.css", await bundle(esbuild, "src/app.css", { loader: { ".css": "css" } }));
 
   log("icons");
@@ -176,7 +177,11 @@ export async function build(argv = process.argv.slice(2)) {
 
   log("service worker: esbuild sw/sw.js, then workbox injectManifest");
   const swBundle = (
-    await bundle(esbuild, "sw/sw.js", { format: "iife", define: { "process.env.NODE_ENV": '"production"' } })
+    await bundle(esbuild, "sw/sw.js", {
+      format: "iife",
+      define: { "process.env.NODE_ENV": '"production"' },
+      banner: { js: `/*! Final Market service worker; includes ${LIBS.sw} */` },
+    })
   ).toString("utf8");
   const precached = [...Object.values(files), "manifest.webmanifest"].sort();
   const sw_version = hash8(
