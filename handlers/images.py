@@ -135,7 +135,7 @@ class ProductImagesHandler(ApiHandler):
         # Tornado's own body limit answers with a bare 400; ours (below) with problems.
         declared = int(self.request.headers.get("Content-Length") or 0)
         set_max_body_size = getattr(self.request.connection, "set_max_body_size", None)
-        if set_max_body_size is not None:  # Tornado's connection and ours (server/adapters/http1.py)
+        if set_max_body_size is not None:  # Tornado's and ours (adapters/http1.py)
             set_max_body_size(max(declared, self.max_body_bytes()))
         await super().prepare()  # 413 by Content-Length, rate limits, authentication, CSRF
         if self.request.method != "POST":

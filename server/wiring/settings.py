@@ -88,8 +88,9 @@ class Settings(BaseSettings):
     )
     http_server: Literal["httptools", "tornado"] = Field(
         "httptools",
-        description="HTTP/1.1 connection layer under Tornado's application: `httptools` "
-        "(llhttp in an asyncio protocol, `server/adapters/http1.py`) or Tornado's own `HTTPServer`.",
+        description="HTTP/1.1 connection layer under Tornado's application: "
+        "`httptools` (llhttp in an asyncio protocol, `server/adapters/http1.py`) "
+        "or Tornado's own `HTTPServer`.",
         json_schema_extra=_group("node"),
     )
     http_idle_timeout_s: float = Field(

@@ -1,4 +1,7 @@
-"""Reconnecting to a PostgreSQL that refuses connections, on uvloop (server/adapters/db/aiopg_fix.py)."""
+"""Reconnecting to a PostgreSQL that refuses connections, on uvloop.
+
+(server/adapters/db/aiopg_fix.py)
+"""
 
 from __future__ import annotations
 
