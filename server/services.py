@@ -19,6 +19,7 @@ from server.images import ImageWorkers, IntakeLimits, open_storage
 from server.images.service import ImageService
 from server.logs import get_logger
 from server.metrics import NodeMetrics
+from server.purge import PurgeQueue, PurgeStatsCollector, make_purger
 from server.ratelimit import LeasedRateLimiter, Limit, RateLimiter
 from server.sessions import SessionStore
 from server.settings import Settings
@@ -82,6 +83,7 @@ class Services:
     ip_limit: Limit
     user_limit: Limit
     images: ImageService
+    purges: PurgeQueue
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     state: NodeState = field(default_factory=NodeState)
     # Built by `open` once the rest exists (resolvers reach the services through it).
@@ -94,6 +96,7 @@ class Services:
         self.metrics.registry.register(CacheStatsCollector(self.cache.all_stats))
         self.metrics.registry.register(CableStatsCollector(self.cable))
         self.metrics.registry.register(DataStatsCollector(self.router, self.catalog))
+        self.metrics.registry.register(PurgeStatsCollector(self.purges))
 
     @classmethod
     async def open(cls, settings: Settings) -> Services:
@@ -128,11 +131,16 @@ class Services:
             local_max_entries=settings.cache_local_max_entries,
             local_max_staleness_s=settings.cache_local_max_staleness_s,
         )
+        purges = PurgeQueue(
+            make_purger(settings.edge_purge, settings.edge_purge_url),
+            settings.edge_purge_queue_limit,
+        )
         catalog = CatalogService(
             router,
             cache,
             cable.publish,
             stock_fresh_s=min(STOCK_FRESH_S, settings.cache_local_max_staleness_s),
+            purge=purges.submit,
         )
         images = ImageService(
             catalog,
@@ -162,6 +170,7 @@ class Services:
                 "user", settings.ratelimit_user_per_second, settings.ratelimit_user_burst
             ),
             images=images,
+            purges=purges,
         )
         services.graphql = await GraphQLService.open(services)
         return services
@@ -172,6 +181,7 @@ class Services:
         self.cache_listener.start()
         self.sweeper.start()
         self.graphql.start()
+        self.purges.start()
 
     async def close(self) -> None:
         """Stop background work, release pools and Redis connections.
@@ -184,6 +194,7 @@ class Services:
             ("cable", self.cable.stop),
             ("cache_listener", self.cache_listener.stop),
             ("images", self.images.aclose),
+            ("edge_purges", self.purges.stop),
             ("cache", self.cache.aclose),
             ("router", self.router.close),
         ):
