@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 import tornado.web
 
+from server.compression import etag_matches
 from server.logs import get_logger
 from server.services import Services
 
@@ -78,6 +79,13 @@ class BaseHandler(tornado.web.RequestHandler):
             self.services.state.request_finished()
             self._counted_in_flight = False
         structlog.contextvars.unbind_contextvars("request_id")
+
+    def check_etag_header(self) -> bool:
+        """Tornado's automatic 304, also for the compressed forms of the ETag (`-br`, `-gz`)
+        that the compression transform sends."""
+        etag = self._headers.get("Etag") or ""
+        header = self.request.headers.get("If-None-Match", "")
+        return bool(etag and header) and etag_matches(header, etag)
 
     def write_json(self, body: Any, status: int = 200) -> None:
         """Send `body` as JSON."""

@@ -12,11 +12,16 @@ from handlers import checkout as checkout_handlers
 from handlers import graphql as graphql_handlers
 from handlers import images as image_handlers
 from handlers import products
+from handlers import static_files as static_handlers
+from handlers import storefront as storefront_handlers
 from handlers.auth import MeHandler, SessionsHandler, UsersHandler
-from handlers.base import BaseHandler, NotFoundHandler
+from handlers.base import BaseHandler
 from handlers.cable import CableHandler
+from handlers.compression import compression_transform
 from handlers.health import HealthzHandler, MetricsHandler, ReadyzHandler
 from handlers.openapi import OpenApiHandler
+from handlers.pages import Storefront
+from server.compression import Compressor
 from server.logs import get_logger
 from server.services import Services
 
@@ -27,6 +32,7 @@ _ACCESS_LOGGER = logging.getLogger("finalmarket.access")
 def make_app(services: Services) -> tornado.web.Application:
     """Build the application for one node; every handler gets `services` via `initialize`."""
     deps = {"services": services}
+    storefront = Storefront(services)
     routes: list[Any] = [
         (r"/healthz", HealthzHandler, deps),
         (r"/readyz", ReadyzHandler, deps),
@@ -41,15 +47,29 @@ def make_app(services: Services) -> tornado.web.Application:
         *checkout_handlers.routes(deps),
         *image_handlers.routes(deps),
         (r"/api/v1/openapi\.json", OpenApiHandler, deps),
+        *storefront_handlers.routes(deps, storefront),
+        *static_handlers.routes(deps, storefront),
     ]
-    return tornado.web.Application(
+    settings = services.settings
+    app = tornado.web.Application(
         routes,
-        default_handler_class=NotFoundHandler,
-        default_handler_args=deps,
+        default_handler_class=storefront_handlers.StorefrontNotFoundHandler,
+        default_handler_args={**deps, "storefront": storefront},
         log_function=_log_request,
         serve_traceback=services.settings.debug,
-        compress_response=False,
+        compress_response=False,  # ours below: Brotli and gzip, cached bodies compressed once
     )
+    compressor = Compressor(
+        min_bytes=settings.compress_min_bytes,
+        brotli_quality=settings.compress_brotli_quality,
+        gzip_level=settings.compress_gzip_level,
+        cache_entries=settings.compress_cache_entries,
+    )
+    app.add_transform(compression_transform(compressor))
+    # Reachable for tests and tools; handlers get what they need through their routes.
+    app.settings["storefront"] = storefront
+    app.settings["compressor"] = compressor
+    return app
 
 
 def _route_name(handler: tornado.web.RequestHandler) -> str:

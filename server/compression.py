@@ -13,15 +13,7 @@ products and list pages, cached HTML pages) carry a strong ETag naming exactly t
 `Compressor.encode(..., cache_key=etag)` compresses such a body once per coding and keeps the
 result in a small bounded LRU, so a hot cached read never pays for compression again.
 
-Measured on this machine (2 shared cores, Python 3.11, brotli 1.2, one call each):
-
-| body | identity | br q4 | br q5 | br q11 | gzip 6 |
-| --- | --- | --- | --- | --- | --- |
-| storefront list page (24 cards, HTML) | 21.6 KiB | 86 µs, 2.3 KiB | 140 µs, 2.2 KiB | 27 ms, 1.9 KiB | 110 µs, 2.6 KiB |
-| REST list page (20 products, JSON) | 7.9 KiB | 48 µs, 1.4 KiB | 70 µs, 1.3 KiB | 12 ms, 1.1 KiB | 60 µs, 1.6 KiB |
-
-(see `scripts/bench/compression`). Quality 11 costs two orders of magnitude more for ~15%
-fewer bytes, which is why it is left to the asset build (precompressed `.br` files).
+MEASUREMENTS
 """
 
 from __future__ import annotations
