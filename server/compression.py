@@ -4,8 +4,9 @@
 12.5.3): the coding with the highest q among those the server has wins, ties going to the
 server's order (`br`, then `gzip`, then `identity`); `q=0` refuses a coding, `*` stands for
 every coding the header does not name, and `identity` is acceptable unless refused explicitly
-(`identity;q=0`) or through `*;q=0`. A header that refuses everything the server can send
-gives None (the caller then sends identity anyway, which RFC 9110 allows).
+(`identity;q=0`) or through `*;q=0` (when the header does not name it, it comes after every
+coding the header does name, so `gzip;q=0.5` gets gzip). A header that refuses everything
+the server can send gives None (the caller then sends identity anyway, which RFC 9110 allows).
 
 `Compressor` compresses dynamic bodies: Brotli at a cheap quality (4 by default: measured
 below) and gzip, above a size threshold. Bodies that come from a cache (the catalog's rendered
@@ -28,6 +29,7 @@ import brotli
 BR, GZIP, IDENTITY = "br", "gzip", "identity"
 SERVER_ORDER = (BR, GZIP, IDENTITY)
 _ALIASES = {"x-gzip": GZIP}
+_IMPLICIT_IDENTITY_Q = 0.0005
 
 
 def parse_accept_encoding(header: str) -> dict[str, float]:
@@ -68,11 +70,12 @@ def choose_coding(header: str | None, available: Sequence[str] = SERVER_ORDER) -
     best_q = 0.0
     for coding in available:
         q = accepted.get(coding)
-        if q is None:
-            if coding == IDENTITY:
-                q = star if star is not None else 1.0
-            else:
-                q = star if star is not None else 0.0
+        if q is None and star is not None:
+            q = star
+        elif q is None:
+            # Unlisted identity is acceptable, but after any coding the client names
+            # (q-values have three decimals, so this is below every positive one).
+            q = _IMPLICIT_IDENTITY_Q if coding == IDENTITY else 0.0
         if q > best_q:  # strictly greater: earlier (preferred) codings win ties
             best, best_q = coding, q
     return best
