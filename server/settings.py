@@ -610,11 +610,12 @@ class Settings(BaseSettings):
         json_schema_extra=_group("storefront"),
     )
     compress_brotli_quality: int = Field(
-        4,
+        5,
         ge=0,
         le=11,
-        description="Brotli quality of dynamic responses (4: ~90 µs for a 22 KiB page, "
-        "within 15% of quality 11's size at 1/300 of its time; docs in server/compression.py).",
+        description="Brotli quality of dynamic responses (5: ~190 µs for a 45 KiB list page, "
+        "within 15% of quality 11's size at 1/250 of its time; measurements in "
+        "server/compression.py). Cached bodies are compressed once, whatever the quality.",
         json_schema_extra=_group("storefront"),
     )
     compress_gzip_level: int = Field(
