@@ -470,3 +470,39 @@ async def test_personal_pages_redirect_when_signed_out(browser: Browser) -> None
         assert response.code == 303 and response.headers["Location"] == f"/sign-in?next={path}"
     cart = await browser.get("/cart", Cookie="fm_session=expired-or-forged")
     assert cart.code == 200 and "Sign in</a> to see your cart" in cart.body.decode()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_nginx_purger_sends_purge_per_key() -> None:
+    """`FM_EDGE_PURGE=nginx`: one `PURGE` per key to the URL template, against a real HTTP
+    server standing in for nginx's purge location; a 404 (nothing cached) is no failure."""
+    import tornado.httpserver
+    import tornado.web
+    from tornado.netutil import bind_sockets
+
+    from server.purge import HttpPurgeFailed, NginxPurger
+
+    seen: list[tuple[str, str]] = []
+
+    class PurgeLocation(tornado.web.RequestHandler):
+        SUPPORTED_METHODS = ("PURGE",)
+
+        def purge(self, key: str) -> None:  # type: ignore[override]
+            seen.append((self.request.method or "", key))
+            self.set_status(404 if key == "products" else 200)
+
+    sockets = bind_sockets(0, "127.0.0.1")
+    server = tornado.httpserver.HTTPServer(
+        tornado.web.Application([(r"/purge/(.*)", PurgeLocation)])
+    )
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    try:
+        purger = NginxPurger(f"http://127.0.0.1:{port}/purge/{{key}}")
+        await purger.purge(["product-42", "products"])
+        assert seen == [("PURGE", "product-42"), ("PURGE", "products")]
+        broken = NginxPurger("http://127.0.0.1:1/purge/{key}", timeout_s=0.5)
+        with pytest.raises(HttpPurgeFailed):
+            await broken.purge(["product-1"])
+    finally:
+        server.stop()
