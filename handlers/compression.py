@@ -25,8 +25,6 @@ What it does, for responses whose whole body is written at once (every handler h
 
 from __future__ import annotations
 
-from typing import Any
-
 import tornado.httputil
 import tornado.web
 
@@ -120,8 +118,3 @@ def compression_transform(compressor: Compressor) -> type[tornado.web.OutputTran
 
     return CompressionTransform
 
-
-def install(app: tornado.web.Application, compressor: Compressor) -> Any:
-    """Add the compression transform to `app` (after any transform already there)."""
-    app.add_transform(compression_transform(compressor))
-    return app

@@ -51,10 +51,9 @@ class _AssetHandler(BaseHandler):
 
     def _asset(self, name: str) -> Asset:
         try:
-            bundle = self.storefront.assets()
+            asset = self.lookup(name)
         except AssetsMissing as exc:
             raise ApiError(500, "assets-missing", str(exc)) from None
-        asset = self.lookup(name) if bundle is not None else None
         if asset is None:
             raise ApiError(404, "not-found", f"no asset {name!r} in this build")
         return asset

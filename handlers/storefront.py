@@ -227,15 +227,12 @@ class PageHandler(SessionHandler):
     async def _named_lines(self, cart: dict[str, Any]) -> list[dict[str, Any]]:
         ids = [int(item["product_id"]) for item in cart.get("items", [])]
         products = await self.catalog.products_by_ids(ids)
-        return [
-            {
-                **item,
-                "name": products.get(int(item["product_id"]), {}).get(
-                    "name", f"Product {item['product_id']}"
-                ),
-            }
-            for item in cart.get("items", [])
-        ]
+        lines = []
+        for item in cart.get("items", []):
+            product = products.get(int(item["product_id"]), {})
+            name = product.get("name", f"Product {item['product_id']}")
+            lines.append({**item, "name": name, "currency": product.get("currency", "USD")})
+        return lines
 
     def carts(self) -> CartService:
         """Carts, announcing changes on the cable like the REST API."""
@@ -299,13 +296,14 @@ class CartPageHandler(PageHandler):
             self.send_private(self.render_page("cart.html", signed_in=False, lines=[]))
             return
         cart = await self.carts().get(self.session.user_id)
+        lines = await self._named_lines(cart)
         self.send_private(
             self.render_page(
                 "cart.html",
                 signed_in=True,
-                lines=await self._named_lines(cart),
+                lines=lines,
                 total_cents=int(cart.get("total_cents", 0)),
-                currency="USD",
+                currency=lines[0]["currency"] if lines else "USD",
             )
         )
 
@@ -344,12 +342,13 @@ class CheckoutPageHandler(PageHandler):
             self.see_other("/sign-in?next=/checkout")
             return
         cart = await self.carts().get(self.session.user_id)
+        lines = await self._named_lines(cart)
         self.send_private(
             self.render_page(
                 "checkout.html",
-                lines=await self._named_lines(cart),
+                lines=lines,
                 total_cents=int(cart.get("total_cents", 0)),
-                currency="USD",
+                currency=lines[0]["currency"] if lines else "USD",
                 idempotency_key=str(uuid.uuid4()),
                 csrf_token=self.csrf_token(),
             )
