@@ -23,11 +23,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from handlers.base import ApiError, BaseHandler
 from handlers.openapi import Documented
-from server import jsontext
-from server.errors import Conflict, DomainError, InvalidInput, NotFound, Unauthenticated
-from server.logs import get_logger
-from server.ratelimit import Decision
-from server.sessions import Session
+from server.common import jsontext
+from server.common.errors import Conflict, DomainError, InvalidInput, NotFound, Unauthenticated
+from server.common.logs import get_logger
+from server.adapters.ratelimit import Decision
+from server.adapters.sessions import Session
 
 SESSION_COOKIE = "fm_session"
 CSRF_COOKIE = "fm_csrf"

@@ -9,8 +9,8 @@ from tornado.web import RequestHandler
 
 from handlers.api import CSRF_COOKIE, SESSION_COOKIE, ApiHandler
 from handlers.openapi import Operation
-from server.sessions import SESSION_TTL_S, Session
-from server.users import User, UserService
+from server.adapters.sessions import SESSION_TTL_S, Session
+from server.domain.users import User, UserService
 
 
 class SignUp(BaseModel):

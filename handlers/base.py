@@ -13,9 +13,9 @@ from typing import Any
 import structlog
 import tornado.web
 
-from server.compression import etag_matches
-from server.logs import get_logger
-from server.services import Services
+from server.adapters.compression import etag_matches
+from server.common.logs import get_logger
+from server.wiring.services import Services
 
 _log = get_logger("finalmarket.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

@@ -13,7 +13,7 @@ from handlers.websocket import WebSocketUpgrade, switching_protocols
 from realtime.cable import CableServer
 from realtime.cable_codec import UNSUPPORTED_PROTOCOL, choose_codec
 from realtime.wsframe import CLOSE_PROTOCOL_ERROR, encode_close
-from server.services import Services
+from server.wiring.services import Services
 
 
 class CableHandler(WebSocketUpgrade):

@@ -12,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from handlers.idempotent import IDEMPOTENCY_HEADER, IdempotentHandler
 from handlers.openapi import Operation
-from server.carts import MAX_ID, MAX_QUANTITY, MIN_QUANTITY, CartService
+from server.domain.carts import MAX_ID, MAX_QUANTITY, MIN_QUANTITY, CartService
 
 
 def parse_id(value: Any) -> int:
@@ -139,7 +139,7 @@ class CartItemHandler(_CartBase):
 
 
 def routes(deps: dict[str, Any]) -> list[Any]:
-    """The cart routes, for `server.app.make_app`."""
+    """The cart routes, for `server.wiring.app.make_app`."""
     return [
         (r"/api/v1/cart", CartHandler, deps),
         (r"/api/v1/cart/items", CartItemsHandler, deps),

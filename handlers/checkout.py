@@ -14,9 +14,9 @@ from typing import Any
 from handlers.api import ApiHandler
 from handlers.base import ApiError
 from handlers.openapi import Operation
-from server.checkout import MAX_KEY_CHARS, CheckoutInProgress, CheckoutService
-from server.notifications import NotificationService
-from server.orders import DEFAULT_PAGE, MAX_PAGE, OrderService
+from server.domain.checkout import MAX_KEY_CHARS, CheckoutInProgress, CheckoutService
+from server.domain.notifications import NotificationService
+from server.domain.orders import DEFAULT_PAGE, MAX_PAGE, OrderService
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -163,7 +163,7 @@ class NotificationReadHandler(ApiHandler):
 
 
 def routes(deps: dict[str, Any]) -> list[Any]:
-    """The checkout, order and notification routes, for `server.app.make_app`."""
+    """The checkout, order and notification routes, for `server.wiring.app.make_app`."""
     return [
         (r"/api/v1/checkout", CheckoutHandler, deps),
         (r"/api/v1/orders", OrdersHandler, deps),

@@ -16,11 +16,11 @@ What it does, for responses whose whole body is written at once (every handler h
 - at least `FM_COMPRESS_MIN_BYTES` of body, else it goes as it is;
 - a response with a strong `ETag` and without `no-store` is a body a cache produced (the
   catalog's rendered products and lists, the storefront's pages): its compressed form is
-  computed once per coding and reused (`server.compression.Compressor`); anything else is
+  computed once per coding and reused (`server.adapters.compression.Compressor`); anything else is
   compressed per request;
 - the ETag of a compressed answer becomes `"<etag>-br"` / `"<etag>-gz"` (a strong validator
   must change with the representation), and `If-None-Match` with either form matches
-  (`server.compression.etag_matches`); a 304 answers with the form the client sent.
+  (`server.adapters.compression.etag_matches`); a 304 answers with the form the client sent.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import tornado.httputil
 import tornado.web
 
-from server.compression import (
+from server.adapters.compression import (
     IDENTITY,
     SERVER_ORDER,
     Compressor,

@@ -31,10 +31,10 @@ from handlers.base import ApiError, BaseHandler
 from handlers.products import PUBLIC_CACHE_CONTROL
 from handlers.websocket import WebSocketUpgrade, switching_protocols
 from realtime.graphql_ws import choose_subprotocol
-from server import jsontext
+from server.common import jsontext
 from server.graphql.errors import INTERNAL_SERVER_ERROR, GraphQLRequestError, code_of
 from server.graphql.service import GraphQLRequest, GraphQLService, Outcome
-from server.services import Services
+from server.wiring.services import Services
 
 JSON = "application/json"
 GRAPHQL_RESPONSE = "application/graphql-response+json"
@@ -207,5 +207,5 @@ class GraphQLHandler(SessionHandler, WebSocketUpgrade):
 
 
 def routes(deps: dict[str, Any]) -> list[Any]:
-    """The `/graphql` route, for `server.app.make_app`."""
+    """The `/graphql` route, for `server.wiring.app.make_app`."""
     return [(r"/graphql", GraphQLHandler, {**deps, "graphql": deps["services"].graphql})]

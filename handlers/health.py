@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from handlers.base import BaseHandler
-from server.readiness import unready_reasons
+from server.adapters.readiness import unready_reasons
 
 
 class HealthzHandler(BaseHandler):

@@ -1,4 +1,4 @@
-"""`Idempotency-Key` on the cart's change endpoints (see `server.idempotency`).
+"""`Idempotency-Key` on the cart's change endpoints (see `server.adapters.idempotency`).
 
 A handler runs its change through `await self.run_idempotent(work)` after validating the
 request: without the header `work()` just runs; with it the key is claimed first, a replay is
@@ -15,7 +15,7 @@ from typing import Any
 
 from handlers.api import ApiHandler
 from handlers.base import ApiError
-from server.idempotency import (
+from server.adapters.idempotency import (
     MAX_KEY_CHARS,
     IdempotencyStore,
     InProgress,

@@ -29,7 +29,7 @@ from handlers.base import ApiError, BaseHandler
 from handlers.multipart import FileField, boundary_of
 from handlers.openapi import Operation
 from handlers.products import product_id_of
-from server.images import (
+from server.adapters.images import (
     MEDIA_TYPES,
     ImageRejected,
     ImagesBusy,
@@ -38,9 +38,9 @@ from server.images import (
     UnsupportedImageType,
     UploadTooLarge,
 )
-from server.images.service import ImageService
-from server.images.workers import Slot
-from server.services import Services
+from server.domain.images import ImageService
+from server.adapters.images.workers import Slot
+from server.wiring.services import Services
 
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the file
 MAX_AGE_S = 30 * 24 * 3600

@@ -18,11 +18,11 @@ from typing import Any
 
 import tornado.template
 
-from server.fragments import STOCK_SLOT, FragmentCache, fill_stock
-from server.images import SIZES
-from server.logs import get_logger
-from server.services import Services
-from server.static_assets import AssetBundle, AssetsMissing, load_bundle, resolve_dir
+from server.adapters.cache.fragments import STOCK_SLOT, FragmentCache, fill_stock
+from server.adapters.images import SIZES
+from server.common.logs import get_logger
+from server.wiring.services import Services
+from server.adapters.static_assets import AssetBundle, AssetsMissing, load_bundle, resolve_dir
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 CSP = (

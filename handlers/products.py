@@ -1,6 +1,6 @@
 """Products over REST (CONTRACT "REST"): reads for everyone, writes for admins.
 
-Reads send bytes the catalog keeps rendered (`server.catalog.Rendered`): no JSON encoding on
+Reads send bytes the catalog keeps rendered (`server.domain.catalog.Rendered`): no JSON encoding on
 a cached read. `GET` answers carry a strong `ETag` and honour `If-None-Match` with 304;
 anonymous reads may be kept by shared caches for `PUBLIC_MAX_AGE_S` (the stock freshness
 bound) and served stale for `STALE_WHILE_REVALIDATE_S` more while they refresh; the live
@@ -19,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from handlers.api import ApiHandler
 from handlers.base import ApiError
 from handlers.openapi import Operation
-from server.catalog import (
+from server.domain.catalog import (
     MAX_DESCRIPTION_CHARS,
     MAX_NAME_CHARS,
     MAX_PRICE_CENTS,
@@ -27,10 +27,10 @@ from server.catalog import (
     CatalogService,
     Rendered,
 )
-from server.compression import etag_matches
-from server.errors import InvalidInput
-from server.inventory import MAX_STOCK
-from server.services import Services
+from server.adapters.compression import etag_matches
+from server.common.errors import InvalidInput
+from server.domain.inventory import MAX_STOCK
+from server.wiring.services import Services
 
 PUBLIC_MAX_AGE_S = 1
 STALE_WHILE_REVALIDATE_S = 4

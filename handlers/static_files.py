@@ -1,6 +1,6 @@
 """The built storefront assets over HTTP: `/static/<name>`, `/sw.js`, `/manifest.webmanifest`.
 
-Everything is served from memory (`server.static_assets.AssetBundle`, read at start-up): a
+Everything is served from memory (`server.adapters.static_assets.AssetBundle`, read at start-up): a
 request is a dict lookup of the name, so only files the build's `manifest.json` lists exist
 here and no URL is ever turned into a path (no traversal, `..%2F` included).
 
@@ -10,7 +10,7 @@ here and no URL is ever turned into a path (no traversal, `..%2F` included).
 - `/manifest.webmanifest`: `application/manifest+json`, cached for five minutes.
 
 Each answer picks the build's precompressed `.br` or `.gz` by `Accept-Encoding` q-values
-(`server.compression.choose_coding`: br, then gzip, then identity on ties), with
+(`server.adapters.compression.choose_coding`: br, then gzip, then identity on ties), with
 `Vary: Accept-Encoding`, a strong ETag per representation (`"<sha256>"`, `"<sha256>-br"`,
 `"<sha256>-gz"`), and 304 for `If-None-Match` with any of them.
 """
@@ -21,9 +21,9 @@ from typing import Any
 
 from handlers.base import ApiError, BaseHandler
 from handlers.pages import Storefront
-from server.compression import IDENTITY, choose_coding, coded_etag, etag_matches
-from server.services import Services
-from server.static_assets import Asset, AssetsMissing
+from server.adapters.compression import IDENTITY, choose_coding, coded_etag, etag_matches
+from server.wiring.services import Services
+from server.adapters.static_assets import Asset, AssetsMissing
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 SW_CACHE_CONTROL = "no-cache"
@@ -132,7 +132,7 @@ class WebManifestHandler(RootAssetHandler):
 
 
 def routes(deps: dict[str, Any], storefront: Storefront) -> list[Any]:
-    """The asset routes, for `server.app.make_app`."""
+    """The asset routes, for `server.wiring.app.make_app`."""
     args = {**deps, "storefront": storefront}
     return [
         (r"/static/([^/]+)", StaticFileHandler, args),

@@ -4,8 +4,8 @@ Cacheable pages (`/`, `/products/{id}`, `/offline`) never look at the caller: no
 resolved, nothing personal is rendered, and they go out with `Cache-Control: public,
 max-age=0, s-maxage=...` (`FM_HTML_*`), a strong ETag (a hash of the body; 304 on
 `If-None-Match`), and `Surrogate-Key` / `Cache-Tag` naming the products shown (`product-42`,
-plus `products` on list pages) for the edge purges (`server.purge`). Pages are assembled from
-product fragments cached in Redis (`server.fragments`) with the live stock filled in.
+plus `products` on list pages) for the edge purges (`server.adapters.purge`). Pages are assembled from
+product fragments cached in Redis (`server.adapters.cache.fragments`) with the live stock filled in.
 
 Personal pages (`/cart`, `/checkout`, `/orders`, the sign-in/sign-up forms) are `private,
 no-store`; they resolve the session cookie like the REST API does (an unknown or expired
@@ -45,17 +45,17 @@ from handlers.pages import (
     Storefront,
 )
 from handlers.products import product_id_of
-from server.carts import MAX_QUANTITY, MIN_QUANTITY, CartService
-from server.catalog import CatalogService
-from server.checkout import MAX_KEY_CHARS, CheckoutService
-from server.compression import etag_matches
-from server.errors import DomainError
-from server.logs import get_logger
-from server.orders import OrderService
-from server.purge import LIST_KEY, product_key
-from server.services import Services
-from server.static_assets import AssetsMissing
-from server.users import User, UserService
+from server.domain.carts import MAX_QUANTITY, MIN_QUANTITY, CartService
+from server.domain.catalog import CatalogService
+from server.domain.checkout import MAX_KEY_CHARS, CheckoutService
+from server.adapters.compression import etag_matches
+from server.common.errors import DomainError
+from server.common.logs import get_logger
+from server.domain.orders import OrderService
+from server.adapters.purge import LIST_KEY, product_key
+from server.wiring.services import Services
+from server.adapters.static_assets import AssetsMissing
+from server.domain.users import User, UserService
 
 PAGE_SIZE = 24
 CSRF_FIELD = "csrf_token"
@@ -515,7 +515,7 @@ class StorefrontNotFoundHandler(NotFoundHandler):
 
 
 def routes(deps: dict[str, Any], storefront: Storefront) -> list[Any]:
-    """The storefront page routes, for `server.app.make_app`."""
+    """The storefront page routes, for `server.wiring.app.make_app`."""
     args = {**deps, "storefront": storefront}
     return [
         (r"/", HomeHandler, args),

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from handlers.api import SESSION_COOKIE
 from handlers.base import ApiError, BaseHandler
-from server.sessions import Session
+from server.adapters.sessions import Session
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 

@@ -13,7 +13,7 @@ The epoch is a random string stored beside the offset; when Redis loses the stre
 know their offsets mean nothing any more and take a fresh snapshot.
 
 A node subscribes to a stream's channel while it has local subscribers. The subscription
-(`server.pubsub.ResilientSubscription`, or `server.sharded_pubsub.ShardedSubscription` on a
+(`server.adapters.pubsub.ResilientSubscription`, or `server.adapters.sharded_pubsub.ShardedSubscription` on a
 cluster) survives Redis restarts and failovers; after each reconnect the node
 asks for every followed stream's position so the hub can fill the gap from history or
 resynchronise.
@@ -29,9 +29,9 @@ from typing import Any
 
 import msgpack
 
-from server.logs import get_logger
-from server.pubsub import ResilientSubscription
-from server.sharded_pubsub import ShardedSubscription
+from server.common.logs import get_logger
+from server.adapters.pubsub import ResilientSubscription
+from server.adapters.sharded_pubsub import ShardedSubscription
 
 _log = get_logger("finalmarket.broker")
 

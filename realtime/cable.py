@@ -32,10 +32,10 @@ from realtime.hub import Hub
 from realtime.presence import PRESENCE_TTL_S, Presence
 from realtime.watch import DEFAULT_MAX_PENDING, StreamWatch, WatchOverflow
 from realtime.wsframe import encode_frame
-from server import jsontext
-from server.db.router import ShardRouter
-from server.logs import get_logger
-from server.sessions import Session
+from server.common import jsontext
+from server.adapters.db.router import ShardRouter
+from server.common.logs import get_logger
+from server.adapters.sessions import Session
 
 __all__ = ["CableLimits", "CableServer", "StreamWatch", "WatchOverflow"]
 

@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 
 from realtime.wsframe import OP_BINARY, OP_TEXT, encode_frame
-from server import jsontext
+from server.common import jsontext
 
 JSON_PROTOCOL = "actioncable-v1-json"
 MSGPACK_PROTOCOL = "actioncable-v1-msgpack"

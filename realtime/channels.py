@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from realtime.presence import Presence
-from server.carts import cart_view
-from server.db.router import ShardRouter
-from server.inventory import current_stock
-from server.sessions import Session
+from server.domain.carts import cart_view
+from server.adapters.db.router import ShardRouter
+from server.domain.inventory import current_stock
+from server.adapters.sessions import Session
 
 MAX_PRODUCT_ID = 2**63 - 1
 

@@ -25,8 +25,8 @@ from realtime.wsframe import (
     encode_frame,
     parse_close,
 )
-from server import jsontext
-from server.sessions import Session
+from server.common import jsontext
+from server.adapters.sessions import Session
 
 if TYPE_CHECKING:
     from realtime.cable import CableServer

@@ -45,8 +45,8 @@ from realtime.wsframe import (
     encode_frame,
     parse_close,
 )
-from server.logs import get_logger
-from server.sessions import Session
+from server.common.logs import get_logger
+from server.adapters.sessions import Session
 
 _log = get_logger("finalmarket.graphql_ws")
 LEGACY_KEEPALIVE_S = 10.0  # `ka` period for subscriptions-transport-ws clients

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from server.logs import get_logger
+from server.common.logs import get_logger
 
 PRESENCE_PERIOD_S = 1.0
 PRESENCE_TTL_S = 15.0

@@ -1,5 +1,5 @@
 """`python -m server` is the `finalmarket` command."""
 
-from server.cli import main
+from server.wiring.cli import main
 
 raise SystemExit(main())

@@ -21,9 +21,9 @@ from handlers.compression import compression_transform
 from handlers.health import HealthzHandler, MetricsHandler, ReadyzHandler
 from handlers.openapi import OpenApiHandler
 from handlers.pages import Storefront
-from server.compression import Compressor
-from server.logs import get_logger
-from server.services import Services
+from server.adapters.compression import Compressor
+from server.common.logs import get_logger
+from server.wiring.services import Services
 
 _access_log = get_logger("finalmarket.access")
 _ACCESS_LOGGER = logging.getLogger("finalmarket.access")

@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from server.db.router import ShardRouter
-from server.errors import InvalidInput, NotFound
-from server.logs import get_logger
+from server.adapters.db.router import ShardRouter
+from server.common.errors import InvalidInput, NotFound
+from server.common.logs import get_logger
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[Any]]
 """`publish(stream, message)`: delivers a domain event to cable subscribers on every node."""

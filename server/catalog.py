@@ -41,12 +41,12 @@ from typing import Any
 
 import psycopg2.errors
 
-from server.cache import NS_PRODUCT, NS_PRODUCT_LIST, CachedLoader
-from server.db.router import ShardRouter
-from server.errors import InvalidInput, NotFound
-from server.inventory import MAX_STOCK, OutOfStock, StockLimitExceeded, change_stock, stock_of
-from server.logs import get_logger
-from server.purge import LIST_KEY, product_key
+from server.adapters.cache import NS_PRODUCT, NS_PRODUCT_LIST, CachedLoader
+from server.adapters.db.router import ShardRouter
+from server.common.errors import InvalidInput, NotFound
+from server.domain.inventory import MAX_STOCK, OutOfStock, StockLimitExceeded, change_stock, stock_of
+from server.common.logs import get_logger
+from server.adapters.purge import LIST_KEY, product_key
 
 __all__ = [
     "MAX_PRICE_CENTS",

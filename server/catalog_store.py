@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import aiopg
 
-from server.demo_catalog import DemoProduct
+from server.wiring.demo_catalog import DemoProduct
 
 # One statement per batch: products and their inventory rows together, joined by SKU.
 _INSERT_PRODUCTS = """

@@ -43,13 +43,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from server.carts import Publish, cart_stream, load_cart, publish_quietly
-from server.db.router import ShardRouter
-from server.errors import Conflict, InvalidInput, NotFound
-from server.inventory import OutOfStock
-from server.logs import get_logger
-from server.notifications import NotificationService, insert_notification
-from server.orders import order_dict
+from server.domain.carts import Publish, cart_stream, load_cart, publish_quietly
+from server.adapters.db.router import ShardRouter
+from server.common.errors import Conflict, InvalidInput, NotFound
+from server.domain.inventory import OutOfStock
+from server.common.logs import get_logger
+from server.domain.notifications import NotificationService, insert_notification
+from server.domain.orders import order_dict
 
 MAX_KEY_CHARS = 255
 _log = get_logger("finalmarket.checkout")

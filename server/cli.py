@@ -9,12 +9,12 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from server import infra
-from server.db.migrate import migrate_all
-from server.db.pools import Database
-from server.logs import configure_logging, get_logger
-from server.node import run_event_loop, run_node
-from server.settings import Settings, SettingsInvalid, load_settings, settings_table_markdown
+from server.wiring import infra
+from server.adapters.db.migrate import migrate_all
+from server.adapters.db.pools import Database
+from server.common.logs import configure_logging, get_logger
+from server.wiring.node import run_event_loop, run_node
+from server.wiring.settings import Settings, SettingsInvalid, load_settings, settings_table_markdown
 
 DEFAULT_DATA_DIR = ".fm-data"
 DEV_PORT = 8888
@@ -75,7 +75,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_seed(args: argparse.Namespace) -> int:
     """Add demo products to the catalog."""
-    from server.seed import seed_catalog
+    from server.wiring.seed import seed_catalog
 
     settings = _settings()
     added = run_async(_with_database(settings, lambda db: seed_catalog(db, args.products)))
@@ -92,12 +92,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_users_create(args: argparse.Namespace) -> int:
     """Create an account (admin with --admin)."""
-    from server.users import UserService
+    from server.domain.users import UserService
 
     settings = _settings()
 
     async def create(db: Database) -> Any:
-        from server.db.router import ShardRouter
+        from server.adapters.db.router import ShardRouter
 
         router = ShardRouter.for_settings(db, settings)
         try:
@@ -120,7 +120,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     """Embedded servers + migrations + demo data (once) + one node on 127.0.0.1:8888."""
-    from server.dev import run_dev
+    from server.wiring.dev import run_dev
 
     return run_dev(
         _data_dir(args.data_dir), port=args.port, products=args.products, replicas=args.replicas
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from server.errors import DomainError
+        from server.common.errors import DomainError
 
         if isinstance(exc, DomainError | infra.InfraError):
             _err(f"finalmarket: {exc}")

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from server.catalog import CatalogService
-from server.db.router import ShardRouter
+from server.domain.catalog import CatalogService
+from server.adapters.db.router import ShardRouter
 
 
 class DataStatsCollector(Collector):

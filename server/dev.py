@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from server import infra
-from server.catalog_store import count_products
-from server.db.migrate import migrate_all
-from server.db.pools import Database
-from server.logs import configure_logging, get_logger
-from server.node import run_event_loop, run_node
-from server.seed import seed_catalog
-from server.settings import Settings, load_settings
+from server.wiring import infra
+from server.adapters.catalog_store import count_products
+from server.adapters.db.migrate import migrate_all
+from server.adapters.db.pools import Database
+from server.common.logs import configure_logging, get_logger
+from server.wiring.node import run_event_loop, run_node
+from server.wiring.seed import seed_catalog
+from server.wiring.settings import Settings, load_settings
 
 _EXTERNAL_KEYS = ("FM_CATALOG_DSN", "FM_SHARDS", "FM_REDIS_URL")
 _SECRET_FILE = "secret_key"

@@ -36,7 +36,7 @@ import httptools
 from tornado import httputil, iostream, netutil
 from tornado.httpserver import HTTPServer as TornadoHTTPServer
 
-from server.logs import get_logger
+from server.common.logs import get_logger
 
 _log = get_logger("finalmarket.http1")
 _SWEEP_PERIOD_S = 1.0

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from server.db.router import ShardRouter
-from server.errors import Conflict, InvalidInput, NotFound
+from server.adapters.db.router import ShardRouter
+from server.common.errors import Conflict, InvalidInput, NotFound
 
 MAX_STOCK = 1_000_000  # units one product may hold (the API's validation bound, too)
 

@@ -19,11 +19,11 @@ from typing import Any
 
 from tornado.netutil import bind_sockets
 
-from server.app import make_app
-from server.http1 import make_http_server
-from server.logs import get_logger
-from server.services import Services
-from server.settings import Settings
+from server.wiring.app import make_app
+from server.adapters.http1 import make_http_server
+from server.common.logs import get_logger
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 
 _log = get_logger("finalmarket.node")
 

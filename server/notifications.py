@@ -10,10 +10,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from server.carts import Publish, publish_quietly
-from server.db.router import ShardRouter
-from server.errors import NotFound
-from server.orders import DEFAULT_PAGE, MAX_ID, check_page_size, decode_cursor, encode_cursor
+from server.domain.carts import Publish, publish_quietly
+from server.adapters.db.router import ShardRouter
+from server.common.errors import NotFound
+from server.domain.orders import DEFAULT_PAGE, MAX_ID, check_page_size, decode_cursor, encode_cursor
 
 _COLUMNS = "id, kind, title, body, created_at, read_at"
 

@@ -13,8 +13,8 @@ import binascii
 from datetime import datetime
 from typing import Any
 
-from server.db.router import ShardRouter
-from server.errors import InvalidInput, NotFound
+from server.adapters.db.router import ShardRouter
+from server.common.errors import InvalidInput, NotFound
 
 MAX_ID = 2**63 - 1
 DEFAULT_PAGE = 20

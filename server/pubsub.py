@@ -18,7 +18,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.logs import get_logger
+from server.common.logs import get_logger
 
 _log = get_logger("finalmarket.pubsub")
 

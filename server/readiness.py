@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
-from server.db.router import ShardRouter
+from server.adapters.db.router import ShardRouter
 
 
 async def _reason(name: str, check: Awaitable[Any], timeout_s: float) -> str | None:

@@ -9,7 +9,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from server.settings import Settings
+from server.wiring.settings import Settings
 
 # Commands are retried a few times on connection errors so a Redis restart costs latency,
 # not errors, for idempotent reads; the broker handles resubscription itself.

@@ -7,9 +7,9 @@ from itertools import islice
 
 from tqdm import tqdm
 
-from server.catalog_store import count_products, insert_products
-from server.db.pools import Database
-from server.demo_catalog import demo_products
+from server.adapters.catalog_store import count_products, insert_products
+from server.adapters.db.pools import Database
+from server.wiring.demo_catalog import demo_products
 
 SEED_BATCH_ROWS = 500
 

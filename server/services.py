@@ -8,21 +8,21 @@ from typing import Any
 
 from realtime.cable import CableLimits, CableServer
 from realtime.metrics import CableStatsCollector
-from server.cache import CachedLoader, CacheInvalidationListener, CacheStatsCollector
-from server.catalog import STOCK_FRESH_S, CatalogService
-from server.checkout import CheckoutSweeper
-from server.data_metrics import DataStatsCollector
-from server.db.pools import Database
-from server.db.router import ShardRouter
+from server.adapters.cache import CachedLoader, CacheInvalidationListener, CacheStatsCollector
+from server.domain.catalog import STOCK_FRESH_S, CatalogService
+from server.domain.checkout import CheckoutSweeper
+from server.wiring.data_metrics import DataStatsCollector
+from server.adapters.db.pools import Database
+from server.adapters.db.router import ShardRouter
 from server.graphql import GraphQLService
-from server.images import ImageWorkers, IntakeLimits, open_storage
-from server.images.service import ImageService
-from server.logs import get_logger
-from server.metrics import NodeMetrics
-from server.purge import PurgeQueue, PurgeStatsCollector, make_purger
-from server.ratelimit import LeasedRateLimiter, Limit, RateLimiter
-from server.sessions import SessionStore
-from server.settings import Settings
+from server.adapters.images import ImageWorkers, IntakeLimits, open_storage
+from server.domain.images import ImageService
+from server.common.logs import get_logger
+from server.wiring.metrics import NodeMetrics
+from server.adapters.purge import PurgeQueue, PurgeStatsCollector, make_purger
+from server.adapters.ratelimit import LeasedRateLimiter, Limit, RateLimiter
+from server.adapters.sessions import SessionStore
+from server.wiring.settings import Settings
 
 # A checkout's reservation left 'held' this long is repaired by the sweeper (every node runs
 # one; a sweep is safe to run concurrently): far above a saga's normal duration.
@@ -65,7 +65,7 @@ class NodeState:
 class Services:
     """Everything handlers reach: settings, pools, Redis, metrics, lifecycle state.
 
-    Built by `server.node` (or a test) and handed to `server.app.make_app`; nothing here is a
+    Built by `server.wiring.node` (or a test) and handed to `server.wiring.app.make_app`; nothing here is a
     module global, so a test can run two nodes in one process.
     """
 
@@ -101,7 +101,7 @@ class Services:
     @classmethod
     async def open(cls, settings: Settings) -> Services:
         """Open pools and the Redis client for `settings` (connections are made lazily)."""
-        from server.redis_client import open_redis
+        from server.adapters.redis_client import open_redis
 
         db = await Database.open(settings)
         redis = open_redis(settings)

@@ -7,7 +7,7 @@ a task of its own. (redis-py's `ClusterPubSub` polls its per-node connections on
 other with a timeout, so a message on one shard waits while it listens to another.)
 
 Any failure rebuilds every subscription from a fresh slot map and then calls `on_reconnect`,
-since messages sent meanwhile were lost, as `server.pubsub.ResilientSubscription` does for one
+since messages sent meanwhile were lost, as `server.adapters.pubsub.ResilientSubscription` does for one
 server: a lost connection, a failed-over master, a slot moved to another master (the server
 ends its subscriptions with an unrequested `sunsubscribe`), or an `SSUBSCRIBE` refused with
 `MOVED` because the slot map was stale.
@@ -25,8 +25,8 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from server.logs import get_logger
-from server.pubsub import (
+from server.common.logs import get_logger
+from server.adapters.pubsub import (
     FIRST_SUBSCRIBE_WAIT_S,
     RECONNECT_BACKOFF_S,
     REDIS_DOWN,

@@ -21,8 +21,8 @@ import psycopg2.errors
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
 
-from server.db.router import ShardRouter
-from server.errors import Conflict, InvalidInput, NotFound, Unauthenticated
+from server.adapters.db.router import ShardRouter
+from server.common.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
 MAX_USER_ID = 2**63 - 1

@@ -24,12 +24,12 @@ import redis
 import uvloop
 from redis.cluster import RedisCluster
 
-from server import infra
-from server.db.migrate import migrate_all
-from server.db.pools import Database
-from server.infra import pgbouncer
-from server.services import Services
-from server.settings import Settings
+from server.wiring import infra
+from server.adapters.db.migrate import migrate_all
+from server.adapters.db.pools import Database
+from server.wiring.infra import pgbouncer
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 
 # The node runs on uvloop (server/node.py): so do the tests, with its transports and sockets.
 asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -157,7 +157,7 @@ def services(io_loop: Any, settings: Settings) -> Iterator[Services]:
 @pytest.fixture
 def app(services: Services) -> Any:
     """The Tornado application under test (pytest-tornado's `http_server` serves it)."""
-    from server.app import make_app
+    from server.wiring.app import make_app
 
     return make_app(services)
 
@@ -165,8 +165,8 @@ def app(services: Services) -> Any:
 @pytest.fixture
 def http_server(request: pytest.FixtureRequest, io_loop: Any, _unused_port: Any) -> Iterator[Any]:
     """pytest-tornado's fixture, but serving through the HTTP server the node uses
-    (`server.http1.make_http_server`, chosen by `FM_HTTP_SERVER`), not Tornado's default."""
-    from server.http1 import make_http_server
+    (`server.adapters.http1.make_http_server`, chosen by `FM_HTTP_SERVER`), not Tornado's default."""
+    from server.adapters.http1 import make_http_server
 
     app = request.getfixturevalue(request.config.option.app_fixture)
     node_settings = request.getfixturevalue("settings")

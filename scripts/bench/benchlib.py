@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 from argon2 import PasswordHasher  # noqa: E402
 
-from server import infra  # noqa: E402
+from server.wiring import infra  # noqa: E402
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -206,7 +206,7 @@ class Deployment:
 
     def settings(self, **overrides: Any) -> Any:
         """Settings for in-process use of the deployment (small pools)."""
-        from server.settings import Settings
+        from server.wiring.settings import Settings
 
         values: dict[str, Any] = {
             "catalog_dsn": self.env["FM_CATALOG_DSN"],
@@ -226,11 +226,11 @@ class Deployment:
 
 async def make_users(deploy: Deployment, count: int, admin: bool = False) -> list[tuple[int, str]]:
     """`count` users (cheap hashes) with session tokens, written directly (no HTTP)."""
-    from server.db.pools import Database
-    from server.db.router import ShardRouter
-    from server.redis_client import open_redis
-    from server.sessions import SessionStore
-    from server.users import UserService
+    from server.adapters.db.pools import Database
+    from server.adapters.db.router import ShardRouter
+    from server.adapters.redis_client import open_redis
+    from server.adapters.sessions import SessionStore
+    from server.domain.users import UserService
 
     settings = deploy.settings()
     db = await Database.open(settings)

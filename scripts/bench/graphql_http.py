@@ -510,7 +510,7 @@ async def measure_statements_async(
 
 async def _statements(deploy: Deployment, firsts: tuple[int, ...]) -> list[dict[str, Any]]:
     from server.graphql.context import RequestContext
-    from server.services import Services
+    from server.wiring.services import Services
 
     settings = deploy.settings(
         pool_max_size=10,

@@ -16,14 +16,14 @@ Typical use on a node::
     await cache.bump(NS_PRODUCT_LIST)         # list pages may all have changed
 """
 
-from server.cache.keys import BUMP_CHANNEL
-from server.cache.listener import CacheInvalidationListener
-from server.cache.loader import CachedLoader, Loader
-from server.cache.local import LocalLRU
-from server.cache.metrics import CacheStatsCollector
-from server.cache.stats import CacheStats
-from server.cache.versions import MAX_VALUE_TTL_S
-from server.cache.xfetch import should_refresh_early
+from server.adapters.cache.keys import BUMP_CHANNEL
+from server.adapters.cache.listener import CacheInvalidationListener
+from server.adapters.cache.loader import CachedLoader, Loader
+from server.adapters.cache.local import LocalLRU
+from server.adapters.cache.metrics import CacheStatsCollector
+from server.adapters.cache.stats import CacheStats
+from server.adapters.cache.versions import MAX_VALUE_TTL_S
+from server.adapters.cache.xfetch import should_refresh_early
 
 # Namespaces used by the node (one version counter each).
 NS_PRODUCT = "product"  # one product's public fields, by id (bumped per product)

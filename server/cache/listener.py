@@ -1,6 +1,6 @@
 """Receives other nodes' bumps over Redis pub/sub and clears this node's in-memory copies.
 
-It subscribes to `{cache}:bumps` (through `server.pubsub.ResilientSubscription`, which
+It subscribes to `{cache}:bumps` (through `server.adapters.pubsub.ResilientSubscription`, which
 survives Redis restarts) and calls `cache.on_remote_bump` for each bump made by another node.
 After any reconnect it clears the whole local layer, since bumps published meanwhile were
 lost. Even without that, no local entry outlives its freshness bound, so a lost message costs
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from server.cache.keys import BUMP_CHANNEL
-from server.cache.versions import decode_bump
-from server.logs import get_logger
-from server.pubsub import ResilientSubscription
+from server.adapters.cache.keys import BUMP_CHANNEL
+from server.adapters.cache.versions import decode_bump
+from server.common.logs import get_logger
+from server.adapters.pubsub import ResilientSubscription
 
 _log = get_logger("finalmarket.cache")
 

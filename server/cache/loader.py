@@ -36,13 +36,13 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from server.cache import keys
-from server.cache.local import LocalLRU
-from server.cache.stats import CacheStats
-from server.cache.store import RedisStore, pack
-from server.cache.versions import MAX_VALUE_TTL_S, Versions
-from server.cache.xfetch import Random, should_refresh_early
-from server.logs import get_logger
+from server.adapters.cache import keys
+from server.adapters.cache.local import LocalLRU
+from server.adapters.cache.stats import CacheStats
+from server.adapters.cache.store import RedisStore, pack
+from server.adapters.cache.versions import MAX_VALUE_TTL_S, Versions
+from server.adapters.cache.xfetch import Random, should_refresh_early
+from server.common.logs import get_logger
 
 _log = get_logger("finalmarket.cache")
 

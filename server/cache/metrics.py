@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from server.cache.stats import CacheStats
+from server.adapters.cache.stats import CacheStats
 
 _LOOKUPS = {"local_hits": "local_hit", "hits": "hit", "misses": "miss"}
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from server.cache import keys
+from server.adapters.cache import keys
 
 _READ = """
 local nv = redis.call('GET', KEYS[1]) or '0'

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgpack
 
-from server.cache import keys
+from server.adapters.cache import keys
 
 ENTITY_VERSION_TTL_S = 2 * 24 * 3600
 MAX_VALUE_TTL_S = 24 * 3600

@@ -15,7 +15,7 @@ from typing import Literal
 
 import aiopg
 
-from server.db.pools import Database
+from server.adapters.db.pools import Database
 
 Role = Literal["catalog", "shard"]
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -43,7 +43,7 @@ class Migration:
 def migrations_for(role: Role) -> list[Migration]:
     """The migrations of `role`, in version order; malformed file names are an error."""
     found = []
-    for entry in resources.files("server.db").joinpath("migrations").joinpath(role).iterdir():
+    for entry in resources.files("server.adapters.db").joinpath("migrations").joinpath(role).iterdir():
         if not entry.name.endswith(".sql"):
             continue
         match = _MIGRATION_NAME.match(entry.name)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import aiopg
 
-from server.db import aiopg_fix
-from server.settings import Settings, ShardDsn
+from server.adapters.db import aiopg_fix
+from server.wiring.settings import Settings, ShardDsn
 
 aiopg_fix.install()
 

@@ -53,8 +53,8 @@ import aiopg
 import psycopg2
 import psycopg2.extensions
 
-from server.db.pools import Database, PoolOptions, RolePools, open_pool, shard_index
-from server.settings import Settings
+from server.adapters.db.pools import Database, PoolOptions, RolePools, open_pool, shard_index
+from server.wiring.settings import Settings
 
 Clock = Callable[[], float]
 

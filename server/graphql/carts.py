@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from server.carts import CartService, cart_stream
+from server.domain.carts import CartService, cart_stream
 from server.graphql.compiled import direct, renamed
 from server.graphql.context import RequestContext
 from server.graphql.loaders import parse_id

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from server.catalog import encode_cursor, stock_stream
-from server.errors import NotFound
+from server.domain.catalog import encode_cursor, stock_stream
+from server.common.errors import NotFound
 from server.graphql.compiled import direct, renamed
 from server.graphql.context import RequestContext
 from server.graphql.loaders import parse_id
-from server.inventory import stock_of
+from server.domain.inventory import stock_of
 
 SDL = Path(__file__).with_suffix(".graphql")
 

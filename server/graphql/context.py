@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 from server.graphql.errors import Forbidden, Unauthenticated
 from server.graphql.loaders import Loaders
-from server.sessions import Session
+from server.adapters.sessions import Session
 
 if TYPE_CHECKING:
-    from server.services import Services
+    from server.wiring.services import Services
 
 
 class RequestContext:

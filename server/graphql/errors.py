@@ -4,7 +4,7 @@ Two kinds:
 - request errors (`GraphQLRequestError`) stop a request before any resolver runs: unreadable
   request, document too large, parse or validation failure, unknown operation, variables of
   the wrong type, cost or depth over the limit, throttled, unknown persisted query;
-- field errors come from resolvers: domain errors (`server.errors`) keep their kind as the code
+- field errors come from resolvers: domain errors (`server.common.errors`) keep their kind as the code
   (`NOT_FOUND`, `OUT_OF_STOCK`, `INVALID_INPUT`, ...) and their fields (`product_id`,
   `available`) beside it; unexpected exceptions become `INTERNAL_SERVER_ERROR` with a generic
   message (the exception goes to the log, not to the client).
@@ -19,8 +19,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tartiflette import TartifletteError
 
-from server.errors import DomainError
-from server.logs import get_logger
+from server.common.errors import DomainError
+from server.common.logs import get_logger
 
 _log = get_logger("finalmarket.graphql")
 

@@ -35,7 +35,13 @@ from tartiflette.language.ast import OperationDefinitionNode
 from tartiflette.language.parsers.libgraphqlparser import parse_to_document
 from tartiflette.types.list import GraphQLList
 
-from server.graphql import carts, catalog, orders, users
+from server.graphql.resolvers import carts
+
+from server.graphql.resolvers import catalog
+
+from server.graphql.resolvers import orders
+
+from server.graphql.resolvers import users
 from server.graphql.compiled import Plan, compile_plan
 from server.graphql.cost import FieldShape, Shapes
 from server.graphql.errors import (

@@ -15,12 +15,12 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from server.carts import cart_view
-from server.errors import NotFound
-from server.users import User, UserService
+from server.domain.carts import cart_view
+from server.common.errors import NotFound
+from server.domain.users import User, UserService
 
 if TYPE_CHECKING:
-    from server.services import Services
+    from server.wiring.services import Services
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from server.checkout import CheckoutService
-from server.graphql import carts
+from server.domain.checkout import CheckoutService
+from server.graphql.resolvers import carts
 from server.graphql.compiled import renamed
 from server.graphql.context import RequestContext
 from server.graphql.loaders import parse_id
-from server.notifications import NotificationService, notification_stream
-from server.orders import OrderService, encode_cursor
+from server.domain.notifications import NotificationService, notification_stream
+from server.domain.orders import OrderService, encode_cursor
 
 SDL = Path(__file__).with_suffix(".graphql")
 

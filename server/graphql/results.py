@@ -4,12 +4,12 @@ Which results: queries that read no caller data (no `me`, `cart`, `orders`, `not
 and came back without errors; the same answer suits every caller. Key: SHA-256 of the
 normalized document, the operation name and the variables (canonical JSON).
 
-Where: the catalog's `product_list` cache namespace (`server.cache`). Every catalog write
+Where: the catalog's `product_list` cache namespace (`server.adapters.cache`). Every catalog write
 (product created or changed, image added) bumps that namespace's version, which is exactly when
 a product query's answer can change; entries stored under the old version are never read again.
 So GraphQL results are invalidated by the same bumps as REST list pages, on every node, with
 the same single-flight loads, local layer and early refresh. Stock is the exception (the catalog
-does not bump on stock changes, see `server.catalog`): results that show stock are kept no
+does not bump on stock changes, see `server.domain.catalog`): results that show stock are kept no
 longer than the catalog's stock freshness bound, like the REST pages that show it.
 """
 
@@ -20,7 +20,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from server.cache import NS_PRODUCT_LIST, CachedLoader
+from server.adapters.cache import NS_PRODUCT_LIST, CachedLoader
 from server.graphql.document import normalize
 from server.graphql.executor import ParsedDocument
 

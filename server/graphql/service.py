@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from realtime.graphql_socket import GraphQLWsLimits, GraphQLWsServer
 from realtime.graphql_ws import OperationRefused
 from realtime.watch import WatchOverflow
-from server import jsontext
+from server.common import jsontext
 from server.graphql.context import RequestContext
 from server.graphql.cost import CostReport, analyse, check_limits
 from server.graphql.document import check_document
@@ -45,11 +45,11 @@ from server.graphql.metrics import GraphQLStatsCollector
 from server.graphql.persisted import PersistedQueries, check_hash, requested_hash
 from server.graphql.results import ResultCache, encode
 from server.graphql.throttle import CostThrottle
-from server.logs import get_logger
-from server.sessions import Session
+from server.common.logs import get_logger
+from server.adapters.sessions import Session
 
 if TYPE_CHECKING:
-    from server.services import Services
+    from server.wiring.services import Services
 
 _log = get_logger("finalmarket.graphql")
 

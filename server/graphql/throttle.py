@@ -1,7 +1,7 @@
 """The cost bucket of GraphQL callers: Shopify's leaky bucket as GCRA in Redis.
 
 Every caller (a user, or an address when anonymous) has a bucket of `maximum` cost units
-that refills at `restore_per_second`; buckets live in Redis (`server.ratelimit`), so all nodes
+that refills at `restore_per_second`; buckets live in Redis (`server.adapters.ratelimit`), so all nodes
 share them (each node leases a small part of a busy bucket, as the REST limiter does). An
 operation is charged its requested cost before it runs (refused with `THROTTLED` when the
 bucket holds less), then refunded the difference to its actual cost.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from server.ratelimit import Decision, LeasedRateLimiter, Limit
+from server.adapters.ratelimit import Decision, LeasedRateLimiter, Limit
 
 
 class CostThrottle:

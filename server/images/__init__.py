@@ -1,11 +1,11 @@
 """Product images: intake, the pyvips pipeline, the placeholder, workers, storage.
 
-`ImageService` (server.images.service) ties them to the catalog; it is not imported here so
+`ImageService` (server.domain.images) ties them to the catalog; it is not imported here so
 the image worker process, which imports this package, does not load the catalog and its
 database and Redis clients.
 """
 
-from server.images.intake import (
+from server.adapters.images.intake import (
     ImageRejected,
     IntakeLimits,
     TooManyPixels,
@@ -13,10 +13,10 @@ from server.images.intake import (
     UnsupportedImageType,
     UploadTooLarge,
 )
-from server.images.pipeline import FORMATS, MEDIA_TYPES, SIZES, Encoding
-from server.images.placeholder import MAX_PLACEHOLDER_CHARS
-from server.images.storage import ImageStorage, LocalImageStorage, open_storage
-from server.images.workers import ImagesBusy, ImageWorkers
+from server.adapters.images.pipeline import FORMATS, MEDIA_TYPES, SIZES, Encoding
+from server.adapters.images.placeholder import MAX_PLACEHOLDER_CHARS
+from server.adapters.images.storage import ImageStorage, LocalImageStorage, open_storage
+from server.adapters.images.workers import ImagesBusy, ImageWorkers
 
 __all__ = [
     "FORMATS",

@@ -23,7 +23,7 @@ os.environ.setdefault("VIPS_BLOCK_UNTRUSTED", "1")
 
 import pyvips
 
-from server.errors import DomainError
+from server.common.errors import DomainError
 
 __all__ = [
     "ImageProbe",

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import pyvips
 
-from server.images.intake import FAIL_ON, JPEG, WEBP, ImageProbe, UnreadableImage, vips_reason
-from server.images.placeholder import placeholder_data_url
+from server.adapters.images.intake import FAIL_ON, JPEG, WEBP, ImageProbe, UnreadableImage, vips_reason
+from server.adapters.images.placeholder import placeholder_data_url
 
 __all__ = ["FORMATS", "SIZES", "Encoding", "Rendition", "decode", "derive", "encode", "render"]
 

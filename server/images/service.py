@@ -20,12 +20,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from server.catalog import CatalogService
-from server.images.intake import ImageProbe, IntakeLimits, probe
-from server.images.pipeline import EXTENSIONS, SIZES, Encoding
-from server.images.storage import ImageStorage, content_name, digest, manifest_name
-from server.images.workers import ImageWorkers, Slot
-from server.logs import get_logger
+from server.domain.catalog import CatalogService
+from server.adapters.images.intake import ImageProbe, IntakeLimits, probe
+from server.adapters.images.pipeline import EXTENSIONS, SIZES, Encoding
+from server.adapters.images.storage import ImageStorage, content_name, digest, manifest_name
+from server.adapters.images.workers import ImageWorkers, Slot
+from server.common.logs import get_logger
 
 __all__ = ["ImageService", "Manifest"]
 

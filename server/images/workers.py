@@ -45,10 +45,10 @@ from typing import Any, BinaryIO, TypeVar
 
 import pyvips
 
-from server.errors import DomainError
-from server.images.intake import ImageProbe
-from server.images.pipeline import Encoding, Rendition, render
-from server.logs import get_logger
+from server.common.errors import DomainError
+from server.adapters.images.intake import ImageProbe
+from server.adapters.images.pipeline import Encoding, Rendition, render
+from server.common.logs import get_logger
 
 __all__ = ["ImageWorkers", "ImagesBusy", "Slot", "configure_libvips"]
 
@@ -71,10 +71,10 @@ _BOOT = (
     "except OSError:\n"
     "    pass\n"
     f"os.nice({PROCESS_NICE})\n"
-    "from server.images.workers import worker_main\n"
+    "from server.adapters.images.workers import worker_main\n"
     "worker_main()\n"
 )
-_BOOT_NORMAL_PRIORITY = "from server.images.workers import worker_main\nworker_main()\n"
+_BOOT_NORMAL_PRIORITY = "from server.adapters.images.workers import worker_main\nworker_main()\n"
 
 
 class ImagesBusy(DomainError):

@@ -11,10 +11,10 @@ Typical use::
     down(Path(".fm-data"))
 """
 
-from server.infra.common import InfraError
-from server.infra.postgres import PostgresServer
-from server.infra.topology import down, env_lines, is_up, settings_for, up
-from server.infra.valkey import ValkeyServer, create_cluster
+from server.wiring.infra.common import InfraError
+from server.wiring.infra.postgres import PostgresServer
+from server.wiring.infra.topology import down, env_lines, is_up, settings_for, up
+from server.wiring.infra.valkey import ValkeyServer, create_cluster
 
 __all__ = [
     "InfraError",

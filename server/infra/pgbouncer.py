@@ -37,7 +37,7 @@ from urllib.parse import quote, urlencode
 
 import psycopg2.extensions
 
-from server.infra.common import (
+from server.wiring.infra.common import (
     InfraError,
     LogFn,
     OsUser,

@@ -6,7 +6,7 @@ unix sockets, and use ``trust`` authentication for every local TCP connection (t
 the ``postgres`` superuser. Never expose them or reuse them for real data.
 
 When the current process is root, PostgreSQL refuses to run, so every PostgreSQL binary is run
-as the unprivileged system user ``finalmarket-pg`` (see :mod:`server.infra.common`).
+as the unprivileged system user ``finalmarket-pg`` (see :mod:`server.wiring.infra.common`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
-from server.infra.common import (
+from server.wiring.infra.common import (
     InfraError,
     LogFn,
     OsUser,
@@ -65,7 +65,7 @@ class PostgresServer:
     """A single PostgreSQL cluster (data directory + port) managed with ``pg_ctl``.
 
     The server is started detached (it outlives this Python process) so that ``up`` from a CLI
-    keeps it running; ``stop()`` or ``server.infra.down`` stops it. All methods are idempotent.
+    keeps it running; ``stop()`` or ``server.wiring.infra.down`` stops it. All methods are idempotent.
     """
 
     def __init__(

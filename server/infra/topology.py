@@ -34,15 +34,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from server.infra.common import (
+from server.wiring.infra.common import (
     InfraError,
     LogFn,
     OsUser,
     default_pg_os_user,
     pick_free_port,
 )
-from server.infra.postgres import PostgresServer
-from server.infra.valkey import CLUSTER_BUS_OFFSET, ValkeyServer, create_cluster
+from server.wiring.infra.postgres import PostgresServer
+from server.wiring.infra.valkey import CLUSTER_BUS_OFFSET, ValkeyServer, create_cluster
 
 STATE_FILE = "infra.json"
 STATE_VERSION = 1

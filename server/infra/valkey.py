@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import BinaryIO
 
-from server.infra.common import (
+from server.wiring.infra.common import (
     InfraError,
     LogFn,
     log_tail_text,

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from server.services import Services
-from server.settings import Settings
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.conftest import make_settings
 from tests.graphql.helpers import insert_products, make_user
 from tests.realtime.cable_helpers import ExtraNode

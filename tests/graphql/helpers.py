@@ -10,8 +10,8 @@ import psycopg2
 from argon2 import PasswordHasher
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
-from server.services import Services
-from server.users import UserService
+from server.wiring.services import Services
+from server.domain.users import UserService
 
 # Fast enough for many test users; production hashing is untouched.
 CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)

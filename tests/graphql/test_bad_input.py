@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from tornado.websocket import WebSocketClosedError
 
-from server.services import Services
+from server.wiring.services import Services
 from tests.graphql.conftest import graphql_settings
 from tests.graphql.helpers import codes, gql, result
 from tests.graphql.ws_helpers import WsClient

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from server.services import Services
-from server.settings import Settings
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.graphql.conftest import graphql_settings
 from tests.graphql.helpers import codes, gql, insert_products, result
 

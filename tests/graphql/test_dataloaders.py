@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from server.carts import CartService
-from server.services import Services
-from server.settings import Settings
+from server.domain.carts import CartService
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.graphql.conftest import graphql_settings
 from tests.graphql.helpers import gql, insert_products, make_user, result
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from server.catalog import encode_cursor
-from server.services import Services
+from server.domain.catalog import encode_cursor
+from server.wiring.services import Services
 from tests.graphql.helpers import codes, gql, result
 from tests.realtime.cable_helpers import ExtraNode
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from server.services import Services
+from server.wiring.services import Services
 from tests.graphql.helpers import gql, result
 from tests.graphql.ws_helpers import LEGACY_WS, WsClient, js_client, js_events, stop
 from tests.realtime.cable_helpers import ExtraNode

@@ -16,7 +16,7 @@ import brotli
 import psycopg2
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
-from server.settings import Settings
+from server.wiring.settings import Settings
 from tests.conftest import make_settings
 
 APP_JS = b"import './controllers.js';\n" + b"console.log('final market');\n" * 200

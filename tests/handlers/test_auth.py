@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
-from server.settings import Settings
+from server.wiring.settings import Settings
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.usefixtures("clean_data")

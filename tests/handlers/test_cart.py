@@ -17,11 +17,11 @@ from tornado.web import Application
 
 from handlers import cart as cart_handlers
 from handlers import checkout as checkout_handlers
-from server.app import make_app
-from server.http1 import make_http_server
-from server.services import Services
-from server.settings import Settings
-from server.users import UserService
+from server.wiring.app import make_app
+from server.adapters.http1 import make_http_server
+from server.wiring.services import Services
+from server.wiring.settings import Settings
+from server.domain.users import UserService
 from tests.conftest import make_settings
 from tests.realtime.cable_helpers import CableClient, ExtraNode, add_product, identifier
 
@@ -35,7 +35,7 @@ CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
 
 def commerce_app(services: Services) -> Application:
-    """The node's app with the cart/checkout routes (a no-op once server.app lists them)."""
+    """The node's app with the cart/checkout routes (a no-op once server.wiring.app lists them)."""
     app = make_app(services)
     deps = {"services": services}
     app.add_handlers(r".*$", cart_handlers.routes(deps) + checkout_handlers.routes(deps))

@@ -14,9 +14,9 @@ from typing import Any
 import psycopg2
 import pytest
 
-from server.checkout import CheckoutService, CheckoutSweeper
-from server.services import Services
-from server.settings import Settings
+from server.domain.checkout import CheckoutService, CheckoutSweeper
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.conftest import TEST_SECRET_KEY
 from tests.handlers import test_cart
 from tests.handlers.test_cart import call, make_user, ok, problem, start_node
@@ -357,9 +357,9 @@ async def test_sweeper_commits_stock_of_a_saga_that_died_after_its_order(
 
 _CHILD = """
 import asyncio, sys
-from server.checkout import CheckoutService
-from server.services import Services
-from server.settings import Settings
+from server.domain.checkout import CheckoutService
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 
 async def main() -> None:
     services = await Services.open(Settings())

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from server.services import Services
+from server.wiring.services import Services
 
 
 async def _get(http_client: Any, url: str) -> tuple[int, dict[str, Any]]:

@@ -14,10 +14,10 @@ import psycopg2
 import pytest
 from tornado.httpclient import HTTPResponse
 
-from server.catalog import CatalogService, encode_cursor
-from server.services import Services
-from server.settings import Settings
-from server.users import UserService
+from server.domain.catalog import CatalogService, encode_cursor
+from server.wiring.services import Services
+from server.wiring.settings import Settings
+from server.domain.users import UserService
 from tests.conftest import make_settings
 from tests.handlers.test_auth import call, problem
 from tests.realtime.cable_helpers import CableClient, ExtraNode, identifier

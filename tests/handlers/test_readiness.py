@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from server.infra import ValkeyServer
-from server.settings import Settings
+from server.wiring.infra import ValkeyServer
+from server.wiring.settings import Settings
 from tests.conftest import make_settings
 from tests.handlers.test_health import _get
 

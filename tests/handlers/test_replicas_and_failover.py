@@ -32,11 +32,11 @@ import psycopg2.errors
 import pytest
 from tornado.web import Application
 
-from server import infra
-from server.db.router import RouterCounters
-from server.infra import PostgresServer
-from server.services import Services
-from server.settings import Settings
+from server.wiring import infra
+from server.adapters.db.router import RouterCounters
+from server.wiring.infra import PostgresServer
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.conftest import _migrate, run_in_private_loop
 from tests.handlers import test_cart
 from tests.handlers.test_cart import call, commerce_app, commerce_settings, ok

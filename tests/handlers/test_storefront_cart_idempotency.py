@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from server.services import Services
-from server.settings import Settings
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.handlers.storefront_helpers import fetch, insert_products
 from tests.handlers.test_cart import commerce_settings, make_user
 

@@ -13,8 +13,8 @@ from typing import Any
 import brotli
 import pytest
 
-from server.compression import Compressor, choose_coding, etag_matches, parse_accept_encoding
-from server.settings import Settings
+from server.adapters.compression import Compressor, choose_coding, etag_matches, parse_accept_encoding
+from server.wiring.settings import Settings
 from tests.handlers.storefront_helpers import (
     build_dist,
     fetch,

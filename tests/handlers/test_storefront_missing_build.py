@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.settings import Settings
+from server.wiring.settings import Settings
 from tests.handlers.storefront_helpers import fetch, storefront_settings
 
 pytestmark = pytest.mark.usefixtures("clean_data")

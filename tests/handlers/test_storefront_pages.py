@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from server.fragments import STOCK_SLOT
-from server.purge import PurgeQueue
-from server.services import Services
-from server.settings import Settings
+from server.adapters.cache.fragments import STOCK_SLOT
+from server.adapters.purge import PurgeQueue
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.handlers.storefront_helpers import (
     Browser,
     build_dist,
@@ -480,7 +480,7 @@ async def test_nginx_purger_sends_purge_per_key() -> None:
     import tornado.web
     from tornado.netutil import bind_sockets
 
-    from server.purge import HttpPurgeFailed, NginxPurger
+    from server.adapters.purge import HttpPurgeFailed, NginxPurger
 
     seen: list[tuple[str, str]] = []
 

@@ -11,7 +11,7 @@ from typing import Any
 import brotli
 import pytest
 
-from server.settings import Settings
+from server.wiring.settings import Settings
 from tests.handlers.storefront_helpers import (
     APP_JS,
     PNG,

@@ -10,7 +10,7 @@ import psycopg2
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from server.settings import Settings
+from server.wiring.settings import Settings
 from tests.conftest import make_settings
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.images.intake import (
+from server.adapters.images.intake import (
     GIF,
     HEIF,
     JPEG,

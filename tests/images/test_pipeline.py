@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import pytest
 import pyvips
 
-from server.images.intake import IntakeLimits, probe
-from server.images.pipeline import FORMATS, SIZES, Encoding, decode, derive, encode
-from server.images.placeholder import MAX_PLACEHOLDER_CHARS, placeholder_data_url
-from server.images.workers import configure_libvips
+from server.adapters.images.intake import IntakeLimits, probe
+from server.adapters.images.pipeline import FORMATS, SIZES, Encoding, decode, derive, encode
+from server.adapters.images.placeholder import MAX_PLACEHOLDER_CHARS, placeholder_data_url
+from server.adapters.images.workers import configure_libvips
 from tests.images import samples
 from tests.images.photos import KINDS, photo
 

@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 import pytest
 import pyvips
 
-from server.images import ImagesBusy
-from server.services import Services
-from server.settings import Settings
+from server.adapters.images import ImagesBusy
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.conftest import make_settings
 from tests.handlers.test_auth import call, problem
 from tests.handlers.test_products import body, insert_products

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from server.settings import Settings
+from server.wiring.settings import Settings
 from tests.conftest import make_settings
 from tests.handlers.test_products import insert_products
 from tests.images.photos import photo_jpeg

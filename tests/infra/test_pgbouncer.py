@@ -1,4 +1,4 @@
-"""PgBouncer in transaction mode in front of the embedded PostgreSQL (``server.infra.pgbouncer``).
+"""PgBouncer in transaction mode in front of the embedded PostgreSQL (``server.wiring.infra.pgbouncer``).
 
 The statement-timeout tests run their own PostgreSQL and PgBouncer (a second PgBouncer behind
 the session's one would share server connections between its clients' settings). The session
@@ -18,18 +18,18 @@ import psycopg2.errors
 import psycopg2.extensions
 import pytest
 
-from server.db.pools import Database, PoolOptions, open_pool
-from server.db.router import ShardRouter
-from server.infra.common import pick_free_port
-from server.infra.pgbouncer import (
+from server.adapters.db.pools import Database, PoolOptions, open_pool
+from server.adapters.db.router import ShardRouter
+from server.wiring.infra.common import pick_free_port
+from server.wiring.infra.pgbouncer import (
     Backend,
     PgBouncer,
     backends_for,
     fronted_settings,
     pgbouncer_binary,
 )
-from server.infra.postgres import PostgresServer
-from server.infra.topology import InfraState, PgGroup, settings_for
+from server.wiring.infra.postgres import PostgresServer
+from server.wiring.infra.topology import InfraState, PgGroup, settings_for
 from tests.conftest import make_settings
 
 TIMEOUT_MS = 300

@@ -1,4 +1,4 @@
-"""Real-server tests for ``server.infra``: embedded PostgreSQL + Valkey topologies.
+"""Real-server tests for ``server.wiring.infra``: embedded PostgreSQL + Valkey topologies.
 
 Every fixture brings servers up in a pytest tmp dir and always calls ``down`` afterwards.
 When run as root, ``up`` itself adds ``o+x`` to the tmp dir's ancestors (e.g. the 0700
@@ -20,9 +20,9 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from server.infra import InfraError, PostgresServer, ValkeyServer, down, env_lines, up
-from server.infra.common import pick_free_port, pid_alive, wait_until
-from server.infra.valkey import parse_info, valkey_command
+from server.wiring.infra import InfraError, PostgresServer, ValkeyServer, down, env_lines, up
+from server.wiring.infra.common import pick_free_port, pid_alive, wait_until
+from server.wiring.infra.valkey import parse_info, valkey_command
 
 DATABASES = ["fm_catalog", *(f"fm_shard_{i}" for i in range(4))]
 

@@ -19,11 +19,11 @@ from tornado.httpclient import HTTPRequest
 from tornado.netutil import bind_sockets
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from server.app import make_app
-from server.http1 import HttpServerLike, make_http_server
-from server.infra import ValkeyServer
-from server.services import Services
-from server.settings import Settings
+from server.wiring.app import make_app
+from server.adapters.http1 import HttpServerLike, make_http_server
+from server.wiring.infra import ValkeyServer
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.conftest import make_settings
 
 JSON = "actioncable-v1-json"

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from server.settings import Settings
+from server.wiring.settings import Settings
 from tests.realtime.cable_helpers import ExtraNode, add_product
 
 

@@ -19,9 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient
 
-from server.infra import ValkeyServer
-from server.services import Services
-from server.settings import Settings
+from server.wiring.infra import ValkeyServer
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.conftest import make_settings
 from tests.realtime.cable_helpers import (
     MSGPACK,

@@ -32,10 +32,10 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from realtime.cable_codec import JsonCodec, disconnect
 from realtime.wsframe import encode_close
-from server.seed import seed_catalog
-from server.services import Services
-from server.settings import Settings
-from server.users import UserService
+from server.wiring.seed import seed_catalog
+from server.wiring.services import Services
+from server.wiring.settings import Settings
+from server.domain.users import UserService
 from tests.conftest import make_settings
 from tests.realtime.frames import client_frame
 

@@ -14,9 +14,9 @@ import redis
 from tornado.websocket import websocket_connect
 
 from realtime.broker import stream_keys
-from server.infra import ValkeyServer
-from server.services import Services
-from server.settings import Settings
+from server.wiring.infra import ValkeyServer
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.conftest import make_settings
 from tests.handlers.test_cart import make_user
 from tests.realtime.cable_helpers import (

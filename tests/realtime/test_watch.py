@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from realtime.cable import WatchOverflow
-from server.services import Services
-from server.settings import Settings
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.realtime.cable_helpers import ExtraNode
 
 

@@ -10,7 +10,7 @@ import psycopg2
 import pytest
 import uvloop
 
-import server.db.pools  # noqa: F401  (installs the fix, as the node does)
+import server.adapters.db.pools  # noqa: F401  (installs the fix, as the node does)
 
 
 def test_every_refused_connect_is_an_operational_error() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from server.cache import (
+from server.adapters.cache import (
     CachedLoader,
     CacheInvalidationListener,
     CacheStats,
@@ -20,9 +20,9 @@ from server.cache import (
     LocalLRU,
     should_refresh_early,
 )
-from server.cache import keys as cache_keys
-from server.redis_client import open_redis
-from server.settings import Settings
+from server.adapters.cache import keys as cache_keys
+from server.adapters.redis_client import open_redis
+from server.wiring.settings import Settings
 from tests.conftest import make_settings
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import tornado.web
 
-from server.settings import Settings
+from server.wiring.settings import Settings
 from tests.conftest import make_settings
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from server import jsontext
+from server.common import jsontext
 
 
 @pytest.mark.parametrize(

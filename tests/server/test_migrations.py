@@ -10,9 +10,9 @@ from typing import Any
 import psycopg2
 import pytest
 
-from server.db.migrate import migrate_all, migrate_database, migrations_for
-from server.db.pools import Database, PoolOptions, open_pool
-from server.settings import Settings
+from server.adapters.db.migrate import migrate_all, migrate_database, migrations_for
+from server.adapters.db.pools import Database, PoolOptions, open_pool
+from server.wiring.settings import Settings
 from tests.conftest import primary_dsns
 
 

@@ -24,8 +24,8 @@ from typing import Any
 import psycopg2
 import pytest
 
-from server.services import Services
-from server.settings import Settings
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.conftest import TEST_SECRET_KEY
 from tests.handlers.test_cart import commerce_settings
 from tests.handlers.test_checkout import accounting, buyer_with_cart

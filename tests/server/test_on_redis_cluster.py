@@ -22,11 +22,11 @@ import redis
 from redis.cluster import RedisCluster
 from tornado.httpclient import AsyncHTTPClient
 
-from server.infra import ValkeyServer, create_cluster
-from server.infra.common import pick_free_port
-from server.infra.valkey import CLUSTER_BUS_OFFSET, parse_info
-from server.services import Services
-from server.settings import Settings
+from server.wiring.infra import ValkeyServer, create_cluster
+from server.wiring.infra.common import pick_free_port
+from server.wiring.infra.valkey import CLUSTER_BUS_OFFSET, parse_info
+from server.wiring.services import Services
+from server.wiring.settings import Settings
 from tests.graphql.helpers import gql, result
 from tests.handlers.test_cart import (
     call,

@@ -28,7 +28,7 @@ from typing import Any
 import psycopg2
 import pytest
 
-from server import infra
+from server.wiring import infra
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 60.0

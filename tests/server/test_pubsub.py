@@ -12,8 +12,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from server.infra import ValkeyServer
-from server.pubsub import ResilientSubscription
+from server.wiring.infra import ValkeyServer
+from server.adapters.pubsub import ResilientSubscription
 from tests.realtime.cable_helpers import own_valkey
 
 

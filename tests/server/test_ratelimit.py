@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from server.ratelimit import Decision, LeasedRateLimiter, Limit, RateLimiter, limit_key
-from server.redis_client import open_redis
-from server.settings import Settings
+from server.adapters.ratelimit import Decision, LeasedRateLimiter, Limit, RateLimiter, limit_key
+from server.adapters.redis_client import open_redis
+from server.wiring.settings import Settings
 
 
 async def _with_limiter(settings: Settings) -> tuple[Any, RateLimiter]:

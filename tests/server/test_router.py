@@ -21,12 +21,12 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from server import infra
-from server.db.migrate import migrate_all
-from server.db.pools import Database, RolePools
-from server.db.router import PrimaryUnavailable, RecentWrites, ShardRouter, is_connection_error
-from server.infra import PostgresServer
-from server.settings import Settings
+from server.wiring import infra
+from server.adapters.db.migrate import migrate_all
+from server.adapters.db.pools import Database, RolePools
+from server.adapters.db.router import PrimaryUnavailable, RecentWrites, ShardRouter, is_connection_error
+from server.wiring.infra import PostgresServer
+from server.wiring.settings import Settings
 from tests.conftest import make_settings, run_in_private_loop
 
 pytestmark = pytest.mark.slow

@@ -5,10 +5,10 @@ from __future__ import annotations
 import psycopg2
 import pytest
 
-from server.db.pools import Database
-from server.demo_catalog import demo_products
-from server.seed import seed_catalog
-from server.settings import Settings
+from server.adapters.db.pools import Database
+from server.wiring.demo_catalog import demo_products
+from server.wiring.seed import seed_catalog
+from server.wiring.settings import Settings
 
 
 def test_demo_products_are_deterministic_and_plausible() -> None:

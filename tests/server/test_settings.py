@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import Settings, SettingsInvalid, load_settings, settings_table_markdown
+from server.wiring.settings import Settings, SettingsInvalid, load_settings, settings_table_markdown
 
 REQUIRED = {
     "FM_CATALOG_DSN": "postgresql://postgres@127.0.0.1:5432/fm_catalog",

@@ -9,11 +9,11 @@ from contextlib import asynccontextmanager
 import psycopg2
 import pytest
 
-from server.db.pools import Database, shard_index
-from server.db.router import ShardRouter
-from server.errors import Conflict, InvalidInput
-from server.settings import Settings
-from server.users import UserService
+from server.adapters.db.pools import Database, shard_index
+from server.adapters.db.router import ShardRouter
+from server.common.errors import Conflict, InvalidInput
+from server.wiring.settings import Settings
+from server.domain.users import UserService
 from tests.conftest import primary_dsns
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from server.cache import CachedLoader
+from server.adapters.cache import CachedLoader
 
 NS_FRAGMENT = "fragment"
 STOCK_SLOT = "<!--fm:stock-->"

@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 from prometheus_client.core import CounterMetricFamily
 
-from server.logs import get_logger
+from server.common.logs import get_logger
 
 _log = get_logger("finalmarket.purge")
 

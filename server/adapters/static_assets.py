@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 UNFINGERPRINTED = ("sw.js", "manifest.webmanifest")
 
 CONTENT_TYPES = {
