@@ -6,6 +6,7 @@ import secrets
 from typing import Any
 
 from pydantic import BaseModel, Field
+from tornado.web import RequestHandler
 
 from handlers.api import CSRF_COOKIE, SESSION_COOKIE, ApiHandler
 from handlers.gate import Gate
@@ -29,6 +30,27 @@ class SignIn(BaseModel):
     password: str = Field(min_length=1, max_length=1024)
 
 
+def set_session_cookies(handler: RequestHandler, token: str, secure: bool) -> None:
+    """Set the HTTP-only session cookie and the script-readable CSRF cookie (shared by the
+    REST sign-up/sign-in and the storefront's forms)."""
+    handler.set_cookie(
+        SESSION_COOKIE,
+        token,
+        httponly=True,
+        secure=secure,
+        samesite="Lax",
+        expires_days=SESSION_TTL_S / 86400,
+    )
+    # Readable by the page's script, which echoes it in X-CSRF-Token (double submit).
+    handler.set_cookie(
+        CSRF_COOKIE,
+        secrets.token_urlsafe(24),
+        secure=secure,
+        samesite="Lax",
+        expires_days=SESSION_TTL_S / 86400,
+    )
+
+
 class _UsersHandler(ApiHandler):
     """Handlers of accounts: they get the node's `UserService`."""
 
@@ -44,23 +66,7 @@ class _SessionIssuer(_UsersHandler):
 
     async def issue(self, user: User, status: int) -> None:
         token = await self.gate.sessions.create(user.id, user.is_admin)
-        secure = self.gate.cookie_secure
-        self.set_cookie(
-            SESSION_COOKIE,
-            token,
-            httponly=True,
-            secure=secure,
-            samesite="Lax",
-            expires_days=SESSION_TTL_S / 86400,
-        )
-        # Readable by the page's script, which echoes it in X-CSRF-Token (double submit).
-        self.set_cookie(
-            CSRF_COOKIE,
-            secrets.token_urlsafe(24),
-            secure=secure,
-            samesite="Lax",
-            expires_days=SESSION_TTL_S / 86400,
-        )
+        set_session_cookies(self, token, self.gate.cookie_secure)
         self.write_json({"user": user.to_dict(), "token": token}, status=status)
 
 

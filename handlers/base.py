@@ -14,6 +14,7 @@ import structlog
 import tornado.web
 
 from handlers.gate import Gate
+from server.adapters.compression import etag_matches
 from server.adapters.faults import as_domain_error
 from server.common.errors import (
     Conflict,
@@ -105,6 +106,13 @@ class BaseHandler(tornado.web.RequestHandler):
             self._counted_in_flight = False
         structlog.contextvars.unbind_contextvars("request_id")
 
+    def check_etag_header(self) -> bool:
+        """Tornado's automatic 304, also for the compressed forms of the ETag (`-br`, `-gz`)
+        that the compression transform sends."""
+        etag = self._headers.get("Etag") or ""
+        header = self.request.headers.get("If-None-Match", "")
+        return bool(etag and header) and etag_matches(header, etag)
+
     def write_json(self, body: Any, status: int = 200) -> None:
         """Send `body` as JSON."""
         self.set_status(status)
@@ -123,11 +131,10 @@ class BaseHandler(tornado.web.RequestHandler):
         else:
             super().log_exception(typ, value, tb)
 
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """The single exit for errors: RFC 9457 problem details, tracebacks only in debug.
-
-        A domain error (or a driver failure the adapters map to one) is rendered as the problem
-        of its kind, with its status."""
+    def answer_of(self, status_code: int, kwargs: dict[str, Any]) -> tuple[Any, int]:
+        """The exception `send_error` was given and the status to answer with: a domain error
+        (or a driver failure the adapters map to one) becomes the problem of its kind, with its
+        status, and its traceback is dropped (an answer, not a failure)."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if exc is not None and not isinstance(exc, tornado.web.HTTPError):
             domain = as_domain_error(exc)
@@ -135,7 +142,15 @@ class BaseHandler(tornado.web.RequestHandler):
                 exc = problem_from(domain)
                 status_code = exc.status_code
                 self.set_status(status_code)
-                kwargs.pop("exc_info")  # an answer, not a failure: no traceback even in debug
+                kwargs.pop("exc_info")
+        return exc, status_code
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """The single exit for errors: RFC 9457 problem details, tracebacks only in debug.
+
+        A domain error (or a driver failure the adapters map to one) is rendered as the problem
+        of its kind, with its status."""
+        exc, status_code = self.answer_of(status_code, kwargs)
         problem: dict[str, Any]
         if isinstance(exc, ApiError):
             problem = {

@@ -10,9 +10,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from handlers.api import ApiHandler
 from handlers.gate import Gate
+from handlers.idempotent import IDEMPOTENCY_HEADER, IdempotentHandler
 from handlers.openapi import Operation
+from server.adapters.idempotency import IdempotencyStore
 from server.domain.carts import MAX_ID, MAX_QUANTITY, MIN_QUANTITY, CartService
 
 
@@ -39,6 +40,11 @@ def require_int(value: Any) -> Any:
     return value
 
 
+IDEMPOTENT_CHANGE = {
+    IDEMPOTENCY_HEADER: "optional, 1..255 characters: a replay by the same user within 24 h "
+    "answers the first answer and does not apply again (offline replays)"
+}
+
 Id = Annotated[int, BeforeValidator(parse_id)]
 Quantity = Annotated[int, BeforeValidator(require_int), Field(ge=MIN_QUANTITY, le=MAX_QUANTITY)]
 
@@ -60,13 +66,16 @@ class SetQuantity(BaseModel):
     quantity: Quantity
 
 
-class _CartBase(ApiHandler):
-    """Handlers of the caller's cart: they get the node's `CartService`."""
+class _CartBase(IdempotentHandler):
+    """Handlers of the caller's cart: they get the node's `CartService` and the store of cart
+    idempotency keys."""
 
     carts: CartService
 
-    def initialize(self, gate: Gate, carts: CartService) -> None:  # type: ignore[override]
-        super().initialize(gate)
+    def initialize(  # type: ignore[override]
+        self, gate: Gate, idempotency: IdempotencyStore, carts: CartService
+    ) -> None:
+        super().initialize(gate, idempotency)
         self.carts = carts
 
 
@@ -90,14 +99,18 @@ class CartItemsHandler(_CartBase):
             "Add units of a product at its current price; answers the Cart",
             body=AddItem,
             auth="user",
-            problems={404: "unknown product"},
+            headers=IDEMPOTENT_CHANGE,
+            problems={404: "unknown product", 409: "the same Idempotency-Key is in flight"},
         )
     }
 
     async def post(self) -> None:
         session = self.require_user()
         body = self.json_body(AddItem)
-        self.write_json(await self.carts.add_item(session.user_id, body.product_id, body.quantity))
+        await self.run_idempotent(
+            session.user_id,
+            lambda: self.carts.add_item(session.user_id, body.product_id, body.quantity),
+        )
 
 
 class CartItemHandler(_CartBase):
@@ -109,11 +122,13 @@ class CartItemHandler(_CartBase):
             "Set a line's quantity (takes the current price); answers the Cart",
             body=SetQuantity,
             auth="user",
+            headers=IDEMPOTENT_CHANGE,
             problems={404: "the product is not in the cart"},
         ),
         "DELETE": Operation(
             "Remove a line; answers the Cart",
             auth="user",
+            headers=IDEMPOTENT_CHANGE,
             problems={404: "the product is not in the cart"},
         ),
     }
@@ -121,17 +136,21 @@ class CartItemHandler(_CartBase):
     async def patch(self, product_id: str) -> None:
         session = self.require_user()
         body = self.json_body(SetQuantity)
-        cart = await self.carts.set_quantity(session.user_id, int(product_id), body.quantity)
-        self.write_json(cart)
+        await self.run_idempotent(
+            session.user_id,
+            lambda: self.carts.set_quantity(session.user_id, int(product_id), body.quantity),
+        )
 
     async def delete(self, product_id: str) -> None:
         session = self.require_user()
-        self.write_json(await self.carts.remove_item(session.user_id, int(product_id)))
+        await self.run_idempotent(
+            session.user_id, lambda: self.carts.remove_item(session.user_id, int(product_id))
+        )
 
 
-def routes(gate: Gate, carts: CartService) -> list[Any]:
+def routes(gate: Gate, idempotency: IdempotencyStore, carts: CartService) -> list[Any]:
     """The cart routes, for `server.wiring.app.make_app`."""
-    args = {"gate": gate, "carts": carts}
+    args = {"gate": gate, "idempotency": idempotency, "carts": carts}
     return [
         (r"/api/v1/cart", CartHandler, args),
         (r"/api/v1/cart/items", CartItemsHandler, args),

@@ -80,7 +80,7 @@ def _operation(op: Operation, path: str, schemas: dict[str, Any]) -> dict[str, A
         {
             "name": name,
             "in": "header",
-            "required": True,
+            "required": not text.startswith("optional"),
             "description": text,
             "schema": {"type": "string"},
         }

@@ -20,6 +20,7 @@ from handlers.api import ApiHandler
 from handlers.base import ApiError
 from handlers.gate import Gate
 from handlers.openapi import Operation
+from server.adapters.compression import etag_matches
 from server.common.errors import InvalidInput
 from server.domain.catalog import (
     MAX_DESCRIPTION_CHARS,
@@ -122,10 +123,9 @@ def product_id_of(raw: str) -> int:
 
 
 def _etag_matches(header: str, etag: str) -> bool:
-    """`If-None-Match` (weak comparison, RFC 9110 13.1.2) against our ETag."""
-    if header.strip() == "*":
-        return True
-    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
+    """`If-None-Match` (weak comparison, RFC 9110 13.1.2) against our ETag, its compressed
+    forms (`"<etag>-br"`, `"<etag>-gz"`, see handlers/compression.py) included."""
+    return etag_matches(header, etag)
 
 
 class _CatalogHandler(ApiHandler):

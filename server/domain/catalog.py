@@ -43,6 +43,7 @@ import psycopg2.errors
 
 from server.adapters.cache import NS_PRODUCT, NS_PRODUCT_LIST, CachedLoader
 from server.adapters.db.router import ShardRouter
+from server.adapters.purge import LIST_KEY, product_key
 from server.common.errors import InvalidInput, NotFound
 from server.common.logs import get_logger
 from server.domain.events import Publish, StockChanged
@@ -69,6 +70,8 @@ __all__ = [
 
 _log = get_logger("finalmarket.catalog")
 
+# Tells the edge caches which pages changed (surrogate keys); see server/adapters/purge.py.
+Purge = Callable[[Sequence[str]], None]
 
 MAX_PRODUCT_ID = 2**63 - 1
 MAX_NAME_CHARS = 200
@@ -377,7 +380,9 @@ class CatalogService:
     """Products for readers (rendered, cached) and admins (writes that invalidate and announce).
 
     `publish(stream, message)` sends an inventory event to the realtime hub; the node passes
-    `services.cable.publish`. One instance per node: its `LiveStock` is the node's stock cache.
+    `services.cable.publish`. `purge(keys)` is told the surrogate keys of the pages a write
+    changed (`product-<id>`, `products`); the node passes its `PurgeQueue.submit`.
+    One instance per node: its `LiveStock` is the node's stock cache.
     """
 
     def __init__(
@@ -389,10 +394,12 @@ class CatalogService:
         product_ttl_s: float = PRODUCT_TTL_S,
         list_ttl_s: float = LIST_TTL_S,
         stock_fresh_s: float = STOCK_FRESH_S,
+        purge: Purge | None = None,
     ) -> None:
         self.router = router
         self.cache = cache
         self._publish = publish
+        self._purge = purge
         self.product_ttl_s = product_ttl_s
         self.list_ttl_s = list_ttl_s
         self.counters = CatalogCounters()
@@ -434,6 +441,22 @@ class CatalogService:
             NS_PRODUCT, str(product_id), load, self.product_ttl_s
         )
         return head, digest
+
+    async def product_entry(self, product_id: int) -> tuple[dict[str, Any], str]:
+        """One product as a dict **without** `stock` (shared: do not change it) and the digest
+        of its cached entry, which changes exactly when a write bumps the product: a version
+        for whatever is derived from it (the storefront's HTML fragments). `NotFound`."""
+        check_product_id(product_id)
+        head, digest = await self._cached_head(product_id)
+        return self._decoded(head), digest
+
+    async def list_entries(
+        self, first: int | None = None, after: str | None = None, q: str | None = None
+    ) -> tuple[list[tuple[dict[str, Any], str]], str | None]:
+        """A list page as (product dict without `stock`, entry digest) pairs and the next
+        cursor (see `product_entry`, `list_page`)."""
+        _key, _ids, heads, next_cursor = await self._cached_list(first, after, q)
+        return [(self._decoded(head), _digest(head)) for head in heads], next_cursor
 
     async def list_page(
         self, first: int | None = None, after: str | None = None, q: str | None = None
@@ -626,6 +649,7 @@ class CatalogService:
             row = await cur.fetchone()
         # A new id has no cached entry (misses are not cached), so only the lists change.
         await self._bump(NS_PRODUCT_LIST)
+        self._purge_edge(None)
         return self._product_of(row)
 
     async def update_product(
@@ -657,6 +681,7 @@ class CatalogService:
             row = await cur.fetchone()
         await self._bump(NS_PRODUCT, str(product_id))
         await self._bump(NS_PRODUCT_LIST)
+        self._purge_edge(product_id)
         return self._product_of(row)
 
     async def change_stock(
@@ -681,6 +706,7 @@ class CatalogService:
                 raise InvalidInput("delta must not be 0", field="delta")
         stock = await change_stock(self.router, product_id, delta=delta, set_to=set, actor=actor)
         self.stock.changed(product_id, stock)
+        self._purge_edge(product_id)  # pages show the count (cached up to their s-maxage)
         event = StockChanged(product_id, stock)
         try:
             await self._publish(event.stream, event.to_message())
@@ -740,6 +766,7 @@ class CatalogService:
             return existing, False
         await self._bump(NS_PRODUCT, str(product_id))
         await self._bump(NS_PRODUCT_LIST)
+        self._purge_edge(product_id)
         return dict(row[0]), True
 
     # --- helpers ------------------------------------------------------------------------------
@@ -749,6 +776,16 @@ class CatalogService:
         _, head, stock = _head(row)
         product: dict[str, Any] = json.loads(_with_stock(head, stock))
         return product
+
+    def _purge_edge(self, product_id: int | None) -> None:
+        """Tell the edge the pages of `product_id` (None: only list pages) changed."""
+        if self._purge is None:
+            return
+        keys = [LIST_KEY] if product_id is None else [product_key(product_id), LIST_KEY]
+        try:
+            self._purge(keys)
+        except Exception as exc:  # the write stands; the pages expire by their s-maxage
+            _log.warning("edge_purge_submit_failed", keys=keys, error=repr(exc))
 
     async def _bump(self, ns: str, key: str | None = None) -> None:
         """Invalidate after a commit. If Redis is down the write still stands: this node drops

@@ -14,11 +14,17 @@ from handlers import graphql as graphql_handlers
 from handlers import health as health_handlers
 from handlers import images as image_handlers
 from handlers import products
-from handlers.base import BaseHandler, NotFoundHandler
+from handlers import static_files as static_handlers
+from handlers import storefront as storefront_handlers
+from handlers.base import BaseHandler
 from handlers.cable import CableHandler
+from handlers.compression import compression_transform
 from handlers.gate import Gate
 from handlers.health import NodeHealth
 from handlers.openapi import OpenApiHandler
+from handlers.pages import PageCaching, Storefront
+from server.adapters.compression import Compressor
+from server.adapters.idempotency import IdempotencyStore
 from server.adapters.readiness import unready_reasons
 from server.common.logs import get_logger
 from server.wiring.metrics import NodeMetrics
@@ -51,25 +57,57 @@ def make_app(services: Services) -> tornado.web.Application:
         render_metrics=metrics.render,
     )
     only_gate = {"gate": gate}
+    settings = services.settings
+    storefront = Storefront(
+        services.cache,
+        static_dir=settings.static_dir,
+        fragment_ttl_s=settings.fragment_ttl_s,
+        caching=PageCaching(
+            s_maxage_s=settings.html_s_maxage_s,
+            stale_while_revalidate_s=settings.html_stale_while_revalidate_s,
+            stale_if_error_s=settings.html_stale_if_error_s,
+        ),
+    )
+    shop = storefront_handlers.Shop(
+        catalog=services.catalog,
+        carts=services.carts,
+        checkout=services.checkout,
+        orders=services.orders,
+        users=services.users,
+    )
+    cart_keys = IdempotencyStore(services.redis, "cart", settings.cart_idempotency_ttl_s)
     routes: list[Any] = [
         *health_handlers.routes(gate, health),
         (r"/cable", CableHandler, {"gate": gate, "cable": services.cable}),
         *graphql_handlers.routes(gate, services.graphql, services.graphql_ws),
         *auth_handlers.routes(gate, services.users),
         *products.routes(gate, services.catalog),
-        *cart_handlers.routes(gate, services.carts),
+        *cart_handlers.routes(gate, cart_keys, services.carts),
         *checkout_handlers.routes(gate, services.checkout, services.orders, services.notifications),
         *image_handlers.routes(gate, services.images),
         (r"/api/v1/openapi\.json", OpenApiHandler, only_gate),
+        *storefront_handlers.routes(gate, storefront, shop),
+        *static_handlers.routes(gate, storefront),
     ]
-    return tornado.web.Application(
+    app = tornado.web.Application(
         routes,
-        default_handler_class=NotFoundHandler,
-        default_handler_args=only_gate,
+        default_handler_class=storefront_handlers.StorefrontNotFoundHandler,
+        default_handler_args={"gate": gate, "storefront": storefront},
         log_function=lambda handler: _log_request(handler, metrics),
         serve_traceback=services.settings.debug,
-        compress_response=False,
+        compress_response=False,  # ours below: Brotli and gzip, cached bodies compressed once
     )
+    compressor = Compressor(
+        min_bytes=settings.compress_min_bytes,
+        brotli_quality=settings.compress_brotli_quality,
+        gzip_level=settings.compress_gzip_level,
+        cache_entries=settings.compress_cache_entries,
+    )
+    app.add_transform(compression_transform(compressor))
+    # Reachable for tests and tools; handlers get what they need through their routes.
+    app.settings["storefront"] = storefront
+    app.settings["compressor"] = compressor
+    return app
 
 
 def _route_name(handler: tornado.web.RequestHandler) -> str:

@@ -13,6 +13,7 @@ from server.adapters.cache import CachedLoader, CacheInvalidationListener, Cache
 from server.adapters.db.pools import Database
 from server.adapters.db.router import ShardRouter
 from server.adapters.images import ImageWorkers, IntakeLimits, open_storage
+from server.adapters.purge import PurgeQueue, PurgeStatsCollector, make_purger
 from server.adapters.ratelimit import LeasedRateLimiter, Limit, RateLimiter
 from server.adapters.sessions import SessionStore
 from server.common.lifecycle import NodeState
@@ -69,6 +70,7 @@ class Services:
     checkout: CheckoutService
     orders: OrderService
     notifications: NotificationService
+    purges: PurgeQueue
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     state: NodeState = field(default_factory=NodeState)
     # Built by `open` once the rest exists (resolvers reach the services through it).
@@ -82,6 +84,7 @@ class Services:
         self.metrics.registry.register(CacheStatsCollector(self.cache.all_stats))
         self.metrics.registry.register(CableStatsCollector(self.cable))
         self.metrics.registry.register(DataStatsCollector(self.router, self.catalog))
+        self.metrics.registry.register(PurgeStatsCollector(self.purges))
 
     @classmethod
     async def open(cls, settings: Settings) -> Services:
@@ -116,11 +119,16 @@ class Services:
             local_max_entries=settings.cache_local_max_entries,
             local_max_staleness_s=settings.cache_local_max_staleness_s,
         )
+        purges = PurgeQueue(
+            make_purger(settings.edge_purge, settings.edge_purge_url),
+            settings.edge_purge_queue_limit,
+        )
         catalog = CatalogService(
             router,
             cache,
             cable.publish,
             stock_fresh_s=min(STOCK_FRESH_S, settings.cache_local_max_staleness_s),
+            purge=purges.submit,
         )
         images = ImageService(
             catalog,
@@ -155,6 +163,7 @@ class Services:
             checkout=CheckoutService(router, cable.publish),
             orders=OrderService(router),
             notifications=NotificationService(router, cable.publish),
+            purges=purges,
         )
         graphql = GraphQLService(
             GraphQLDomain(
@@ -202,6 +211,7 @@ class Services:
         self.cache_listener.start()
         self.sweeper.start()
         self.graphql_ws.start()
+        self.purges.start()
 
     async def close(self) -> None:
         """Stop background work, release pools and Redis connections.
@@ -214,6 +224,7 @@ class Services:
             ("cable", self.cable.stop),
             ("cache_listener", self.cache_listener.stop),
             ("images", self.images.aclose),
+            ("edge_purges", self.purges.stop),
             ("cache", self.cache.aclose),
             ("router", self.router.close),
         ):

@@ -16,7 +16,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -547,12 +553,123 @@ class Settings(BaseSettings):
         json_schema_extra=_group("images"),
     )
 
+    # --- storefront -----------------------------------------------------------------------------
+    static_dir: str = Field(
+        "static/dist",
+        min_length=1,
+        description="Directory of the built storefront assets (`scripts/build-assets` writes "
+        "`static/dist`; relative paths: from the project root). Read once at start-up; without "
+        "its `manifest.json` the API still serves, but pages and assets answer 500 saying to "
+        "run `scripts/build-assets`.",
+        json_schema_extra=_group("storefront"),
+    )
+    html_s_maxage_s: int = Field(
+        30,
+        ge=0,
+        le=86400,
+        description="`s-maxage` of the cacheable storefront pages (`/`, `/products/{id}`, "
+        "`/offline`): how long a shared cache may serve them, and so how old their stock "
+        "count may be (browsers always revalidate: `max-age=0`).",
+        json_schema_extra=_group("storefront"),
+    )
+    html_stale_while_revalidate_s: int = Field(
+        60,
+        ge=0,
+        le=86400,
+        description="`stale-while-revalidate` of the cacheable pages.",
+        json_schema_extra=_group("storefront"),
+    )
+    html_stale_if_error_s: int = Field(
+        86400,
+        ge=0,
+        le=30 * 86400,
+        description="`stale-if-error` of the cacheable pages: how long an edge may keep "
+        "serving them while the nodes fail.",
+        json_schema_extra=_group("storefront"),
+    )
+    fragment_ttl_s: float = Field(
+        3600.0,
+        gt=0,
+        le=86400,
+        description="Redis lifetime of a rendered product card or product body (HTML "
+        "fragments, keyed by the product's cached version, so edits never wait for it).",
+        json_schema_extra=_group("storefront"),
+    )
+    compress_min_bytes: int = Field(
+        1024,
+        ge=0,
+        description="Smallest dynamic text response (HTML, JSON, problems) compressed with "
+        "Brotli or gzip, by `Accept-Encoding`; smaller ones go as they are.",
+        json_schema_extra=_group("storefront"),
+    )
+    compress_brotli_quality: int = Field(
+        5,
+        ge=0,
+        le=11,
+        description="Brotli quality of dynamic responses (5: ~190 µs for a 45 KiB list page, "
+        "within 15% of quality 11's size at 1/250 of its time; measurements in "
+        "server/compression.py). Cached bodies are compressed once, whatever the quality.",
+        json_schema_extra=_group("storefront"),
+    )
+    compress_gzip_level: int = Field(
+        6,
+        ge=1,
+        le=9,
+        description="gzip level of dynamic responses (for clients without Brotli).",
+        json_schema_extra=_group("storefront"),
+    )
+    compress_cache_entries: int = Field(
+        2048,
+        ge=0,
+        le=1_000_000,
+        description="Compressed bodies of cached responses (named by their strong ETag) kept "
+        "per node, so a hot cached read is compressed once, not per request (0: none kept).",
+        json_schema_extra=_group("storefront"),
+    )
+    edge_purge: Literal["log", "nginx"] = Field(
+        "log",
+        description="What catalog writes tell the edge cache: `log` (a structured "
+        "`edge_purge` line with the surrogate keys) or `nginx` (an HTTP `PURGE` per key to "
+        "`FM_EDGE_PURGE_URL`).",
+        json_schema_extra=_group("storefront"),
+    )
+    edge_purge_url: str | None = Field(
+        None,
+        description="Purge URL template for `FM_EDGE_PURGE=nginx`, with `{key}` for the "
+        "surrogate key, e.g. `http://127.0.0.1:8080/purge/{key}`.",
+        json_schema_extra=_group("storefront"),
+    )
+    edge_purge_queue_limit: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Purge batches queued for the background purger; beyond it they are "
+        "dropped (logged and counted; pages then expire by `s-maxage`).",
+        json_schema_extra=_group("storefront"),
+    )
+    cart_idempotency_ttl_s: int = Field(
+        86400,
+        ge=60,
+        le=7 * 86400,
+        description="How long a cart change's `Idempotency-Key` and its answer are kept, "
+        "so an offline replay within it applies once.",
+        json_schema_extra=_group("storefront"),
+    )
+
     @field_validator("secret_key")
     @classmethod
     def _secret_key_long_enough(cls, value: SecretStr) -> SecretStr:
         if len(value.get_secret_value()) < MIN_SECRET_KEY_CHARS:
             raise ValueError(f"must be at least {MIN_SECRET_KEY_CHARS} characters")
         return value
+
+    @model_validator(mode="after")
+    def _purge_url_for_nginx(self) -> Settings:
+        if self.edge_purge == "nginx" and "{key}" not in (self.edge_purge_url or ""):
+            raise ValueError(
+                "FM_EDGE_PURGE=nginx needs FM_EDGE_PURGE_URL, a URL template with {key}"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,93 @@
+"""`Idempotency-Key` on the cart's change endpoints (see `server.adapters.idempotency`).
+
+A handler runs its change through `await self.run_idempotent(work)` after validating the
+request: without the header `work()` just runs; with it the key is claimed first, a replay is
+answered with the stored answer (and `Idempotent-Replayed: true`) without running `work`, and
+a fresh claim runs `work()`, stores its answer under the key and sends it. A `work()` that
+fails releases the key, so the client's retry runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from handlers.api import ApiHandler
+from handlers.base import ApiError
+from handlers.gate import Gate
+from server.adapters.idempotency import (
+    MAX_KEY_CHARS,
+    IdempotencyStore,
+    InProgress,
+    KeyReused,
+    fingerprint,
+)
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+class IdempotentHandler(ApiHandler):
+    """Parent of handlers whose changes honour an optional `Idempotency-Key`."""
+
+    idempotency: IdempotencyStore
+
+    def initialize(self, gate: Gate, idempotency: IdempotencyStore) -> None:  # type: ignore[override]
+        super().initialize(gate)
+        self.idempotency = idempotency
+
+    def idempotency_key(self) -> str | None:
+        """The request's `Idempotency-Key`, None without one; a 400 problem if malformed."""
+        key = self.request.headers.get(IDEMPOTENCY_HEADER)
+        if key is None:
+            return None
+        if not 1 <= len(key) <= MAX_KEY_CHARS or not key.isprintable():
+            raise ApiError(
+                400,
+                "invalid-idempotency-key",
+                f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_KEY_CHARS} printable characters",
+                field=IDEMPOTENCY_HEADER,
+            )
+        return key
+
+    async def run_idempotent(
+        self, user_id: int, work: Callable[[], Awaitable[Any]], status: int = 200
+    ) -> None:
+        """Answer with `await work()` as JSON, applying it at most once per key."""
+        key = self.idempotency_key()
+        if key is None:
+            self.write_json(await work(), status=status)
+            return
+        store = self.idempotency
+        request_fingerprint = fingerprint(
+            self.request.method or "", self.request.path, self.request.body or b""
+        )
+        try:
+            stored = await store.claim(user_id, key, request_fingerprint)
+        except InProgress:
+            raise ApiError(
+                409,
+                "idempotent-request-in-progress",
+                f"a request with this {IDEMPOTENCY_HEADER} is still running; retry",
+                headers={"Retry-After": "1"},
+            ) from None
+        except KeyReused:
+            raise ApiError(
+                422,
+                "idempotency-key-reused",
+                f"this {IDEMPOTENCY_HEADER} was used for a different request",
+                field=IDEMPOTENCY_HEADER,
+            ) from None
+        if stored is not None:
+            self.set_header(REPLAYED_HEADER, "true")
+            self.write_json(stored.body, status=stored.status)
+            return
+        try:
+            body = await work()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await store.release(user_id, key)
+            raise
+        await store.store(user_id, key, request_fingerprint, status, body)
+        self.write_json(body, status=status)

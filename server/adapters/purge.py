@@ -1,0 +1,198 @@
+"""Edge cache purges: tell the HTTP caches in front of the nodes which pages changed.
+
+Cacheable storefront pages carry `Surrogate-Key`/`Cache-Tag` headers naming what they show
+(`product-42`, and `products` on list pages). After a catalog write that changes a page (a
+product's fields, a new image, a stock change by an admin), `CatalogService` calls the purge
+callable it was given with those keys, like it calls `publish`: the catalog knows no HTTP.
+
+That callable is `PurgeQueue.submit`: fire-and-forget for the writer (it never waits for an
+edge and never fails a write), but owned by the node: a bounded queue drained by one
+background task that the node starts and stops. A full queue drops the keys (counted and
+logged; the pages then live until their `s-maxage`, the bound a lost purge costs anyway), and
+a purge that fails is logged and counted, not retried.
+
+Purgers, chosen by `FM_EDGE_PURGE`:
+
+- `log` (default): logs `edge_purge` with the keys, one structured line per batch;
+- `nginx`: one HTTP `PURGE` request per key to `FM_EDGE_PURGE_URL` (a template with `{key}`),
+  for an nginx with a cache-purge location (ngx_cache_purge, or a `proxy_cache_bypass` map
+  keyed on the method);
+- a CDN (Fastly's `POST /service/<id>/purge` with `Surrogate-Key`, Cloudflare's
+  `purge_cache` with `tags`): implement `Purger.purge` with that API's request and add a
+  choice to `FM_EDGE_PURGE`. Not shipped: there is no CDN account to test one against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import quote
+
+from prometheus_client.core import CounterMetricFamily
+
+from server.common.logs import get_logger
+
+_log = get_logger("finalmarket.purge")
+
+LIST_KEY = "products"
+
+
+def product_key(product_id: int | str) -> str:
+    """The surrogate key of one product's pages."""
+    return f"product-{product_id}"
+
+
+class Purger(Protocol):
+    """Removes the edge's cached pages tagged with any of `keys`."""
+
+    async def purge(self, keys: Sequence[str]) -> None:
+        """Purge `keys`; raise on failure (the queue logs and counts it)."""
+        ...
+
+
+class LogPurger:
+    """Logs the keys (structured: `edge_purge keys=[...]`); no edge is told anything."""
+
+    async def purge(self, keys: Sequence[str]) -> None:
+        """Write one log line naming `keys`."""
+        _log.info("edge_purge", keys=list(keys), purger="log")
+
+
+class HttpPurgeFailed(RuntimeError):
+    """The edge answered a purge with something other than 2xx or 404 (404: nothing cached)."""
+
+
+class NginxPurger:
+    """Sends `PURGE <url>` per key, the URL made from `url_template` (`{key}` replaced)."""
+
+    def __init__(self, url_template: str, timeout_s: float = 2.0) -> None:
+        if "{key}" not in url_template:
+            raise ValueError("the nginx purge URL template needs a {key} placeholder")
+        self.url_template = url_template
+        self.timeout_s = timeout_s
+
+    def url_for(self, key: str) -> str:
+        """The purge URL of one key."""
+        return self.url_template.replace("{key}", quote(key, safe=""))
+
+    async def purge(self, keys: Sequence[str]) -> None:
+        """One request per key, in order; the first failure raises after trying them all."""
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+        client = AsyncHTTPClient()
+        failures: list[str] = []
+        for key in keys:
+            url = self.url_for(key)
+            try:
+                await client.fetch(
+                    url,
+                    method="PURGE",
+                    allow_nonstandard_methods=True,
+                    request_timeout=self.timeout_s,
+                    connect_timeout=self.timeout_s,
+                )
+            except HTTPClientError as exc:
+                if exc.code != 404:
+                    failures.append(f"{url}: {exc.code}")
+            except OSError as exc:
+                failures.append(f"{url}: {exc!r}")
+        if failures:
+            raise HttpPurgeFailed("; ".join(failures))
+
+
+@dataclass(slots=True)
+class PurgeStats:
+    """What the queue did (tests and `/metrics`)."""
+
+    submitted: int = 0  # batches accepted
+    purged: int = 0  # batches the purger finished
+    failed: int = 0  # batches the purger raised on
+    dropped: int = 0  # batches refused because the queue was full
+
+
+class PurgeQueue:
+    """A bounded queue of key batches and the task that hands them to a `Purger`."""
+
+    def __init__(self, purger: Purger, max_batches: int = 1000) -> None:
+        self.purger = purger
+        self.stats = PurgeStats()
+        self._queue: asyncio.Queue[tuple[str, ...]] = asyncio.Queue(max_batches)
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, keys: Sequence[str]) -> None:
+        """Queue `keys` for purging and return at once (drops them, logged, when full)."""
+        batch = tuple(dict.fromkeys(keys))
+        if not batch:
+            return
+        try:
+            self._queue.put_nowait(batch)
+        except asyncio.QueueFull:
+            self.stats.dropped += 1
+            _log.warning("edge_purge_dropped", keys=list(batch), reason="queue full")
+            return
+        self.stats.submitted += 1
+
+    def start(self) -> None:
+        """Start draining (on the node's loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def stop(self) -> None:
+        """Purge what is queued (briefly), then stop the task."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), 1.0)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def wait_idle(self) -> None:
+        """Wait until every queued batch was handed to the purger (tests)."""
+        await self._queue.join()
+
+    async def _drain(self) -> None:
+        while True:
+            batch = await self._queue.get()
+            try:
+                await self.purger.purge(batch)
+                self.stats.purged += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.stats.failed += 1
+                _log.warning("edge_purge_failed", keys=list(batch), error=repr(exc))
+            finally:
+                self._queue.task_done()
+
+
+def make_purger(kind: str, url_template: str | None) -> Purger:
+    """The purger `FM_EDGE_PURGE` names."""
+    if kind == "log":
+        return LogPurger()
+    if kind == "nginx":
+        if not url_template:
+            raise ValueError("FM_EDGE_PURGE=nginx needs FM_EDGE_PURGE_URL")
+        return NginxPurger(url_template)
+    raise ValueError(f"unknown edge purger {kind!r}")
+
+
+class PurgeStatsCollector:
+    """`/metrics` export of a queue's counters: `fm_edge_purges_total{outcome}`."""
+
+    def __init__(self, queue: PurgeQueue) -> None:
+        self._queue = queue
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """The counters as one family labelled by outcome."""
+        family = CounterMetricFamily(
+            "fm_edge_purges", "Edge purge batches, by outcome.", labels=["outcome"]
+        )
+        stats = self._queue.stats
+        for outcome in ("submitted", "purged", "failed", "dropped"):
+            family.add_metric([outcome], getattr(stats, outcome))
+        yield family
