@@ -14,9 +14,8 @@ a purge that fails is logged and counted, not retried.
 Purgers, chosen by `FM_EDGE_PURGE`:
 
 - `log` (default): logs `edge_purge` with the keys, one structured line per batch;
-- `nginx`: one HTTP `PURGE` request per key to `FM_EDGE_PURGE_URL` (a template with `{key}`),
-  for an nginx with a cache-purge location (ngx_cache_purge, or a `proxy_cache_bypass` map
-  keyed on the method);
+- `nginx`: the nginx of `config/nginx.conf` (its `/_edge/purge` location, the cache-purge
+  module): one request per cached page and content coding to `FM_EDGE_PURGE_URL`;
 - a CDN (Fastly's `POST /service/<id>/purge` with `Surrogate-Key`, Cloudflare's
   `purge_cache` with `tags`): implement `Purger.purge` with that API's request and add a
   choice to `FM_EDGE_PURGE`. Not shipped: there is no CDN account to test one against.
@@ -29,7 +28,6 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import quote
 
 from prometheus_client.core import CounterMetricFamily
 
@@ -65,40 +63,56 @@ class HttpPurgeFailed(RuntimeError):
     """The edge answered a purge with something other than 2xx or 404 (404: nothing cached)."""
 
 
-class NginxPurger:
-    """Sends `PURGE <url>` per key, the URL made from `url_template` (`{key}` replaced)."""
+# The page paths each surrogate key stands for at the edge (the storefront's routes: the
+# product page, the first list page, the offline page). Other list pages (`/?after=...`,
+# searches) are not purged: they live until their `s-maxage` (`FM_HTML_S_MAXAGE_S`).
+_PRODUCT_PREFIX = "product-"
+_PAGES_OF_KEY = {LIST_KEY: ("/",), "offline": ("/offline",)}
+# The content codings the edge keeps one entry each for (config/nginx.conf, `$edge_coding`).
+EDGE_CODINGS = ("br", "gzip", "")
 
-    def __init__(self, url_template: str, timeout_s: float = 2.0) -> None:
-        if "{key}" not in url_template:
-            raise ValueError("the nginx purge URL template needs a {key} placeholder")
-        self.url_template = url_template
+
+def pages_of(key: str) -> tuple[str, ...]:
+    """The page paths cached under surrogate key `key` (none for a key no page uses)."""
+    if key.startswith(_PRODUCT_PREFIX) and key[len(_PRODUCT_PREFIX) :].isdigit():
+        return (f"/products/{key[len(_PRODUCT_PREFIX) :]}",)
+    return _PAGES_OF_KEY.get(key, ())
+
+
+class NginxPurger:
+    """Purges pages from the nginx of `config/nginx.conf`: one `GET <purge_url>` with
+    `X-Purge-Key: <path>|<coding>` per page and coding, the exact cache key (the open-source
+    cache-purge module purges keys, not tags)."""
+
+    def __init__(self, purge_url: str, timeout_s: float = 2.0) -> None:
+        self.purge_url = purge_url
         self.timeout_s = timeout_s
 
-    def url_for(self, key: str) -> str:
-        """The purge URL of one key."""
-        return self.url_template.replace("{key}", quote(key, safe=""))
+    def cache_keys(self, keys: Sequence[str]) -> list[str]:
+        """The nginx cache keys of the pages tagged with `keys`, in order, once each."""
+        pages = dict.fromkeys(page for key in keys for page in pages_of(key))
+        return [f"{page}|{coding}" for page in pages for coding in EDGE_CODINGS]
 
     async def purge(self, keys: Sequence[str]) -> None:
-        """One request per key, in order; the first failure raises after trying them all."""
+        """One purge per cache key; a 404 is a key nothing was cached under. The first
+        failure raises after trying them all."""
         from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
         client = AsyncHTTPClient()
         failures: list[str] = []
-        for key in keys:
-            url = self.url_for(key)
+        for cache_key in self.cache_keys(keys):
             try:
                 await client.fetch(
-                    url,
-                    method="PURGE",
-                    allow_nonstandard_methods=True,
+                    self.purge_url,
+                    headers={"X-Purge-Key": cache_key},
                     request_timeout=self.timeout_s,
                     connect_timeout=self.timeout_s,
                 )
             except HTTPClientError as exc:
                 if exc.code != 404:
-                    failures.append(f"{url}: {exc.code}")
+                    failures.append(f"{cache_key}: {exc.code}")
             except OSError as exc:
-                failures.append(f"{url}: {exc!r}")
+                failures.append(f"{cache_key}: {exc!r}")
         if failures:
             raise HttpPurgeFailed("; ".join(failures))
 
@@ -170,14 +184,14 @@ class PurgeQueue:
                 self._queue.task_done()
 
 
-def make_purger(kind: str, url_template: str | None) -> Purger:
+def make_purger(kind: str, purge_url: str | None) -> Purger:
     """The purger `FM_EDGE_PURGE` names."""
     if kind == "log":
         return LogPurger()
     if kind == "nginx":
-        if not url_template:
+        if not purge_url:
             raise ValueError("FM_EDGE_PURGE=nginx needs FM_EDGE_PURGE_URL")
-        return NginxPurger(url_template)
+        return NginxPurger(purge_url)
     raise ValueError(f"unknown edge purger {kind!r}")
 
 

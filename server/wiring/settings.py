@@ -629,14 +629,14 @@ class Settings(BaseSettings):
     edge_purge: Literal["log", "nginx"] = Field(
         "log",
         description="What catalog writes tell the edge cache: `log` (a structured "
-        "`edge_purge` line with the surrogate keys) or `nginx` (an HTTP `PURGE` per key to "
-        "`FM_EDGE_PURGE_URL`).",
+        "`edge_purge` line with the surrogate keys) or `nginx` (the pages of those keys purged "
+        "from the nginx of `config/nginx.conf` through `FM_EDGE_PURGE_URL`).",
         json_schema_extra=_group("storefront"),
     )
     edge_purge_url: str | None = Field(
         None,
-        description="Purge URL template for `FM_EDGE_PURGE=nginx`, with `{key}` for the "
-        "surrogate key, e.g. `http://127.0.0.1:8080/purge/{key}`.",
+        description="The edge's purge location for `FM_EDGE_PURGE=nginx`, e.g. "
+        "`http://127.0.0.1:8080/_edge/purge` (reachable from the nodes only).",
         json_schema_extra=_group("storefront"),
     )
     edge_purge_queue_limit: int = Field(
@@ -665,10 +665,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _purge_url_for_nginx(self) -> Settings:
-        if self.edge_purge == "nginx" and "{key}" not in (self.edge_purge_url or ""):
-            raise ValueError(
-                "FM_EDGE_PURGE=nginx needs FM_EDGE_PURGE_URL, a URL template with {key}"
-            )
+        if self.edge_purge == "nginx" and not self.edge_purge_url:
+            raise ValueError("FM_EDGE_PURGE=nginx needs FM_EDGE_PURGE_URL, the edge's purge URL")
         return self
 
     @classmethod

@@ -472,37 +472,19 @@ async def test_personal_pages_redirect_when_signed_out(browser: Browser) -> None
     assert cart.code == 200 and "Sign in</a> to see your cart" in cart.body.decode()
 
 
-@pytest.mark.gen_test(timeout=30)
-async def test_nginx_purger_sends_purge_per_key() -> None:
-    """`FM_EDGE_PURGE=nginx`: one `PURGE` per key to the URL template, against a real HTTP
-    server standing in for nginx's purge location; a 404 (nothing cached) is no failure."""
-    import tornado.httpserver
-    import tornado.web
-    from tornado.netutil import bind_sockets
+def test_nginx_purger_names_every_cached_variant_of_the_pages() -> None:
+    """`FM_EDGE_PURGE=nginx`: a surrogate key becomes the exact nginx cache keys of its pages,
+    one per content coding the edge keeps (config/nginx.conf: `$request_uri|$edge_coding`);
+    keys no page uses purge nothing. (Against a real nginx: tests/edge.)"""
+    from server.adapters.purge import NginxPurger
 
-    from server.adapters.purge import HttpPurgeFailed, NginxPurger
-
-    seen: list[tuple[str, str]] = []
-
-    class PurgeLocation(tornado.web.RequestHandler):
-        SUPPORTED_METHODS = ("PURGE",)
-
-        def purge(self, key: str) -> None:  # type: ignore[override]
-            seen.append((self.request.method or "", key))
-            self.set_status(404 if key == "products" else 200)
-
-    sockets = bind_sockets(0, "127.0.0.1")
-    server = tornado.httpserver.HTTPServer(
-        tornado.web.Application([(r"/purge/(.*)", PurgeLocation)])
-    )
-    server.add_sockets(sockets)
-    port = sockets[0].getsockname()[1]
-    try:
-        purger = NginxPurger(f"http://127.0.0.1:{port}/purge/{{key}}")
-        await purger.purge(["product-42", "products"])
-        assert seen == [("PURGE", "product-42"), ("PURGE", "products")]
-        broken = NginxPurger("http://127.0.0.1:1/purge/{key}", timeout_s=0.5)
-        with pytest.raises(HttpPurgeFailed):
-            await broken.purge(["product-1"])
-    finally:
-        server.stop()
+    purger = NginxPurger("http://127.0.0.1:8080/_edge/purge")
+    assert purger.cache_keys(["product-42", "products", "product-42", "nothing", "product-x"]) == [
+        "/products/42|br",
+        "/products/42|gzip",
+        "/products/42|",
+        "/|br",
+        "/|gzip",
+        "/|",
+    ]
+    assert purger.cache_keys(["offline"]) == ["/offline|br", "/offline|gzip", "/offline|"]
