@@ -42,6 +42,8 @@ HTML_CONTENT_TYPE = "text/html; charset=utf-8"
 PRIVATE_CACHE_CONTROL = "private, no-store"
 CARD_SIZES = "(min-width: 60em) 300px, (min-width: 30em) 50vw, 100vw"
 PRODUCT_SIZES = "(min-width: 60em) 600px, 100vw"
+# Fragment kind -> its template and the `sizes` of its picture.
+_FRAGMENTS = {"card": ("_card.html", CARD_SIZES), "product": ("_product.html", PRODUCT_SIZES)}
 _CURRENCY_SIGNS = {"USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥"}
 _ZERO_DECIMAL = frozenset({"JPY", "KRW"})
 _log = get_logger("finalmarket.storefront")
@@ -174,17 +176,21 @@ class Storefront:
         fragment: bytes = self.loader.load(template).generate(**values)
         return fragment.decode()
 
-    async def card(self, product: Mapping[str, Any], version: str, stock: int) -> str:
-        """A product card with the live `stock` (the rest from the fragment cache)."""
+    async def _cached_fragment(
+        self, kind: str, product: Mapping[str, Any], version: str, stock: int
+    ) -> str:
+        template, sizes = _FRAGMENTS[kind]
         fragment = await self.fragments.get(
-            "card",
+            kind,
             product["id"],
             version,
-            lambda: self._fragment(
-                "_card.html", product=product, pic=picture_of(product, CARD_SIZES)
-            ),
+            lambda: self._fragment(template, product=product, pic=picture_of(product, sizes)),
         )
         return fill_stock(fragment, stock)
+
+    async def card(self, product: Mapping[str, Any], version: str, stock: int) -> str:
+        """A product card with the live `stock` (the rest from the fragment cache)."""
+        return await self._cached_fragment("card", product, version, stock)
 
     async def cards(
         self, entries: Sequence[tuple[Mapping[str, Any], str]], stocks: Mapping[int, int]
@@ -197,12 +203,4 @@ class Storefront:
 
     async def product_body(self, product: Mapping[str, Any], version: str, stock: int) -> str:
         """The product page's main content with the live `stock`."""
-        fragment = await self.fragments.get(
-            "product",
-            product["id"],
-            version,
-            lambda: self._fragment(
-                "_product.html", product=product, pic=picture_of(product, PRODUCT_SIZES)
-            ),
-        )
-        return fill_stock(fragment, stock)
+        return await self._cached_fragment("product", product, version, stock)

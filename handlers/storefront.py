@@ -237,6 +237,16 @@ class PageHandler(SessionHandler):
         """`template` rendered with the page's current search query."""
         return self.storefront.render(template, **values)
 
+    async def cart_summary(self, user_id: int) -> dict[str, Any]:
+        """The template values of a cart: its lines named, the total and its currency."""
+        cart = await self.carts.get(user_id)
+        lines = await self._named_lines(cart)
+        return {
+            "lines": lines,
+            "total_cents": int(cart.get("total_cents", 0)),
+            "currency": lines[0]["currency"] if lines else "USD",
+        }
+
     async def _named_lines(self, cart: dict[str, Any]) -> list[dict[str, Any]]:
         ids = [int(item["product_id"]) for item in cart.get("items", [])]
         products = await self.catalog.products_by_ids(ids)
@@ -309,17 +319,8 @@ class CartPageHandler(PageHandler):
         if self.session is None:
             self.send_private(self.render_page("cart.html", signed_in=False, lines=[]))
             return
-        cart = await self.carts.get(self.session.user_id)
-        lines = await self._named_lines(cart)
-        self.send_private(
-            self.render_page(
-                "cart.html",
-                signed_in=True,
-                lines=lines,
-                total_cents=int(cart.get("total_cents", 0)),
-                currency=lines[0]["currency"] if lines else "USD",
-            )
-        )
+        summary = await self.cart_summary(self.session.user_id)
+        self.send_private(self.render_page("cart.html", signed_in=True, **summary))
 
 
 class CartItemsFormHandler(PageHandler):
@@ -355,14 +356,11 @@ class CheckoutPageHandler(PageHandler):
         if self.session is None:
             self.see_other("/sign-in?next=/checkout")
             return
-        cart = await self.carts.get(self.session.user_id)
-        lines = await self._named_lines(cart)
+        summary = await self.cart_summary(self.session.user_id)
         self.send_private(
             self.render_page(
                 "checkout.html",
-                lines=lines,
-                total_cents=int(cart.get("total_cents", 0)),
-                currency=lines[0]["currency"] if lines else "USD",
+                **summary,
                 idempotency_key=str(uuid.uuid4()),
                 csrf_token=self.csrf_token(),
             )
