@@ -11,8 +11,8 @@ from tornado.httpclient import AsyncHTTPClient
 
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
 from tests.graphql.helpers import insert_products, make_user
+from tests.helpers.deployment import make_settings
 from tests.realtime.cable_helpers import ExtraNode
 
 

@@ -9,7 +9,7 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
+from tests.helpers.deployment import make_settings
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

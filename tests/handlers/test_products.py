@@ -18,8 +18,8 @@ from server.domain.catalog import CatalogService, encode_cursor
 from server.domain.users import UserService
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
 from tests.handlers.test_auth import call, problem
+from tests.helpers.deployment import make_settings
 from tests.realtime.cable_helpers import CableClient, ExtraNode, identifier
 
 pytestmark = pytest.mark.usefixtures("clean_data")

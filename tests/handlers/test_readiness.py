@@ -12,8 +12,8 @@ import pytest
 
 from server.wiring.infra import ValkeyServer
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
 from tests.handlers.test_health import _get
+from tests.helpers.deployment import make_settings
 
 
 def _free_port() -> int:

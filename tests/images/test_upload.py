@@ -24,9 +24,9 @@ import pyvips
 from server.adapters.images import ImagesBusy
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
 from tests.handlers.test_auth import call, problem
 from tests.handlers.test_products import body, insert_products
+from tests.helpers.deployment import make_settings
 from tests.images import samples
 from tests.images.photos import photo
 from tests.images.uploads import (

@@ -24,7 +24,7 @@ from server.wiring.app import make_app
 from server.wiring.infra import ValkeyServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
+from tests.helpers.deployment import make_settings
 
 JSON = "actioncable-v1-json"
 MSGPACK = "actioncable-v1-msgpack"

@@ -22,7 +22,7 @@ from tornado.httpclient import AsyncHTTPClient
 from server.wiring.infra import ValkeyServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
+from tests.helpers.deployment import make_settings
 from tests.realtime.cable_helpers import (
     MSGPACK,
     CableClient,

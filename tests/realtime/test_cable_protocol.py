@@ -17,8 +17,8 @@ from realtime.broker import stream_keys
 from server.wiring.infra import ValkeyServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
 from tests.handlers.test_cart import make_user
+from tests.helpers.deployment import make_settings
 from tests.realtime.cable_helpers import (
     JSON,
     CableClient,

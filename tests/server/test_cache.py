@@ -23,7 +23,7 @@ from server.adapters.cache import (
 from server.adapters.cache import keys as cache_keys
 from server.adapters.redis_client import open_redis
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
+from tests.helpers.deployment import make_settings
 
 
 class CountingLoader:

@@ -21,7 +21,6 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from server.adapters.db.migrate import migrate_all
 from server.adapters.db.pools import Database, RolePools
 from server.adapters.db.router import (
     PrimaryUnavailable,
@@ -32,7 +31,7 @@ from server.adapters.db.router import (
 from server.wiring import infra
 from server.wiring.infra import PostgresServer
 from server.wiring.settings import Settings
-from tests.conftest import make_settings, run_in_private_loop
+from tests.helpers.deployment import make_settings, migrate, run_in_private_loop
 
 pytestmark = pytest.mark.slow
 
@@ -62,21 +61,13 @@ class Topology:
         return primary, replica
 
 
-async def _migrate(env: dict[str, str]) -> None:
-    db = await Database.open(make_settings(env))
-    try:
-        await migrate_all(db)
-    finally:
-        await db.close()
-
-
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     """Replicated catalog + 4 shards, migrated; always stopped at the end."""
     data_dir = tmp_path_factory.mktemp("router")
     try:
         env = infra.up(data_dir, replicas=True, log=quiet)
-        run_in_private_loop(_migrate(env))
+        run_in_private_loop(migrate(env))
         topology = Topology(data_dir, env)
         for group in ("catalog", "shard0", "shard1", "shard2", "shard3"):
             wait_caught_up(*topology.servers(group))
