@@ -11,9 +11,9 @@ from tornado.httpclient import AsyncHTTPClient
 
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.graphql.helpers import insert_products, make_user
+from tests.helpers.cable import ExtraNode
 from tests.helpers.deployment import make_settings
-from tests.realtime.cable_helpers import ExtraNode
+from tests.helpers.graphql import insert_products, make_user
 
 
 def graphql_settings(env: dict[str, str], **overrides: Any) -> Settings:

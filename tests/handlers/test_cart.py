@@ -20,8 +20,8 @@ from server.domain.users import UserService
 from server.wiring.app import make_app
 from server.wiring.services import Services
 from server.wiring.settings import Settings
+from tests.helpers.cable import CableClient, ExtraNode, add_product, identifier
 from tests.helpers.deployment import make_settings
-from tests.realtime.cable_helpers import CableClient, ExtraNode, add_product, identifier
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

@@ -19,8 +19,8 @@ from server.wiring.services import Services
 from server.wiring.settings import Settings
 from tests.handlers import test_cart
 from tests.handlers.test_cart import call, make_user, ok, problem, start_node
+from tests.helpers.cable import CableClient, add_product, identifier
 from tests.helpers.deployment import TEST_SECRET_KEY
-from tests.realtime.cable_helpers import CableClient, add_product, identifier
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

@@ -19,8 +19,8 @@ from server.domain.users import UserService
 from server.wiring.services import Services
 from server.wiring.settings import Settings
 from tests.handlers.test_auth import call, problem
+from tests.helpers.cable import CableClient, ExtraNode, identifier
 from tests.helpers.deployment import make_settings
-from tests.realtime.cable_helpers import CableClient, ExtraNode, identifier
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

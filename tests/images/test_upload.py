@@ -26,9 +26,9 @@ from server.wiring.services import Services
 from server.wiring.settings import Settings
 from tests.handlers.test_auth import call, problem
 from tests.handlers.test_products import body, insert_products
+from tests.helpers import image_samples as samples
 from tests.helpers.deployment import make_settings
-from tests.images import samples
-from tests.images.photos import photo
+from tests.helpers.photos import photo
 from tests.images.uploads import (
     MULTIPART,
     form_body,

@@ -25,7 +25,7 @@ import pytest
 from server.wiring.settings import Settings
 from tests.handlers.test_products import insert_products
 from tests.helpers.deployment import make_settings
-from tests.images.photos import photo_jpeg
+from tests.helpers.photos import photo_jpeg
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from server.wiring.settings import Settings
-from tests.realtime.cable_helpers import ExtraNode, add_product
+from tests.helpers.cable import ExtraNode, add_product
 
 
 @pytest.fixture

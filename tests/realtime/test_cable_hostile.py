@@ -37,7 +37,7 @@ from server.wiring.seed import seed_catalog
 from server.wiring.services import Services
 from server.wiring.settings import Settings
 from tests.helpers.deployment import make_settings
-from tests.realtime.frames import client_frame
+from tests.helpers.wsframes import client_frame
 
 JSON = "actioncable-v1-json"
 MSGPACK = "actioncable-v1-msgpack"

@@ -18,8 +18,7 @@ from server.wiring.infra import ValkeyServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
 from tests.handlers.test_cart import make_user
-from tests.helpers.deployment import make_settings
-from tests.realtime.cable_helpers import (
+from tests.helpers.cable import (
     JSON,
     CableClient,
     ExtraNode,
@@ -28,6 +27,7 @@ from tests.realtime.cable_helpers import (
     read_stocks,
     stock_event,
 )
+from tests.helpers.deployment import make_settings
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

@@ -28,8 +28,8 @@ from server.wiring.services import Services
 from server.wiring.settings import Settings
 from tests.handlers.test_cart import commerce_settings
 from tests.handlers.test_checkout import accounting, buyer_with_cart
+from tests.helpers.cable import add_product
 from tests.helpers.deployment import TEST_SECRET_KEY
-from tests.realtime.cable_helpers import add_product
 from tests.server.test_processes import cli_env, free_port, server_settings, started, wait_ready
 
 pytestmark = pytest.mark.usefixtures("clean_data")

@@ -27,7 +27,6 @@ from server.wiring.infra.common import pick_free_port
 from server.wiring.infra.valkey import CLUSTER_BUS_OFFSET, parse_info
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.graphql.helpers import gql, result
 from tests.handlers.test_cart import (
     call,
     commerce_app,
@@ -36,13 +35,14 @@ from tests.handlers.test_cart import (
     ok,
     start_node,
 )
-from tests.realtime.cable_helpers import (
+from tests.helpers.cable import (
     CableClient,
     add_product,
     identifier,
     read_stocks,
     stock_event,
 )
+from tests.helpers.graphql import gql, result
 from tests.server.test_cache import CountingLoader, Nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_data")]
