@@ -6,6 +6,9 @@ database, after migrating directly, and every DSN the tests get goes through it.
 When `FM_CATALOG_DSN`, `FM_SHARDS` and `FM_REDIS_URL` are all set, the suite uses those
 servers instead (their data is wiped between tests: never point it at anything you keep).
 Each test that touches data asks for `clean_data`, which empties every table and Redis.
+
+Helpers the test modules share live in `tests/helpers/`; the headers of a signed-in `admin`
+and `shopper` (product and image tests) are fixtures here.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from server.wiring import infra
 from server.wiring.infra import pgbouncer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
+from tests.helpers.accounts import token_for
 from tests.helpers.deployment import make_settings, migrate, primary_dsns, run_in_private_loop
 
 # The node runs on uvloop (server/wiring/node.py): so do the tests, with its transports and sockets.
@@ -113,6 +117,20 @@ def app(services: Services) -> Any:
     from server.wiring.app import make_app
 
     return make_app(services)
+
+
+@pytest.fixture
+def admin(io_loop: Any, services: Services) -> dict[str, str]:
+    """Headers of a signed-in admin."""
+    token = io_loop.run_sync(lambda: token_for(services, "admin@example.com", admin=True))
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def shopper(io_loop: Any, services: Services) -> dict[str, str]:
+    """Headers of a signed-in user who is not an admin."""
+    token = io_loop.run_sync(lambda: token_for(services, "shopper@example.com", admin=False))
+    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture

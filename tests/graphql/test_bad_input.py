@@ -11,9 +11,8 @@ import pytest
 from tornado.websocket import WebSocketClosedError
 
 from server.wiring.services import Services
-from tests.graphql.conftest import graphql_settings
 from tests.helpers.cable import ExtraNode
-from tests.helpers.graphql import codes, gql, result
+from tests.helpers.graphql import codes, gql, graphql_settings, result
 from tests.helpers.graphql_ws import WsClient
 
 pytestmark = pytest.mark.usefixtures("clean_data")

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from server.wiring.settings import Settings
-from tests.handlers.test_products import insert_products
+from tests.helpers.catalog import insert_products
 from tests.helpers.deployment import make_settings
 from tests.helpers.photos import photo_jpeg
 

@@ -32,7 +32,7 @@ from tests.helpers.cable import (
     stock_event,
 )
 from tests.helpers.deployment import make_settings
-from tests.server.test_processes import cli_env, free_port, server_settings, started, wait_ready
+from tests.helpers.processes import cli_env, free_port, server_settings, started, wait_ready
 
 JS_CLIENT = Path(__file__).resolve().parents[1] / "js" / "cable-client.mjs"
 

@@ -17,7 +17,6 @@ from realtime.broker import stream_keys
 from server.wiring.infra import ValkeyServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.handlers.test_cart import make_user
 from tests.helpers.cable import (
     JSON,
     CableClient,
@@ -27,6 +26,7 @@ from tests.helpers.cable import (
     read_stocks,
     stock_event,
 )
+from tests.helpers.commerce import make_user
 from tests.helpers.deployment import make_settings
 
 pytestmark = pytest.mark.usefixtures("clean_data")
