@@ -6,14 +6,15 @@ database, after migrating directly, and every DSN the tests get goes through it.
 When `FM_CATALOG_DSN`, `FM_SHARDS` and `FM_REDIS_URL` are all set, the suite uses those
 servers instead (their data is wiped between tests: never point it at anything you keep).
 Each test that touches data asks for `clean_data`, which empties every table and Redis.
+
+Helpers the test modules share live in `tests/helpers/`; the headers of a signed-in `admin`
+and `shopper` (product and image tests) are fixtures here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,18 +25,17 @@ import redis
 import uvloop
 from redis.cluster import RedisCluster
 
-from server.adapters.db.migrate import migrate_all
-from server.adapters.db.pools import Database
 from server.wiring import infra
 from server.wiring.infra import pgbouncer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
+from tests.helpers.accounts import token_for
+from tests.helpers.deployment import make_settings, migrate, primary_dsns, run_in_private_loop
 
 # The node runs on uvloop (server/wiring/node.py): so do the tests, with its transports and sockets.
 asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 _EXTERNAL_KEYS = ("FM_CATALOG_DSN", "FM_SHARDS", "FM_REDIS_URL")
-TEST_SECRET_KEY = secrets.token_urlsafe(48)
 
 _CATALOG_TABLES = "products, inventory, stock_reservations, product_images, user_directory"
 _SHARD_TABLES = "users, carts, cart_items, orders, order_items, notifications, idempotency_keys"
@@ -52,7 +52,7 @@ def infra_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         env = infra.up(data_dir, log=lambda line: None)
     bouncer: pgbouncer.PgBouncer | None = None
     try:
-        run_in_private_loop(_migrate(env))
+        run_in_private_loop(migrate(env))
         if os.environ.get("FM_TEST_PGBOUNCER") == "1":  # scripts/test's transaction-mode pass
             bouncer, env = front_with_pgbouncer(env, tmp_path_factory.mktemp("pgbouncer"))
         yield env
@@ -72,53 +72,10 @@ def front_with_pgbouncer(
     return pgbouncer.front(env, directory, statement_timeout_ms=timeout_ms, log=lambda line: None)
 
 
-def run_in_private_loop(coro: Any) -> Any:
-    """Run `coro` on a loop of its own without touching the thread's current loop.
-
-    (`asyncio.run` would set the current loop to None afterwards, and pytest-tornado then
-    schedules test coroutines on a loop nobody runs.)
-    """
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
-
-
-async def _migrate(env: dict[str, str]) -> None:
-    db = await Database.open(make_settings(env))
-    try:
-        await migrate_all(db)
-    finally:
-        await db.close()
-
-
-def make_settings(env: dict[str, str], **overrides: Any) -> Settings:
-    """Settings for a node of the test deployment (port 0: the OS picks one)."""
-    values: dict[str, Any] = {
-        "catalog_dsn": env["FM_CATALOG_DSN"],
-        "catalog_replica_dsn": env.get("FM_CATALOG_REPLICA_DSN"),
-        "shards": json.loads(env["FM_SHARDS"]),
-        "redis_url": env["FM_REDIS_URL"],
-        "redis_cluster": env.get("FM_REDIS_CLUSTER") == "1",
-        "secret_key": TEST_SECRET_KEY,
-        "port": 0,
-        "drain_delay_s": 0.0,
-        "log_format": "console",
-    }
-    values.update(overrides)
-    return Settings(**values)
-
-
 @pytest.fixture
 def settings(infra_env: dict[str, str]) -> Settings:
     """Settings of one node of the test deployment."""
     return make_settings(infra_env)
-
-
-def primary_dsns(env: dict[str, str]) -> list[str]:
-    """The catalog's and each shard's primary DSN."""
-    return [env["FM_CATALOG_DSN"]] + [shard["primary"] for shard in json.loads(env["FM_SHARDS"])]
 
 
 @pytest.fixture
@@ -160,6 +117,20 @@ def app(services: Services) -> Any:
     from server.wiring.app import make_app
 
     return make_app(services)
+
+
+@pytest.fixture
+def admin(io_loop: Any, services: Services) -> dict[str, str]:
+    """Headers of a signed-in admin."""
+    token = io_loop.run_sync(lambda: token_for(services, "admin@example.com", admin=True))
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def shopper(io_loop: Any, services: Services) -> dict[str, str]:
+    """Headers of a signed-in user who is not an admin."""
+    token = io_loop.run_sync(lambda: token_for(services, "shopper@example.com", admin=False))
+    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture

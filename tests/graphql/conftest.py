@@ -11,25 +11,8 @@ from tornado.httpclient import AsyncHTTPClient
 
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
-from tests.graphql.helpers import insert_products, make_user
-from tests.realtime.cable_helpers import ExtraNode
-
-
-def graphql_settings(env: dict[str, str], **overrides: Any) -> Settings:
-    """Test settings: REST limits out of the way, small pools (two nodes x five databases
-    stay under the embedded server's connection limit)."""
-    values: dict[str, Any] = {
-        "ratelimit_ip_per_second": 10_000.0,
-        "ratelimit_ip_burst": 10_000,
-        "ratelimit_user_per_second": 10_000.0,
-        "ratelimit_user_burst": 10_000,
-        "pool_max_size": 5,
-        "graphql_throttle_maximum": 100_000,
-        "graphql_throttle_restore_per_second": 100_000.0,
-    }
-    values.update(overrides)
-    return make_settings(env, **values)
+from tests.helpers.cable import ExtraNode
+from tests.helpers.graphql import graphql_settings, insert_products, make_user
 
 
 @pytest.fixture

@@ -11,10 +11,9 @@ import pytest
 from tornado.websocket import WebSocketClosedError
 
 from server.wiring.services import Services
-from tests.graphql.conftest import graphql_settings
-from tests.graphql.helpers import codes, gql, result
-from tests.graphql.ws_helpers import WsClient
-from tests.realtime.cable_helpers import ExtraNode
+from tests.helpers.cable import ExtraNode
+from tests.helpers.graphql import codes, gql, graphql_settings, result
+from tests.helpers.graphql_ws import WsClient
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

@@ -11,8 +11,7 @@ import pytest
 
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.graphql.conftest import graphql_settings
-from tests.graphql.helpers import codes, gql, insert_products, result
+from tests.helpers.graphql import codes, gql, graphql_settings, insert_products, result
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

@@ -10,8 +10,7 @@ import pytest
 from server.domain.carts import CartService
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.graphql.conftest import graphql_settings
-from tests.graphql.helpers import gql, insert_products, make_user, result
+from tests.helpers.graphql import gql, graphql_settings, insert_products, make_user, result
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

@@ -11,8 +11,8 @@ import pytest
 
 from server.domain.catalog import encode_cursor
 from server.wiring.services import Services
-from tests.graphql.helpers import codes, gql, result
-from tests.realtime.cable_helpers import ExtraNode
+from tests.helpers.cable import ExtraNode
+from tests.helpers.graphql import codes, gql, result
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.graphql.helpers import codes, gql, result
-from tests.realtime.cable_helpers import ExtraNode
+from tests.helpers.cable import ExtraNode
+from tests.helpers.graphql import codes, gql, result
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

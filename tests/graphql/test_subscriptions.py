@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from server.wiring.services import Services
-from tests.graphql.helpers import gql, result
-from tests.graphql.ws_helpers import LEGACY_WS, WsClient, js_client, js_events, stop
-from tests.realtime.cable_helpers import ExtraNode
+from tests.helpers.cable import ExtraNode
+from tests.helpers.graphql import gql, result
+from tests.helpers.graphql_ws import LEGACY_WS, WsClient, js_client, js_events, stop
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from realtime.graphql_ws import LegacyWsProtocol, Send, Start, TransportWsProtocol
-from tests.graphql.conftest import graphql_settings
-from tests.graphql.ws_helpers import LEGACY_WS, WsClient
-from tests.realtime.cable_helpers import ExtraNode
+from tests.helpers.cable import ExtraNode
+from tests.helpers.graphql import graphql_settings
+from tests.helpers.graphql_ws import LEGACY_WS, WsClient
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

@@ -6,10 +6,11 @@ import json
 from typing import Any
 
 import pytest
-from tornado.httpclient import HTTPClientError, HTTPResponse
+from tornado.httpclient import HTTPResponse
 
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
+from tests.helpers.deployment import make_settings
+from tests.helpers.http import call, problem
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 
@@ -17,27 +18,6 @@ pytestmark = pytest.mark.usefixtures("clean_data")
 @pytest.fixture
 def settings(infra_env: dict[str, str]) -> Settings:
     return make_settings(infra_env, cookie_secure=False)
-
-
-async def call(
-    http_client: Any, url: str, method: str = "GET", body: Any = None, **headers: str
-) -> HTTPResponse:
-    """One request; error statuses are returned, not raised."""
-    payload = None if body is None else (body if isinstance(body, bytes) else json.dumps(body))
-    if payload is not None:
-        headers.setdefault("Content-Type", "application/json")
-    try:
-        return await http_client.fetch(
-            url, method=method, body=payload, headers=headers, allow_nonstandard_methods=True
-        )
-    except HTTPClientError as exc:
-        assert exc.response is not None
-        return exc.response
-
-
-def problem(response: HTTPResponse) -> dict[str, Any]:
-    assert response.headers["Content-Type"] == "application/problem+json", response.body
-    return json.loads(response.body)  # type: ignore[no-any-return]
 
 
 async def sign_up(http_client: Any, base_url: str, email: str = "ada@example.com") -> Any:

@@ -17,41 +17,26 @@ import pytest
 from server.domain.checkout import CheckoutService, CheckoutSweeper
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import TEST_SECRET_KEY
-from tests.handlers import test_cart
-from tests.handlers.test_cart import call, make_user, ok, problem, start_node
-from tests.realtime.cable_helpers import CableClient, add_product, identifier
+from tests.helpers import commerce
+from tests.helpers.cable import CableClient, identifier
+from tests.helpers.catalog import add_product
+from tests.helpers.commerce import (
+    accounting,
+    buyer_with_cart,
+    call,
+    make_user,
+    ok,
+    problem,
+    start_node,
+)
+from tests.helpers.deployment import TEST_SECRET_KEY
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 
 # The commerce fixtures (node with the commerce routes, relaxed limits, concurrent client).
-settings = test_cart.settings
-app = test_cart.app
-client = test_cart.client
-
-
-def accounting(env: dict[str, str], product_id: int) -> tuple[int, int, int]:
-    """(stock left, quantity in held reservations, quantity ordered on every shard)."""
-    with psycopg2.connect(env["FM_CATALOG_DSN"]) as conn, conn.cursor() as cur:
-        cur.execute("SELECT stock FROM inventory WHERE product_id = %s", (product_id,))
-        (stock,) = cur.fetchone()
-        cur.execute(
-            "SELECT COALESCE(sum(quantity), 0) FROM stock_reservations "
-            "WHERE product_id = %s AND state = 'held'",
-            (product_id,),
-        )
-        (held,) = cur.fetchone()
-    conn.close()
-    ordered = 0
-    for shard in json.loads(env["FM_SHARDS"]):
-        with psycopg2.connect(shard["primary"]) as conn, conn.cursor() as cur:
-            cur.execute(
-                "SELECT COALESCE(sum(quantity), 0) FROM order_items WHERE product_id = %s",
-                (product_id,),
-            )
-            ordered += int(cur.fetchone()[0])
-        conn.close()
-    return int(stock), int(held), ordered
+settings = commerce.settings
+app = commerce.app
+client = commerce.client
 
 
 def count_orders(env: dict[str, str]) -> int:
@@ -62,20 +47,6 @@ def count_orders(env: dict[str, str]) -> int:
             total += int(cur.fetchone()[0])
         conn.close()
     return total
-
-
-async def buyer_with_cart(
-    services: Services, email: str, product_id: int, quantity: int = 1
-) -> tuple[int, str]:
-    """A user whose cart holds `quantity` units of `product_id` (written directly)."""
-    user_id, token = await make_user(services, email)
-    async with services.router.write(user_id) as cur:
-        await cur.execute(
-            "INSERT INTO cart_items (user_id, product_id, quantity, unit_price_cents) "
-            "VALUES (%s, %s, %s, 1999)",
-            (user_id, product_id, quantity),
-        )
-    return user_id, token
 
 
 @pytest.mark.gen_test(timeout=120)

@@ -9,20 +9,12 @@ import pytest
 from tornado.httpclient import HTTPClientError
 
 from server.wiring.services import Services
-
-
-async def _get(http_client: Any, url: str) -> tuple[int, dict[str, Any]]:
-    try:
-        response = await http_client.fetch(url)
-    except HTTPClientError as exc:
-        assert exc.response is not None
-        response = exc.response
-    return response.code, json.loads(response.body)
+from tests.helpers.http import get_json
 
 
 @pytest.mark.gen_test
 async def test_healthz_answers_ok(http_client: Any, base_url: str) -> None:
-    code, body = await _get(http_client, base_url + "/healthz")
+    code, body = await get_json(http_client, base_url + "/healthz")
     assert code == 200
     assert body["status"] == "ok"
 
@@ -31,7 +23,7 @@ async def test_healthz_answers_ok(http_client: Any, base_url: str) -> None:
 async def test_readyz_is_ready_when_redis_and_primaries_answer(
     http_client: Any, base_url: str
 ) -> None:
-    code, body = await _get(http_client, base_url + "/readyz")
+    code, body = await get_json(http_client, base_url + "/readyz")
     assert (code, body["status"]) == (200, "ready")
 
 
@@ -40,7 +32,7 @@ async def test_readyz_is_unavailable_while_draining(
     http_client: Any, base_url: str, services: Services
 ) -> None:
     services.state.draining = True
-    code, body = await _get(http_client, base_url + "/readyz")
+    code, body = await get_json(http_client, base_url + "/readyz")
     assert code == 503
     assert body["reasons"] == ["draining: node is shutting down"]
 

@@ -10,17 +10,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg2
 import pytest
-from tornado.httpclient import HTTPResponse
 
 from server.domain.catalog import CatalogService, encode_cursor
-from server.domain.users import UserService
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
-from tests.handlers.test_auth import call, problem
-from tests.realtime.cable_helpers import CableClient, ExtraNode, identifier
+from tests.helpers.cable import CableClient, ExtraNode, identifier
+from tests.helpers.catalog import insert_products
+from tests.helpers.deployment import make_settings
+from tests.helpers.http import body, call, problem
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 
@@ -52,52 +50,9 @@ def node_b_catalog(node: ExtraNode) -> CatalogService:
     return node.services.catalog
 
 
-async def token_for(services: Services, email: str, *, admin: bool) -> str:
-    user = await UserService(services.router).create_user(
-        email, "correct horse", "Tester", is_admin=admin
-    )
-    return await services.sessions.create(user.id, admin)
-
-
-@pytest.fixture
-def admin(io_loop: Any, services: Services) -> dict[str, str]:
-    """Headers of a signed-in admin."""
-    token = io_loop.run_sync(lambda: token_for(services, "admin@example.com", admin=True))
-    return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def shopper(io_loop: Any, services: Services) -> dict[str, str]:
-    """Headers of a signed-in user who is not an admin."""
-    token = io_loop.run_sync(lambda: token_for(services, "shopper@example.com", admin=False))
-    return {"Authorization": f"Bearer {token}"}
-
-
-def insert_products(dsn: str, rows: list[tuple[str, str, int]]) -> list[int]:
-    """Products (name, description, stock) written straight to the catalog; their ids."""
-    ids = []
-    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
-        for name, description, stock in rows:
-            cur.execute(
-                "WITH p AS (INSERT INTO products (name, description, price_cents) "
-                "VALUES (%s, %s, 1999) RETURNING id) "
-                "INSERT INTO inventory (product_id, stock) SELECT id, %s FROM p "
-                "RETURNING product_id",
-                (name, description, stock),
-            )
-            ids.append(int(cur.fetchone()[0]))
-    conn.close()
-    return ids
-
-
 @pytest.fixture
 def lamp(infra_env: dict[str, str]) -> int:
     return insert_products(infra_env["FM_CATALOG_DSN"], [("Desk Lamp", "brass", 10)])[0]
-
-
-def body(response: HTTPResponse) -> Any:
-    assert response.headers["Content-Type"].startswith("application/json"), response.body
-    return json.loads(response.body)
 
 
 PRODUCT_KEYS = {

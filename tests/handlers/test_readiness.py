@@ -12,8 +12,8 @@ import pytest
 
 from server.wiring.infra import ValkeyServer
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
-from tests.handlers.test_health import _get
+from tests.helpers.deployment import make_settings
+from tests.helpers.http import get_json
 
 
 def _free_port() -> int:
@@ -41,13 +41,13 @@ def settings(infra_env: dict[str, str], own_valkey: ValkeyServer) -> Settings:
 async def test_readyz_goes_503_while_redis_is_down_and_recovers(
     http_client: Any, base_url: str, own_valkey: ValkeyServer
 ) -> None:
-    assert (await _get(http_client, base_url + "/readyz"))[0] == 200
+    assert (await get_json(http_client, base_url + "/readyz"))[0] == 200
     own_valkey.stop()
-    code, body = await _get(http_client, base_url + "/readyz")
+    code, body = await get_json(http_client, base_url + "/readyz")
     assert code == 503
     assert any(reason.startswith("redis:") for reason in body["reasons"]), body
     own_valkey.start()
-    code, body = await _get(http_client, base_url + "/readyz")
+    code, body = await get_json(http_client, base_url + "/readyz")
     assert (code, body["status"]) == (200, "ready")
 
 
@@ -64,7 +64,7 @@ class TestUnreachableShard:
     async def test_readyz_names_the_unreachable_shard(
         self, http_client: Any, base_url: str
     ) -> None:
-        code, body = await _get(http_client, base_url + "/readyz")
+        code, body = await get_json(http_client, base_url + "/readyz")
         assert code == 503
         assert len(body["reasons"]) == 1, body
         assert body["reasons"][0].startswith("postgres shard_2 primary:"), body

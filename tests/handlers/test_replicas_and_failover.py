@@ -37,12 +37,11 @@ from server.wiring import infra
 from server.wiring.infra import PostgresServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import _migrate, run_in_private_loop
-from tests.handlers import test_cart
-from tests.handlers.test_cart import call, commerce_app, commerce_settings, ok
-from tests.handlers.test_checkout import accounting
-from tests.handlers.test_products import token_for
-from tests.server.test_router import Topology, blocking, quiet, wait_caught_up
+from tests.helpers import commerce
+from tests.helpers.accounts import token_for
+from tests.helpers.commerce import accounting, call, commerce_app, commerce_settings, ok
+from tests.helpers.deployment import migrate, quiet, run_in_private_loop
+from tests.helpers.replicas import Topology, blocking, wait_caught_up
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +53,7 @@ PASSWORD = "correct horse battery"
 # margin for a loaded machine).
 RESUME_BOUND_S = 10.0
 
-client = test_cart.client  # an HTTP client that allows many requests at once
+client = commerce.client  # an HTTP client that allows many requests at once
 
 
 # --- fixtures ----------------------------------------------------------------------------------
@@ -66,7 +65,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     data_dir = tmp_path_factory.mktemp("failover")
     try:
         env = infra.up(data_dir, replicas=True, log=quiet)
-        run_in_private_loop(_migrate(env))
+        run_in_private_loop(migrate(env))
         topology = Topology(data_dir, env)
         for group in GROUPS:
             wait_caught_up(*topology.servers(group))

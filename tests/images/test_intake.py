@@ -21,8 +21,8 @@ from server.adapters.images.intake import (
     probe,
     sniff,
 )
-from tests.images import samples
-from tests.images.photos import photo
+from tests.helpers import image_samples as samples
+from tests.helpers.photos import photo
 
 LIMITS = IntakeLimits(max_bytes=25 * 1024 * 1024, max_pixels=50_000_000)
 REFUSAL_BOUND_S = 0.05

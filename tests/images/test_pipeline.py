@@ -12,8 +12,8 @@ from server.adapters.images.intake import IntakeLimits, probe
 from server.adapters.images.pipeline import FORMATS, SIZES, Encoding, decode, derive, encode
 from server.adapters.images.placeholder import MAX_PLACEHOLDER_CHARS, placeholder_data_url
 from server.adapters.images.workers import configure_libvips
-from tests.images import samples
-from tests.images.photos import KINDS, photo
+from tests.helpers import image_samples as samples
+from tests.helpers.photos import KINDS, photo
 
 LIMITS = IntakeLimits(max_bytes=25 * 1024 * 1024, max_pixels=50_000_000)
 SIGNATURES = {"jpeg": b"\xff\xd8\xff", "webp": b"RIFF", "avif": b"ftypavif"}

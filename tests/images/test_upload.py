@@ -24,11 +24,11 @@ import pyvips
 from server.adapters.images import ImagesBusy
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
-from tests.handlers.test_auth import call, problem
-from tests.handlers.test_products import body, insert_products
-from tests.images import samples
-from tests.images.photos import photo
+from tests.helpers import image_samples as samples
+from tests.helpers.catalog import insert_products
+from tests.helpers.deployment import make_settings
+from tests.helpers.http import body, call, problem
+from tests.helpers.photos import photo
 from tests.images.uploads import (
     MULTIPART,
     form_body,

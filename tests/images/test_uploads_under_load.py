@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
-from tests.handlers.test_products import insert_products
-from tests.images.photos import photo_jpeg
+from tests.helpers.catalog import insert_products
+from tests.helpers.deployment import make_settings
+from tests.helpers.photos import photo_jpeg
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

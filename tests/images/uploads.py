@@ -8,7 +8,7 @@ from typing import Any
 import psycopg2
 from tornado.httpclient import HTTPResponse
 
-from tests.handlers.test_auth import call
+from tests.helpers.http import call
 
 BOUNDARY = "fm-test-7MA4YWxkTrZu0gW"
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"

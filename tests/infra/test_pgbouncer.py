@@ -31,7 +31,7 @@ from server.wiring.infra.pgbouncer import (
 )
 from server.wiring.infra.postgres import PostgresServer
 from server.wiring.infra.topology import InfraState, PgGroup, settings_for
-from tests.conftest import make_settings
+from tests.helpers.deployment import make_settings
 
 TIMEOUT_MS = 300
 needs_pgbouncer = pytest.mark.skipif(

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from server.wiring.settings import Settings
-from tests.realtime.cable_helpers import ExtraNode, add_product
+from tests.helpers.cable import ExtraNode
+from tests.helpers.catalog import add_product
 
 
 @pytest.fixture

@@ -22,8 +22,7 @@ from tornado.httpclient import AsyncHTTPClient
 from server.wiring.infra import ValkeyServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
-from tests.realtime.cable_helpers import (
+from tests.helpers.cable import (
     MSGPACK,
     CableClient,
     ExtraNode,
@@ -32,7 +31,8 @@ from tests.realtime.cable_helpers import (
     restart_losing_data,
     stock_event,
 )
-from tests.server.test_processes import cli_env, free_port, server_settings, started, wait_ready
+from tests.helpers.deployment import make_settings
+from tests.helpers.processes import cli_env, free_port, server_settings, started, wait_ready
 
 JS_CLIENT = Path(__file__).resolve().parents[1] / "js" / "cable-client.mjs"
 

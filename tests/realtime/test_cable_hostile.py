@@ -36,8 +36,8 @@ from server.domain.users import UserService
 from server.wiring.seed import seed_catalog
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
-from tests.realtime.frames import client_frame
+from tests.helpers.deployment import make_settings
+from tests.helpers.wsframes import client_frame
 
 JSON = "actioncable-v1-json"
 MSGPACK = "actioncable-v1-msgpack"

@@ -17,9 +17,7 @@ from realtime.broker import stream_keys
 from server.wiring.infra import ValkeyServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
-from tests.handlers.test_cart import make_user
-from tests.realtime.cable_helpers import (
+from tests.helpers.cable import (
     JSON,
     CableClient,
     ExtraNode,
@@ -28,6 +26,8 @@ from tests.realtime.cable_helpers import (
     read_stocks,
     stock_event,
 )
+from tests.helpers.commerce import make_user
+from tests.helpers.deployment import make_settings
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

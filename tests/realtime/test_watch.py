@@ -15,7 +15,7 @@ import pytest
 from realtime.cable import WatchOverflow
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.realtime.cable_helpers import ExtraNode
+from tests.helpers.cable import ExtraNode
 
 
 @pytest.fixture

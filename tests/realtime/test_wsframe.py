@@ -27,7 +27,7 @@ from realtime.wsframe import (
     encode_frame,
     parse_close,
 )
-from tests.realtime.frames import ASCII, MASK, client_frame, xor_mask
+from tests.helpers.wsframes import ASCII, MASK, client_frame, xor_mask
 
 MiB = 1 << 20
 

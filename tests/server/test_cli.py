@@ -14,7 +14,8 @@ import pytest
 from server.wiring import infra
 from server.wiring.cli import build_parser
 from server.wiring.dev import admin_command
-from tests.server.test_processes import cli_env, quiet, run_cli
+from tests.helpers.deployment import quiet
+from tests.helpers.processes import cli_env, run_cli
 
 Command = tuple[tuple[str, ...], argparse.ArgumentParser, str | None]
 

@@ -17,7 +17,7 @@ import pytest
 import tornado.web
 
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
+from tests.helpers.deployment import make_settings
 
 
 class Echo(tornado.web.RequestHandler):

@@ -13,7 +13,7 @@ import pytest
 from server.adapters.db.migrate import migrate_all, migrate_database, migrations_for
 from server.adapters.db.pools import Database, PoolOptions, open_pool
 from server.wiring.settings import Settings
-from tests.conftest import primary_dsns
+from tests.helpers.deployment import primary_dsns
 
 
 def _tables(dsn: str) -> set[str]:

@@ -26,11 +26,10 @@ import pytest
 
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import TEST_SECRET_KEY
-from tests.handlers.test_cart import commerce_settings
-from tests.handlers.test_checkout import accounting, buyer_with_cart
-from tests.realtime.cable_helpers import add_product
-from tests.server.test_processes import cli_env, free_port, server_settings, started, wait_ready
+from tests.helpers.catalog import add_product
+from tests.helpers.commerce import accounting, buyer_with_cart, commerce_settings
+from tests.helpers.deployment import TEST_SECRET_KEY
+from tests.helpers.processes import cli_env, free_port, server_settings, started, wait_ready
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

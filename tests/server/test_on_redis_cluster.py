@@ -27,23 +27,11 @@ from server.wiring.infra.common import pick_free_port
 from server.wiring.infra.valkey import CLUSTER_BUS_OFFSET, parse_info
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.graphql.helpers import gql, result
-from tests.handlers.test_cart import (
-    call,
-    commerce_app,
-    commerce_settings,
-    make_user,
-    ok,
-    start_node,
-)
-from tests.realtime.cable_helpers import (
-    CableClient,
-    add_product,
-    identifier,
-    read_stocks,
-    stock_event,
-)
-from tests.server.test_cache import CountingLoader, Nodes
+from tests.helpers.cable import CableClient, identifier, read_stocks, stock_event
+from tests.helpers.caches import CountingLoader, Nodes
+from tests.helpers.catalog import add_product
+from tests.helpers.commerce import call, commerce_app, commerce_settings, make_user, ok, start_node
+from tests.helpers.graphql import gql, result
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_data")]
 

@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.adapters.pubsub import ResilientSubscription
 from server.wiring.infra import ValkeyServer
-from tests.realtime.cable_helpers import own_valkey
+from tests.helpers.cable import own_valkey
 
 
 @pytest.fixture

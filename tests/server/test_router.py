@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import psycopg2
 import psycopg2.errors
 import pytest
 
-from server.adapters.db.migrate import migrate_all
 from server.adapters.db.pools import Database, RolePools
 from server.adapters.db.router import (
     PrimaryUnavailable,
@@ -31,43 +26,10 @@ from server.adapters.db.router import (
 )
 from server.wiring import infra
 from server.wiring.infra import PostgresServer
-from server.wiring.settings import Settings
-from tests.conftest import make_settings, run_in_private_loop
+from tests.helpers.deployment import migrate, quiet, run_in_private_loop
+from tests.helpers.replicas import Topology, blocking, wait_caught_up
 
 pytestmark = pytest.mark.slow
-
-
-def quiet(_line: str) -> None:
-    """Log sink for the embedded servers."""
-
-
-@dataclass(frozen=True)
-class Topology:
-    """The module's servers: FM_* settings and the data directory `infra.up` used."""
-
-    data_dir: Path
-    env: dict[str, str]
-
-    def settings(self) -> Settings:
-        return make_settings(self.env)
-
-    def servers(self, group: str) -> tuple[PostgresServer, PostgresServer]:
-        """(primary, replica) of a group of `infra.json` ("catalog", "shard0", ...)."""
-        state = json.loads((self.data_dir / "infra.json").read_text())
-        entry = next(g for g in state["postgres"] if g["name"] == group)
-        primary = PostgresServer(self.data_dir / entry["data_dir"], entry["port"], log=quiet)
-        replica = PostgresServer(
-            self.data_dir / entry["replica_data_dir"], entry["replica_port"], log=quiet
-        )
-        return primary, replica
-
-
-async def _migrate(env: dict[str, str]) -> None:
-    db = await Database.open(make_settings(env))
-    try:
-        await migrate_all(db)
-    finally:
-        await db.close()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +38,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     data_dir = tmp_path_factory.mktemp("router")
     try:
         env = infra.up(data_dir, replicas=True, log=quiet)
-        run_in_private_loop(_migrate(env))
+        run_in_private_loop(migrate(env))
         topology = Topology(data_dir, env)
         for group in ("catalog", "shard0", "shard1", "shard2", "shard3"):
             wait_caught_up(*topology.servers(group))
@@ -98,11 +60,6 @@ async def opened_router(topology: Topology, **options: Any) -> AsyncIterator[Sha
         await db.close()
 
 
-async def blocking(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run a blocking call (pg_ctl, psql) off the loop, so concurrent work keeps going."""
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-
 async def add_user(router: ShardRouter, user_id: int) -> None:
     async with router.write(user_id) as cur:
         await cur.execute(
@@ -119,40 +76,6 @@ async def read_user(router: ShardRouter, reader: int, wanted: int, **kw: Any) ->
         await cur.execute("SELECT pg_is_in_recovery()")
         standby = await cur.fetchone()
     return row[0] == 1, standby[0]
-
-
-_markers = itertools.count(1)
-
-
-def wait_caught_up(primary: PostgresServer, replica: PostgresServer) -> None:
-    """Wait until the standby has applied every transaction committed on the primary so far.
-
-    Commits a marker row (in the `postgres` database, not the product's) and waits until the
-    standby shows it: WAL is replayed in order, so every commit acknowledged before is applied
-    too. (Comparing LSNs is brittle here: the servers run with `synchronous_commit = off`, so
-    `pg_current_wal_lsn()` can be short of an acknowledged commit.)
-    """
-    marker = next(_markers)
-    primary.psql(
-        "CREATE TABLE IF NOT EXISTS fm_test_marker (n bigint); "
-        f"INSERT INTO fm_test_marker VALUES ({marker})"
-    )
-    deadline = time.monotonic() + 10.0
-    while True:
-        try:
-            conn = psycopg2.connect(replica.dsn(), connect_timeout=5)
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("SELECT count(*) FROM fm_test_marker WHERE n = %s", (marker,))
-                    if cur.fetchone()[0] == 1:
-                        return
-            finally:
-                conn.close()
-        except psycopg2.errors.UndefinedTable:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{replica} did not catch up with {primary}")
-        time.sleep(0.02)
 
 
 async def pause_replay(topology: Topology, group: str) -> PostgresServer:

@@ -14,7 +14,7 @@ from server.adapters.db.router import ShardRouter
 from server.common.errors import Conflict, InvalidInput
 from server.domain.users import UserService
 from server.wiring.settings import Settings
-from tests.conftest import primary_dsns
+from tests.helpers.deployment import primary_dsns
 
 
 def test_shard_index_is_id_modulo_shard_count() -> None:

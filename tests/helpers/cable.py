@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import msgpack
-import psycopg2
 import pytest
 from tornado.httpclient import HTTPRequest
 from tornado.netutil import bind_sockets
@@ -24,7 +22,8 @@ from server.wiring.app import make_app
 from server.wiring.infra import ValkeyServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
+from tests.helpers.deployment import make_settings
+from tests.helpers.processes import free_port
 
 JSON = "actioncable-v1-json"
 MSGPACK = "actioncable-v1-msgpack"
@@ -108,26 +107,6 @@ class ExtraNode:
     async def stop(self) -> None:
         self.server.stop()
         await self.services.close()
-
-
-def add_product(catalog_dsn: str, stock: int = 10) -> int:
-    """A product with `stock` units; returns its id."""
-    with psycopg2.connect(catalog_dsn) as conn, conn.cursor() as cur:
-        cur.execute(
-            "WITH p AS (INSERT INTO products (name, price_cents) VALUES ('Test Lamp', 1999) "
-            "RETURNING id) INSERT INTO inventory (product_id, stock) SELECT id, %s FROM p "
-            "RETURNING product_id",
-            (stock,),
-        )
-        (product_id,) = cur.fetchone()
-    conn.close()
-    return int(product_id)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

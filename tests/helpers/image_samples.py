@@ -8,7 +8,7 @@ import zlib
 
 import pyvips
 
-from tests.images.photos import photo
+from tests.helpers.photos import photo
 
 CAMERA_MAKE = "FinalCam"  # planted in EXIF and XMP; must not survive the pipeline
 CAMERA_MODEL = "FC-1 Pro"

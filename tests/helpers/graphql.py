@@ -1,4 +1,5 @@
-"""Helpers of the GraphQL tests: requests over real HTTP, users, products with images."""
+"""Helpers of the GraphQL tests: node settings, requests over real HTTP, users, products with
+images."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from tornado.httpclient import HTTPClientError, HTTPResponse
 
 from server.domain.users import UserService
 from server.wiring.services import Services
+from server.wiring.settings import Settings
+from tests.helpers.deployment import make_settings
 
 # Fast enough for many test users; production hashing is untouched.
 CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -113,3 +116,19 @@ def result(response: HTTPResponse, status: int = 200) -> dict[str, Any]:
 def codes(body: dict[str, Any]) -> list[str]:
     """The `extensions.code` of every error of a response."""
     return [error["extensions"]["code"] for error in body.get("errors", [])]
+
+
+def graphql_settings(env: dict[str, str], **overrides: Any) -> Settings:
+    """Test settings: REST limits out of the way, small pools (two nodes x five databases
+    stay under the embedded server's connection limit)."""
+    values: dict[str, Any] = {
+        "ratelimit_ip_per_second": 10_000.0,
+        "ratelimit_ip_burst": 10_000,
+        "ratelimit_user_per_second": 10_000.0,
+        "ratelimit_user_burst": 10_000,
+        "pool_max_size": 5,
+        "graphql_throttle_maximum": 100_000,
+        "graphql_throttle_restore_per_second": 100_000.0,
+    }
+    values.update(overrides)
+    return make_settings(env, **values)
