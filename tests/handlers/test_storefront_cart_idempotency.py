@@ -12,8 +12,8 @@ import pytest
 
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.handlers.storefront_helpers import fetch, insert_products
-from tests.handlers.test_cart import commerce_settings, make_user
+from tests.helpers.commerce import commerce_settings, make_user
+from tests.helpers.storefront import fetch, insert_products
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

@@ -20,7 +20,7 @@ from server.adapters.compression import (
     parse_accept_encoding,
 )
 from server.wiring.settings import Settings
-from tests.handlers.storefront_helpers import (
+from tests.helpers.storefront import (
     build_dist,
     fetch,
     insert_products,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from server.wiring.settings import Settings
-from tests.handlers.storefront_helpers import fetch, storefront_settings
+from tests.helpers.storefront import fetch, storefront_settings
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 

@@ -15,7 +15,7 @@ from server.adapters.cache.fragments import STOCK_SLOT
 from server.adapters.purge import PurgeQueue
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.handlers.storefront_helpers import (
+from tests.helpers.storefront import (
     Browser,
     build_dist,
     fetch,

@@ -12,7 +12,7 @@ import brotli
 import pytest
 
 from server.wiring.settings import Settings
-from tests.handlers.storefront_helpers import (
+from tests.helpers.storefront import (
     APP_JS,
     PNG,
     SW_JS,

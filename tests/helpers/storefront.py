@@ -17,7 +17,7 @@ import psycopg2
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
 from server.wiring.settings import Settings
-from tests.conftest import make_settings
+from tests.helpers.deployment import make_settings
 
 APP_JS = b"import './controllers.js';\n" + b"console.log('final market');\n" * 200
 APP_CSS = b":root{--green:#0b5d1e}\n" + b".product-card{display:grid;gap:.5rem}\n" * 200
