@@ -91,6 +91,19 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank]
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> int:
+    """SIGINT a process started in its own session (then SIGKILL); its exit code."""
+    if proc.poll() is not None:
+        return proc.returncode
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+
 class Deployment:
     """Embedded servers, migrations and one node process; `stop()` undoes all of it."""
 
@@ -146,21 +159,36 @@ class Deployment:
         """`finalmarket serve` with rate limits out of the way (plus `extra_env`); waits for
         /readyz."""
         self.port = free_port()
+        self.node = self.spawn_node(self.port, "bench", self.log_path, extra_env)
+
+    def spawn_node(
+        self,
+        port: int,
+        node_id: str,
+        log_path: Path,
+        extra_env: dict[str, str] | None = None,
+        *,
+        raise_limits: bool = True,
+    ) -> subprocess.Popen[bytes]:
+        """One more `finalmarket serve` process on `port`, ready when this returns; rate
+        limits raised unless `raise_limits` is False (`extra_env` wins over both)."""
         env = self.child_env()
-        env.update(
-            {
-                "FM_RATELIMIT_IP_PER_SECOND": "1000000",
-                "FM_RATELIMIT_IP_BURST": "1000000",
-                "FM_RATELIMIT_USER_PER_SECOND": "1000000",
-                "FM_RATELIMIT_USER_BURST": "1000000",
-                "FM_POOL_MAX_SIZE": str(self.pool_max_size),
-                **(extra_env or {}),
-            }
-        )
-        command = [self.python, "-m", "server", "serve", "--port", str(self.port)]
-        command += ["--node-id", "bench"]
-        with self.log_path.open("wb") as log:
-            self.node = subprocess.Popen(
+        if raise_limits:
+            env.update(
+                {
+                    "FM_RATELIMIT_IP_PER_SECOND": "1000000",
+                    "FM_RATELIMIT_IP_BURST": "1000000",
+                    "FM_RATELIMIT_USER_PER_SECOND": "1000000",
+                    "FM_RATELIMIT_USER_BURST": "1000000",
+                }
+            )
+        env["FM_POOL_MAX_SIZE"] = str(self.pool_max_size)
+        env.update(extra_env or {})
+        env = {key: value for key, value in env.items() if value != ""}  # "" unsets a setting
+        command = [self.python, "-m", "server", "serve", "--port", str(port)]
+        command += ["--node-id", node_id]
+        with log_path.open("wb") as log:
+            node = subprocess.Popen(
                 command,
                 cwd=ROOT,
                 env=env,
@@ -171,25 +199,18 @@ class Deployment:
             )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            if readyz_status(self.port) == 200:
-                return
-            if self.node.poll() is not None:
-                raise RuntimeError(f"node exited {self.node.returncode}; see {self.log_path}")
+            if readyz_status(port) == 200:
+                return node
+            if node.poll() is not None:
+                raise RuntimeError(f"node exited {node.returncode}; see {log_path}")
             time.sleep(0.05)
-        raise RuntimeError(f"node not ready within {READY_TIMEOUT_S:.0f}s; see {self.log_path}")
+        stop_process(node)
+        raise RuntimeError(f"node not ready within {READY_TIMEOUT_S:.0f}s; see {log_path}")
 
     def stop_node(self) -> int | None:
         """SIGINT the node (then SIGKILL); its exit code."""
         proc, self.node = self.node, None
-        if proc is None or proc.poll() is not None:
-            return None if proc is None else proc.returncode
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            return proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            return proc.wait()
+        return None if proc is None else stop_process(proc)
 
     def node_log(self) -> list[str]:
         """The node's log lines (at warning, every line is noteworthy)."""
