@@ -36,6 +36,9 @@ async function audit(url) {
       total_bytes: Math.round(audits["total-byte-weight"].numericValue),
       requests: audits["network-requests"].details?.items?.length ?? null,
       failing,
+      console_errors: (audits["errors-in-console"].details?.items ?? []).map(
+        (item) => `${item.source}: ${item.description} (${item.sourceLocation?.url ?? ""})`,
+      ),
     };
   } finally {
     await chrome.kill();
