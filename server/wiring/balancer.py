@@ -69,6 +69,10 @@ class Balancer(Protocol):
     name: str
     config_path: Path
 
+    @property
+    def started(self) -> bool:
+        """Whether `start` ran (it may have exited since)."""
+
     def start(self, upstreams: Sequence[Upstream]) -> None:
         """Write the configuration for `upstreams` and run the balancer until it listens."""
 
@@ -111,6 +115,11 @@ class _Process:
         self.directory = directory
         self.listen = listen
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether `start` ran (it may have exited since)."""
+        return self.proc is not None
 
     def _run(self, argv: Sequence[str]) -> None:
         self.proc = spawn(argv)

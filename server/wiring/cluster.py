@@ -138,16 +138,15 @@ class ReadinessWatch:
 
 
 async def supervise(nodes: list[NodeProcess], balancer: Balancer, banner: str) -> None:
-    """Keep the balancer's view of `nodes` current until SIGINT or SIGTERM; prints `banner`
-    once every node is ready. Fails if the balancer dies, or a node exits before it was
-    ever ready (a port taken, bad settings)."""
+    """Start the balancer once every node is ready (printing `banner`), then keep its view of
+    `nodes` current until SIGINT or SIGTERM. Fails if the balancer dies, or a node exits
+    before it was ever ready (a port taken, bad settings)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     watch = ReadinessWatch([node.address for node in nodes])
     by_address = {node.address: node for node in nodes}
-    announced = False
     try:
         while not stop.is_set():
             changed = await watch.poll()
@@ -158,15 +157,19 @@ async def supervise(nodes: list[NodeProcess], balancer: Balancer, banner: str) -
             for node in nodes:
                 if (code := node.proc.poll()) is not None and not node.was_ready:
                     raise infra.InfraError(f"{node.node_id} exited with {code} before it was ready")
-            if (code := balancer.exit_code()) is not None:
+            if balancer.exit_code() is None and not balancer.started:
+                if all(watch.ready.values()):  # so its first answers come from the nodes
+                    balancer.start(watch.upstreams())
+                    _log.info(
+                        "balancer_started", balancer=balancer.name, config=balancer.config_path
+                    )
+                    _say(banner)
+            elif (code := balancer.exit_code()) is not None:
                 raise infra.InfraError(f"{balancer.name} exited with {code}")
-            if changed:
+            elif changed:
                 balancer.apply(watch.upstreams())
                 down = [u.address for u in watch.upstreams() if u.down]
                 _log.info("balancer_reloaded", balancer=balancer.name, down=down)
-            if not announced and all(watch.ready.values()):
-                _say(banner)
-                announced = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), POLL_INTERVAL_S)
     finally:
@@ -211,8 +214,6 @@ def run_cluster(
         async def main() -> None:
             await prepare_data(settings, products)
             children.extend(start_node(f"node{i}", port + i) for i in range(1, nodes + 1))
-            balancer.start([Upstream(node.address, down=True) for node in children])
-            _log.info("balancer_started", balancer=balancer.name, listen=listen)
             where = ", ".join(node.address for node in children)
             banner = (
                 f"Final Market is running at http://{listen}/  ({balancer.name} in front of "
