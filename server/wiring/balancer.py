@@ -12,6 +12,7 @@ A missing binary is an `InfraError` naming the Debian packages to install.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -36,6 +37,8 @@ BALANCERS = ("nginx", "haproxy")
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 _CHECK_TIMEOUT_S = 30.0
+HAPROXY_MAXCONN = 20000  # config/haproxy.cfg's global maxconn
+_HAPROXY_RESERVED_FDS = 100  # listeners, checks, logs
 
 
 def _binary(name: str, packages: str) -> str:
@@ -191,12 +194,22 @@ class HAProxy(_Process):
         self.directory.mkdir(parents=True, exist_ok=True)
         text = haproxy_config(upstreams, listen=self.listen, directory=self.directory)
         self.config_path.write_text(text)
-        argv = [self.binary, "-f", str(self.config_path)]
+        argv = [self.binary, "-f", str(self.config_path), "-n", str(haproxy_maxconn())]
         _checked([*argv, "-c", "-q"], "HAProxy's configuration check")
         self._run([*argv, "-db"])
 
     def apply(self, upstreams: Sequence[Upstream]) -> None:
         """Nothing: HAProxy's own /readyz checks take unready nodes out and put them back."""
+
+
+def haproxy_maxconn() -> int:
+    """The configuration's `maxconn`, or less where the file descriptor limit is lower
+    (HAProxy needs two per connection and refuses to start beyond the hard limit; production
+    raises it in the service unit, `LimitNOFILE`)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return HAPROXY_MAXCONN
+    return max(100, min(HAPROXY_MAXCONN, (hard - _HAPROXY_RESERVED_FDS) // 2))
 
 
 def make_balancer(name: str, directory: Path, listen: str) -> Balancer:
