@@ -110,6 +110,10 @@ def make_app(services: Services) -> tornado.web.Application:
     return app
 
 
+# Health checks that succeeded are logged at debug level only (FM_LOG_LEVEL=debug shows them).
+_PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+
+
 def _route_name(handler: tornado.web.RequestHandler) -> str:
     # The handler class, not the path: paths carry ids and would explode metric cardinality.
     return type(handler).__name__.removesuffix("Handler")
@@ -124,6 +128,8 @@ def _log_request(handler: tornado.web.RequestHandler, metrics: NodeMetrics) -> N
         metrics.http_requests.labels(route, method, str(status)).inc()
         metrics.http_latency.labels(route, method).observe(elapsed_s)
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if level == logging.INFO and handler.request.path in _PROBE_PATHS:
+        level = logging.DEBUG  # a balancer asks every second: answers only at debug level
     if not _ACCESS_LOGGER.isEnabledFor(level):
         return  # build nothing for a line that would be dropped (the hot path of every request)
     _access_log.log(

@@ -1,4 +1,4 @@
-"""The `finalmarket` command: dev, infra, migrate, seed, serve, users, settings."""
+"""The `finalmarket` command: dev, cluster, edge, infra, migrate, seed, serve, users, settings."""
 
 from __future__ import annotations
 
@@ -163,6 +163,42 @@ def cmd_dev(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """Embedded servers (as `dev`), N nodes on the ports after --port, and nginx (or HAProxy)
+    on --port in front of them; nodes whose /readyz fails are taken out of the rotation.
+    Ctrl-C drains the nodes and stops everything it started."""
+    from server.wiring.cluster import run_cluster
+
+    return run_cluster(
+        _data_dir(args.data_dir),
+        nodes=args.nodes,
+        port=args.port,
+        products=args.products,
+        balancer_name=args.balancer,
+        data_dir_flag=args.data_dir is not None,
+    )
+
+
+def cmd_edge(args: argparse.Namespace) -> int:
+    """Print the load balancer's configuration (config/nginx.conf or config/haproxy.cfg) for
+    the given nodes."""
+    from server.wiring.edge import Upstream, haproxy_config, nginx_config
+
+    upstreams = [Upstream(address) for address in args.upstream]
+    directory = Path(args.dir).resolve()
+    render = nginx_config if args.edge_command == "nginx" else haproxy_config
+    sys.stdout.write(render(upstreams, listen=args.listen, directory=directory))
+    return 0
+
+
+def host_port(value: str) -> str:
+    """An argparse type: `HOST:PORT` (`[v6]:PORT` too) with a port between 1 and 65535."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run a one-shot command's coroutine on the same loop flavour as the server."""
     result: list[Any] = []
@@ -225,6 +261,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--replicas", action="store_true", help="a streaming replica per database")
 
+    from server.wiring.balancer import BALANCERS
+    from server.wiring.cluster import CLUSTER_PORT
+
+    cluster = _command(
+        sub, "cluster", "embedded servers, N nodes and a load balancer in front", cmd_cluster
+    )
+    cluster.add_argument("--nodes", type=int, default=2, help="how many nodes to run (%(default)s)")
+    cluster.add_argument(
+        "--port",
+        type=int,
+        default=CLUSTER_PORT,
+        help="port of the balancer (%(default)s); the nodes take the next N ports",
+    )
+    cluster.add_argument(
+        "--products",
+        type=int,
+        default=DEV_DEMO_PRODUCTS,
+        help="demo products seeded into an empty catalog (%(default)s)",
+    )
+    cluster.add_argument(
+        "--balancer",
+        choices=BALANCERS,
+        default="nginx",
+        help="nginx (caching edge, the supervisor checks /readyz) or haproxy (checks it itself)",
+    )
+    _data_dir_option(cluster)
+
+    edge = _command(sub, "edge", "print a load balancer configuration for given nodes")
+    edge_sub = edge.add_subparsers(dest="edge_command", required=True, metavar="BALANCER")
+    for name, summary in (
+        ("nginx", "nginx.conf: balancer, WebSocket proxy and caching edge"),
+        ("haproxy", "haproxy.cfg: balancer with /readyz checks"),
+    ):
+        balancer = _command(edge_sub, name, summary, cmd_edge)
+        balancer.add_argument(
+            "--upstream",
+            action="append",
+            required=True,
+            type=host_port,
+            metavar="HOST:PORT",
+            help="a node to balance over (repeat for each node)",
+        )
+        balancer.add_argument(
+            "--listen",
+            type=host_port,
+            default="0.0.0.0:80",
+            metavar="ADDR:PORT",
+            help="address the balancer listens on (%(default)s)",
+        )
+        balancer.add_argument(
+            "--dir",
+            required=True,
+            metavar="DIR",
+            help="directory of the balancer's pid, logs, temporary files and cache",
+        )
+
     infra_cmd = _command(
         sub, "infra", "embedded PostgreSQL and Redis (Valkey) in the background, for dev and tests"
     )
@@ -284,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `finalmarket` console script."""
     args = build_parser().parse_args(argv)
-    if args.command not in ("serve", "dev"):
+    if args.command not in ("serve", "dev", "cluster"):
         configure_logging("warning", "console")
     try:
         return int(args.func(args))

@@ -76,6 +76,34 @@ async def prepare_data(settings: Settings, products: int) -> None:
         await db.close()
 
 
+def uses_external_servers() -> bool:
+    """Whether `FM_CATALOG_DSN`, `FM_SHARDS` and `FM_REDIS_URL` all name servers to use."""
+    return all(os.environ.get(key) for key in _EXTERNAL_KEYS)
+
+
+def will_start_servers(data_dir: Path) -> bool:
+    """Whether `ensure_servers` would start the embedded servers of `data_dir` (so the caller
+    stops them again, even when it is interrupted while they start)."""
+    return not uses_external_servers() and not infra.is_up(data_dir)
+
+
+def ensure_servers(data_dir: Path, *, replicas: bool = False) -> None:
+    """Put the servers' settings and a secret key into the environment: the external servers
+    when they are configured, else the embedded ones of `data_dir`, started if they are not
+    running. Settings already in the environment win."""
+    if uses_external_servers():
+        _say("using external PostgreSQL and Redis from FM_* settings")
+    else:
+        for key, value in infra.up(data_dir, replicas=replicas, log=_say).items():
+            os.environ.setdefault(key, value)
+    os.environ.setdefault("FM_SECRET_KEY", dev_secret_key(data_dir))
+
+
+def server_env_lines() -> list[str]:
+    """The `export FM_...` lines of the servers in use (for the terminal of a dev command)."""
+    return infra.env_lines({k: os.environ[k] for k in _EXTERNAL_KEYS})
+
+
 def run_dev(
     data_dir: Path,
     *,
@@ -86,16 +114,10 @@ def run_dev(
 ) -> int:
     """Run the quick start; returns the process exit code. `data_dir_flag`: the data directory
     was named on the command line (so the admin command in the banner names it too)."""
-    external = all(os.environ.get(key) for key in _EXTERNAL_KEYS)
     started_infra = False
     try:
-        if external:
-            _say("using external PostgreSQL and Redis from FM_* settings")
-        else:
-            started_infra = not infra.is_up(data_dir)
-            for key, value in infra.up(data_dir, replicas=replicas, log=_say).items():
-                os.environ.setdefault(key, value)
-        os.environ.setdefault("FM_SECRET_KEY", dev_secret_key(data_dir))
+        started_infra = will_start_servers(data_dir)
+        ensure_servers(data_dir, replicas=replicas)
         overrides: dict[str, Any] = {"port": port}
         if "FM_HOST" not in os.environ:
             overrides["host"] = "127.0.0.1"
@@ -105,7 +127,7 @@ def run_dev(
             overrides["log_format"] = "console"
         settings = load_settings(**overrides)
         configure_logging(settings.log_level, settings.log_format, settings.node_id)
-        for line in infra.env_lines({k: os.environ[k] for k in _EXTERNAL_KEYS}):
+        for line in server_env_lines():
             _say(line)
 
         async def main() -> None:

@@ -24,6 +24,7 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
+SECRET_KEY = "s" * 48
 SERVER_KEYS = (
     "FM_CATALOG_DSN",
     "FM_CATALOG_REPLICA_DSN",
@@ -136,3 +137,12 @@ def wait_ready(base_url: str, child: Running, timeout: float = READY_TIMEOUT_S) 
 def server_settings(infra_env: Mapping[str, str]) -> dict[str, str]:
     """Only the server locations from `infra_env` (which may carry every outer `FM_*`)."""
     return {key: infra_env[key] for key in SERVER_KEYS if key in infra_env}
+
+
+def wait_for_line(child: Running, text: str, timeout: float = READY_TIMEOUT_S) -> None:
+    """Poll the child's stderr until a line contains `text`."""
+    deadline = time.monotonic() + timeout
+    while text not in child.stderr():
+        if child.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no {text!r} in stderr:\n{child.stderr()}")
+        time.sleep(0.02)

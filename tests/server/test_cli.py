@@ -53,6 +53,10 @@ def test_the_walk_sees_every_command() -> None:
     assert paths == {
         "",
         "dev",
+        "cluster",
+        "edge",
+        "edge nginx",
+        "edge haproxy",
         "infra",
         "infra up",
         "infra down",

@@ -29,19 +29,18 @@ from server.wiring import infra
 from tests.helpers.deployment import quiet
 from tests.helpers.processes import (
     PROJECT_ROOT,
-    READY_TIMEOUT_S,
-    Running,
+    SECRET_KEY,
     cli_env,
     free_port,
     http_get,
     run_cli,
     server_settings,
     started,
+    wait_for_line,
     wait_ready,
 )
 
 DEV_PRODUCTS = 40
-SECRET_KEY = "s" * 48
 # Well-formed but never contacted: the settings tests fail before any connection is made.
 FAKE_SERVER_ENV = {
     "FM_CATALOG_DSN": "postgresql://postgres@127.0.0.1:1/fm_catalog",
@@ -63,15 +62,6 @@ def listening_ports(data_dir: Path) -> list[int]:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
             answering.append(port)
     return answering
-
-
-def wait_for_line(child: Running, text: str, timeout: float = READY_TIMEOUT_S) -> None:
-    """Poll the child's stderr until a line contains `text`."""
-    deadline = time.monotonic() + timeout
-    while text not in child.stderr():
-        if child.proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"no {text!r} in stderr:\n{child.stderr()}")
-        time.sleep(0.02)
 
 
 def exported(text: str) -> dict[str, str]:
