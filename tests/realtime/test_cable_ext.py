@@ -226,6 +226,8 @@ class TestRestore:
         (live,) = await stock_frames(back, 1)
         assert (live["message"]["stock"], live["offset"]) == (4, seen["offset"] + 3)
         back.close()
+        assert node_c.services.cable.restored_sessions == 1
+        assert node_c.services.cable.history_confirmed == 1
         await node_c.stop()
         assert user_id > 0
 
