@@ -47,7 +47,8 @@ class CableHandler(WebSocketUpgrade):
             raise ApiError(
                 400,
                 "subprotocol",
-                "offer actioncable-v1-json or actioncable-v1-msgpack in Sec-WebSocket-Protocol",
+                "offer actioncable-v1-json, actioncable-v1-msgpack, actioncable-v1-ext-json or "
+                "actioncable-v1-ext-msgpack in Sec-WebSocket-Protocol",
                 offered=offered,
             )
         user, unauthorized = await self.websocket_session()
@@ -60,4 +61,8 @@ class CableHandler(WebSocketUpgrade):
             sock.sendall(raw + encode_close(CLOSE_PROTOCOL_ERROR, "unsupported subprotocol"))
             sock.close()
             return
-        await self.cable.adopt(sock, codec, user, remote_ip, raw, unauthorized)
+        # AnyCable's way to name the session to restore: the header first, then `?sid=`.
+        restore_sid = headers.get("X-AnyCable-Restore-SID") or self.get_query_argument("sid", None)
+        if not codec.extended:
+            restore_sid = None
+        await self.cable.adopt(sock, codec, user, remote_ip, raw, unauthorized, restore_sid)

@@ -1,8 +1,10 @@
 """Redis broker: cross-node delivery, offsets, epochs and bounded history per stream.
 
 Every publish runs one Lua script that takes the stream's next offset (INCR), appends the
-message to its history (XADD with the offset as entry id, MAXLEN ~), and PUBLISHes a msgpack
-envelope `[stream, offset, epoch, payload, origin]`. Being one script, two nodes publishing
+message to its history (XADD with the offset as entry id and Redis' clock in milliseconds as
+field `t`, for `since` requests; MAXLEN keeps exactly the history limit, and the whole history
+expires when the stream has been quiet for the history TTL, as in AnyCable), and PUBLISHes a
+msgpack envelope `[stream, offset, epoch, payload, origin]`. Being one script, two nodes publishing
 to one stream can never reorder or duplicate offsets. All keys of a stream share one hash tag
 (`{inventory:product:42}:offset`, `...:history`, `...:epoch`, channel `...:live`), so the same
 script runs unchanged on a Redis Cluster, where it SPUBLISHes instead: sharded pub/sub keeps
@@ -36,7 +38,8 @@ from server.common.logs import get_logger
 
 _log = get_logger("finalmarket.broker")
 
-DEFAULT_HISTORY_MAXLEN = 1000
+DEFAULT_HISTORY_MAXLEN = 100
+DEFAULT_HISTORY_TTL_S = 300
 
 _PUBLISH = """
 local epoch = redis.call('GET', KEYS[3])
@@ -47,7 +50,13 @@ end
 local offset = redis.call('INCR', KEYS[1])
 local maxlen = tonumber(ARGV[4])
 if maxlen > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, offset .. '-1', 'p', ARGV[2])
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('XADD', KEYS[2], 'MAXLEN', maxlen, offset .. '-1', 'p', ARGV[2], 't', ms)
+  local ttl = tonumber(ARGV[7])
+  if ttl > 0 then
+    redis.call('EXPIRE', KEYS[2], ttl)
+  end
 end
 redis.call(ARGV[6], KEYS[4], cmsgpack.pack({ARGV[1], offset, epoch, ARGV[2], ARGV[5]}))
 return {offset, epoch}
@@ -108,9 +117,12 @@ class RedisBroker:
         history_maxlen: int = DEFAULT_HISTORY_MAXLEN,
         *,
         sharded: bool = False,
+        history_ttl_s: int = DEFAULT_HISTORY_TTL_S,
     ) -> None:
         """`sharded`: `redis` is a Redis Cluster client; use sharded pub/sub (SPUBLISH and
-        SSUBSCRIBE), so each message crosses only the shard that owns its stream."""
+        SSUBSCRIBE), so each message crosses only the shard that owns its stream.
+        `history_maxlen` messages are kept per stream; a stream's history expires
+        `history_ttl_s` after its last publish (0: never)."""
         self._redis = redis
         self._sharded = sharded
         self._publish_command = "SPUBLISH" if sharded else "PUBLISH"
@@ -118,6 +130,7 @@ class RedisBroker:
         self._on_envelope = on_envelope
         self._on_reconnect = on_reconnect
         self._history_maxlen = history_maxlen
+        self._history_ttl_s = history_ttl_s
         self._publish = redis.register_script(_PUBLISH)
         self._outbox: list[tuple[tuple[list[str], list[Any]], asyncio.Future[Any]]] = []
         self._drainer: asyncio.Task[None] | None = None
@@ -173,6 +186,7 @@ class RedisBroker:
                 self._history_maxlen if history else 0,
                 self._node_id,
                 self._publish_command,
+                self._history_ttl_s,
             ],
         )
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -249,6 +263,18 @@ class RedisBroker:
         if len(found) != until - after:
             return None
         return found
+
+    async def history_since(self, stream: str, since_s: int, until: int) -> list[tuple[int, Any]]:
+        """Messages with offsets up to `until` published at or after `since_s` (Unix seconds,
+        by Redis' clock), in order: what history still holds of them."""
+        history_key = stream_keys(stream)[1]
+        entries = await self._redis.xrange(history_key, min="-", max=f"{until}-1")
+        since_ms = since_s * 1000
+        return [
+            (int(entry_id.split(b"-")[0]), msgpack.unpackb(fields[b"p"]))
+            for entry_id, fields in entries
+            if int(fields.get(b"t", 0)) >= since_ms
+        ]
 
     # --- reading ------------------------------------------------------------------------------
 

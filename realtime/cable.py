@@ -9,6 +9,11 @@ subscriber is sent its snapshot or replay up to that offset and joins the hub in
 loop step, so it neither misses nor repeats a message. An envelope that skips offsets (lost
 while Redis was away) is preceded by the missing ones from history; when history cannot
 supply them, or the epoch changed, subscribers are sent a fresh snapshot.
+
+Connections speaking AnyCable's extended protocol (`realtime.cable_sessions`) also get a
+session id, can come back with it (their subscriptions restored, not joined to the hub until
+their `history` command says where the client stands), ask for history on `subscribe`, and
+may opt in to pongs.
 """
 
 from __future__ import annotations
@@ -24,15 +29,20 @@ from typing import Any
 from prometheus_client import Histogram
 
 from realtime import cable_codec
-from realtime.broker import Envelope, RedisBroker
-from realtime.cable_codec import CableCodec, CommandError
+from realtime.broker import DEFAULT_HISTORY_TTL_S, Envelope, RedisBroker
+from realtime.cable_codec import CableCodec, CommandError, HistoryRequest, StreamMessage
+from realtime.cable_sessions import CableSession, CableSessions, new_sid
 from realtime.channels import Channel, Reject, Subscription, build_channels
-from realtime.connection import CLOSE_GOING_AWAY, CableConnection, parse_identifier
-from realtime.hub import Hub
+from realtime.connection import (
+    CLOSE_GOING_AWAY,
+    CableConnection,
+    ExtendedState,
+    parse_identifier,
+)
+from realtime.hub import Hub, stream_frame
 from realtime.limits import CableLimits
 from realtime.presence import PRESENCE_TTL_S, Presence
 from realtime.watch import DEFAULT_MAX_PENDING, StreamWatch, WatchOverflow
-from realtime.wsframe import encode_frame
 from server.adapters.db.router import ShardRouter
 from server.adapters.sessions import Session
 from server.common import jsontext
@@ -44,6 +54,16 @@ _log = get_logger("finalmarket.cable")
 _SHARED_SUBSCRIPTIONS_MAX = 100_000
 SLOW_CONSUMER_SWEEP_S = 0.25
 FANOUT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# How long restored subscriptions wait for the client's `history` command before they join
+# their streams with a fresh snapshot (the AnyCable client sends it right after `welcome`).
+RESTORE_HISTORY_WAIT_S = 5.0
+SESSION_LOAD_TIMEOUT_S = 2.0
+DEFAULT_SESSION_TTL_S = 300
+DEFAULT_PONG_TIMEOUT_S = 6.0
+
+# What a subscription's first messages answer to an extended `history` request.
+HISTORY_CONFIRMED = "confirmed"
+HISTORY_REJECTED = "rejected"
 
 
 @dataclass(slots=True)
@@ -63,9 +83,12 @@ class CableServer:
         *,
         limits: CableLimits | None = None,
         benchmark_channel: bool = False,
-        history_maxlen: int = 1000,
+        history_maxlen: int = 100,
         sharded_pubsub: bool = False,
         presence_ttl_s: float = PRESENCE_TTL_S,
+        history_ttl_s: int = DEFAULT_HISTORY_TTL_S,
+        session_ttl_s: int = DEFAULT_SESSION_TTL_S,
+        pong_timeout_s: float = DEFAULT_PONG_TIMEOUT_S,
     ) -> None:
         self.limits = limits or CableLimits()
         self.full_allowance = float(self.limits.command_burst)
@@ -86,7 +109,10 @@ class CableServer:
             self._on_reconnect,
             history_maxlen,
             sharded=sharded_pubsub,
+            history_ttl_s=history_ttl_s,
         )
+        self.sessions = CableSessions(redis, session_ttl_s)
+        self.pong_timeout_s = pong_timeout_s
         self.presence = Presence(redis, node_id, self.publish, presence_ttl_s)
         self.channels: dict[str, Channel] = build_channels(
             router, self.presence, benchmark=benchmark_channel
@@ -102,6 +128,13 @@ class CableServer:
         self.slow_consumers = 0
         # backlogged connection -> [cut-off deadline, unsent bytes at the previous sweep]
         self._paused: dict[CableConnection, list[float]] = {}
+        # extended connections whose session must be written (or, once gone, its last state)
+        self._dirty_sessions: dict[str, CableConnection | CableSession] = {}
+        self._sessions_flush_scheduled = False
+        self._pong_watch: dict[CableConnection, None] = {}  # extended clients sending pongs
+        self.restored_sessions = 0
+        self.history_confirmed = 0
+        self.history_rejected = 0
         self.refusals = 0
         self.commands = 0  # client frames carrying commands, refused or not (for metrics)
         self.received = 0  # stream messages that arrived from Redis (for metrics)
@@ -161,12 +194,15 @@ class CableServer:
         remote_ip: str,
         handshake: bytes,
         unauthorized: bool,
+        restore_sid: str | None = None,
     ) -> None:
         """Take over an upgraded socket: write the 101 response and `welcome` in one send.
 
         Credentials that name no live session get `disconnect {reason: "unauthorized",
         reconnect: false}` instead of `welcome`, as from Rails, so the official client never
-        reports the connection as connected."""
+        reports the connection as connected. On the extended protocol `welcome` carries a new
+        `sid`, and with `restore_sid` naming a session of the same user, the subscriptions
+        it held (`restored: true, restored_ids`)."""
         loop = asyncio.get_running_loop()
         conn = CableConnection(self, codec, user, remote_ip)
         await loop.connect_accepted_socket(lambda: conn, sock=sock)
@@ -176,12 +212,99 @@ class CableServer:
             conn.send(handshake)
             self.log_refusal(conn, "unauthorized", "token unknown, expired or revoked")
             conn.disconnect("unauthorized", reconnect=False)
-        else:
+        elif not codec.extended:
             conn.send(handshake + codec.frame(cable_codec.welcome()))
+        else:
+            session = await self._load_session(restore_sid, user) if restore_sid else None
+            if conn.closing:
+                return  # gone while the session was read
+            ext = conn.ext = ExtendedState(new_sid())
+            restored = self._restore(conn, session) if session is not None else None
+            conn.send(handshake + codec.frame(cable_codec.welcome(ext.sid, restored)))
+            self._session_changed(conn)
+
+    async def _load_session(self, sid: str, user: Session | None) -> CableSession | None:
+        try:
+            session = await asyncio.wait_for(self.sessions.load(sid), SESSION_LOAD_TIMEOUT_S)
+        except Exception as exc:  # Redis away: a plain welcome; the client resubscribes
+            _log.warning("cable_session_load_failed", error=repr(exc))
+            return None
+        if session is not None and session.user_id != (user.user_id if user else None):
+            _log.warning("cable_session_other_user", user_id=user.user_id if user else None)
+            return None
+        return session
+
+    def _restore(self, conn: CableConnection, session: CableSession) -> list[str]:
+        """Give `conn` the subscriptions of `session` without authorising them again; they
+        join their streams when the client's `history` command says where it stands (or
+        after `RESTORE_HISTORY_WAIT_S`, with a fresh snapshot)."""
+        assert conn.ext is not None
+        awaiting: dict[str, None] = {}
+        for identifier, stream in session.subscriptions:
+            if identifier in conn.subscriptions:
+                continue
+            if len(conn.subscriptions) >= self.limits.max_subscriptions:
+                break
+            try:
+                params = parse_identifier(identifier)
+            except CommandError:
+                continue
+            channel = self.channels.get(params["channel"])
+            if channel is None:
+                continue  # e.g. a channel this node does not serve
+            subscription = self._shared_subscription(channel, identifier, stream, params)
+            conn.subscriptions[subscription.identifier] = subscription
+            awaiting[subscription.identifier] = None
+        conn.ext.awaiting_history = awaiting
+        if awaiting:
+            asyncio.get_running_loop().call_later(
+                RESTORE_HISTORY_WAIT_S, self._resume_unclaimed, conn
+            )
+        self.restored_sessions += 1
+        return list(awaiting)
+
+    def _resume_unclaimed(self, conn: CableConnection) -> None:
+        ext = conn.ext
+        if conn.closing or ext is None or not ext.awaiting_history:
+            return
+        for identifier in list(ext.awaiting_history):
+            self.history(conn, identifier, None, asked=False)
+
+    def _session_changed(self, conn: CableConnection) -> None:
+        """Write `conn`'s session soon (coalesced: one pipeline per loop iteration)."""
+        if conn.ext is None or conn.closing or self.sessions.ttl_s <= 0:
+            return
+        self._dirty_sessions[conn.ext.sid] = conn
+        self._schedule_sessions_flush()
+
+    def _schedule_sessions_flush(self) -> None:
+        if not self._sessions_flush_scheduled:
+            self._sessions_flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_sessions)
+
+    def _flush_sessions(self) -> None:
+        self._sessions_flush_scheduled = False
+        dirty, self._dirty_sessions = self._dirty_sessions, {}
+        sessions = {
+            sid: item if isinstance(item, CableSession) else _session_of(item)
+            for sid, item in dirty.items()
+        }
+        self._spawn(self._save_sessions(sessions))
+
+    async def _save_sessions(self, sessions: dict[str, CableSession]) -> None:
+        try:
+            await self.sessions.save(sessions)
+        except Exception as exc:  # not restorable then; the clients recover by history
+            _log.warning("cable_session_save_failed", sessions=len(sessions), error=repr(exc))
 
     def forget(self, conn: CableConnection) -> None:
         """A connection is gone: drop its subscriptions (called from connection_lost)."""
         self._paused.pop(conn, None)
+        self._pong_watch.pop(conn, None)
+        if conn.ext is not None and self.sessions.ttl_s > 0:
+            # Its last state, with the TTL counted from now, before the subscriptions go.
+            self._dirty_sessions[conn.ext.sid] = _session_of(conn)
+            self._schedule_sessions_flush()
         if self.connections.pop(conn, 0) is None:
             left = self._per_ip.get(conn.remote_ip, 1) - 1
             if left:
@@ -233,8 +356,11 @@ class CableServer:
 
     # --- commands -----------------------------------------------------------------------------
 
-    def subscribe(self, conn: CableConnection, identifier: str) -> None:
-        """Handle a `subscribe` command (authorisation and first messages run as a task)."""
+    def subscribe(
+        self, conn: CableConnection, identifier: str, history: HistoryRequest | None = None
+    ) -> None:
+        """Handle a `subscribe` command (authorisation and first messages run as a task);
+        `history` is an extended client's replay request."""
         if identifier in conn.subscriptions:
             # The official client re-sends `subscribe` every 500 ms until it is answered
             # (SubscriptionGuarantor): a no-op, like Rails, neither an error nor a second confirm.
@@ -255,13 +381,18 @@ class CableServer:
             conn.send_message(cable_codec.reject(identifier))
             return
         conn.subscriptions[identifier] = None
-        self._spawn(self._subscribe(conn, identifier, channel, params))
+        self._spawn(self._subscribe(conn, identifier, channel, params, history))
 
     async def _subscribe(
-        self, conn: CableConnection, identifier: str, channel: Channel, params: dict[str, Any]
+        self,
+        conn: CableConnection,
+        identifier: str,
+        channel: Channel,
+        params: dict[str, Any],
+        history: HistoryRequest | None,
     ) -> None:
         try:
-            await self._subscribe_now(conn, identifier, channel, params)
+            await self._subscribe_now(conn, identifier, channel, params, history)
         except Exception as exc:  # Redis or PostgreSQL unavailable: the client may retry
             _log.warning("subscribe_failed", identifier=identifier, error=repr(exc), exc_info=True)
             if conn.subscriptions.get(identifier, 0) is None:
@@ -269,7 +400,12 @@ class CableServer:
                 conn.send_message(cable_codec.error("temporarily unavailable, retry", identifier))
 
     async def _subscribe_now(
-        self, conn: CableConnection, identifier: str, channel: Channel, params: dict[str, Any]
+        self,
+        conn: CableConnection,
+        identifier: str,
+        channel: Channel,
+        params: dict[str, Any],
+        history: HistoryRequest | None,
     ) -> None:
         try:
             stream = await channel.stream_for(params, conn.user)
@@ -279,18 +415,87 @@ class CableServer:
                 conn.send_message(cable_codec.reject(identifier))
             return
         await self._follow(stream)
-        first = await self._first_messages(channel, stream, params, conn.user)
+        first, outcome = await self._first_messages(channel, stream, params, conn.user, history)
         if conn.closing or identifier not in conn.subscriptions:
             self._release_stream_if_unused(stream)
             return  # unsubscribed or gone while we were waiting
         subscription = self._shared_subscription(channel, identifier, stream, params)
         del conn.subscriptions[identifier]  # re-keyed by the shared identifier string
         conn.subscriptions[subscription.identifier] = subscription
-        self.hub.add(stream, identifier, conn.codec, conn)
-        channel.joined(params)
-        conn.send_message(cable_codec.confirm(identifier))
+        self._join(conn, subscription, first, outcome, confirm=True)
+        self._session_changed(conn)
+
+    def _join(
+        self,
+        conn: CableConnection,
+        subscription: Subscription,
+        first: list[StreamMessage],
+        outcome: str | None,
+        *,
+        confirm: bool,
+    ) -> None:
+        """Add `conn` to the subscription's stream and send what precedes the live messages:
+        the confirmation, then the snapshot or replay (with the history answer around it).
+        All in one loop step with the position check, so nothing is missed or repeated."""
+        identifier, codec = subscription.identifier, conn.codec
+        self.hub.add(subscription.stream, identifier, codec, conn)
+        subscription.channel.joined(subscription.params)
+        if confirm:
+            conn.send_message(cable_codec.confirm(identifier))
+        if outcome == HISTORY_REJECTED:
+            self.history_rejected += 1
+            conn.send_message(cable_codec.reject_history(identifier))
         for message in first:
-            self.hub.send_to(conn, identifier, conn.codec, message)
+            self.hub.send_stream_message(conn, identifier, codec, message)
+        if outcome == HISTORY_CONFIRMED:
+            self.history_confirmed += 1
+            conn.send_message(cable_codec.confirm_history(identifier))
+
+    def history(
+        self,
+        conn: CableConnection,
+        identifier: str,
+        request: HistoryRequest | None,
+        *,
+        asked: bool = True,
+    ) -> None:
+        """Handle an extended client's `history` command. A restored subscription joins its
+        stream now, after the replay (or `reject_history` and a snapshot); any other has been
+        sent everything since it began on this connection, so the answer is `confirm_history`
+        alone. `asked=False`: the client never asked; the subscription joins with a snapshot."""
+        subscription = conn.subscriptions.get(identifier)
+        if subscription is None:
+            conn.refuse("not subscribed to this identifier", identifier)
+            return
+        ext = conn.ext
+        awaiting = ext.awaiting_history if ext is not None else None
+        if awaiting is None or identifier not in awaiting:
+            conn.send_message(cable_codec.confirm_history(identifier))
+            return
+        del awaiting[identifier]
+        if asked and request is None:
+            request = HistoryRequest(None, {})  # asked without saying from where: rejected
+        self._spawn(self._resume(conn, subscription, request))
+
+    async def _resume(
+        self, conn: CableConnection, subscription: Subscription, request: HistoryRequest | None
+    ) -> None:
+        stream = subscription.stream
+        try:
+            await self._follow(stream)
+            first, outcome = await self._first_messages(
+                subscription.channel, stream, subscription.params, conn.user, request
+            )
+        except Exception as exc:  # Redis or PostgreSQL unavailable: the client resubscribes
+            _log.warning("resume_failed", identifier=subscription.identifier, error=repr(exc))
+            if conn.subscriptions.get(subscription.identifier) is subscription:
+                conn.disconnect("server_restart", reconnect=True)
+            self._release_stream_if_unused(stream)
+            return
+        if conn.closing or conn.subscriptions.get(subscription.identifier) is not subscription:
+            self._release_stream_if_unused(stream)
+            return
+        self._join(conn, subscription, first, outcome, confirm=False)
 
     def _shared_subscription(
         self, channel: Channel, identifier: str, stream: str, params: dict[str, Any]
@@ -325,41 +530,87 @@ class CableServer:
         self._positions.setdefault(stream, _Position(offset, epoch))
 
     async def _first_messages(
-        self, channel: Channel, stream: str, params: dict[str, Any], user: Session | None
-    ) -> list[dict[str, Any]]:
-        """Replay since the client's offset, or a snapshot; up to the node's position."""
-        since, client_epoch = params.get("since"), params.get("epoch")
+        self,
+        channel: Channel,
+        stream: str,
+        params: dict[str, Any],
+        user: Session | None,
+        history: HistoryRequest | None = None,
+    ) -> tuple[list[StreamMessage], str | None]:
+        """What a subscriber gets before live messages, up to the node's position, and the
+        answer to its extended `history` request (None when it made none).
+
+        With a position of the stream in `history`: the replay after it (confirmed), or, if
+        the epoch differs, the offset is ahead of the stream or history no longer reaches back
+        (rejected), the snapshot. With only `since`: the snapshot, or for a channel without
+        one the messages published since then (confirmed). Without `history`, the identifier's
+        `since`/`epoch` params (the plain protocols' recovery): a replay, else the snapshot.
+        """
         while True:
             position = self._positions.get(stream)
             if position is None:  # the stream was released meanwhile; start over
                 offset, epoch = await self.broker.position(stream)
                 position = _Position(offset, epoch)
             target, epoch = position.offset, position.epoch
-            messages: list[dict[str, Any]] | None = None
-            recoverable = (
-                isinstance(since, int)
-                and not isinstance(since, bool)
-                and 0 <= since <= target
-                and client_epoch in (None, epoch)
-            )
-            if recoverable:
-                assert isinstance(since, int)
-                replay = await self.broker.history_after(stream, since, target)
-                if replay is not None:
-                    messages = [_stamped(payload, offset, epoch) for offset, payload in replay]
-            if messages is None:
+            if history is None:
+                outcome, replay = None, await self._replay_by_params(stream, params, target, epoch)
+            else:
+                outcome, replay = await self._replay_by_request(stream, history, target, epoch)
+            if replay is None:
                 snapshot = await channel.snapshot(params, user)
-                messages = [] if snapshot is None else [_stamped(snapshot, target, epoch)]
+                if snapshot is not None:
+                    replay = [(target, snapshot)]
+                elif outcome == HISTORY_CONFIRMED and history and history.since is not None:
+                    replay = await self.broker.history_since(stream, history.since, target)
+            messages = [
+                StreamMessage(stream, payload, offset, epoch) for offset, payload in replay or ()
+            ]
             now = self._positions.get(stream)
             if now is None or (now.offset == target and now.epoch == epoch):
-                return messages
+                return messages, outcome
             # The stream moved while we read: recompute so nothing between is lost.
+
+    async def _replay_by_params(
+        self, stream: str, params: dict[str, Any], target: int, epoch: str
+    ) -> list[tuple[int, Any]] | None:
+        """The replay the identifier's `since`/`epoch` params ask for; None: send a snapshot."""
+        since, client_epoch = params.get("since"), params.get("epoch")
+        if (
+            isinstance(since, int)
+            and not isinstance(since, bool)
+            and 0 <= since <= target
+            and client_epoch in (None, epoch)
+        ):
+            return await self.broker.history_after(stream, since, target)
+        return None
+
+    async def _replay_by_request(
+        self, stream: str, history: HistoryRequest, target: int, epoch: str
+    ) -> tuple[str, list[tuple[int, Any]] | None]:
+        """(answer, replay) for an extended `history` request; a confirmed answer without
+        replay means the snapshot stands for it (only `since` given, and the channel has one)."""
+        position = history.streams.get(stream)
+        if position is not None:
+            client_epoch, client_offset = position
+            if client_epoch != epoch or client_offset > target:
+                return HISTORY_REJECTED, None
+            replay = await self.broker.history_after(stream, client_offset, target)
+            return (HISTORY_REJECTED, None) if replay is None else (HISTORY_CONFIRMED, replay)
+        if history.since is None:
+            return HISTORY_REJECTED, None
+        return HISTORY_CONFIRMED, None
 
     def unsubscribe(self, conn: CableConnection, identifier: str) -> None:
         """Handle `unsubscribe` (also used when a connection goes away)."""
         subscription = conn.subscriptions.pop(identifier, None)
         if subscription is None:
             return
+        ext = conn.ext
+        if ext is not None:
+            self._session_changed(conn)
+            if ext.awaiting_history and identifier in ext.awaiting_history:
+                del ext.awaiting_history[identifier]
+                return  # restored but never joined its stream
         subscription.channel.left(subscription.params)
         if self.hub.remove(subscription.stream, identifier, conn.codec, conn):
             self._release_stream_if_unused(subscription.stream)
@@ -446,7 +697,7 @@ class CableServer:
             if envelope.offset == position.offset + 1:
                 position.offset = envelope.offset
                 self.hub.broadcast(
-                    stream, _stamped(envelope.payload, envelope.offset, envelope.epoch)
+                    stream, StreamMessage(stream, envelope.payload, envelope.offset, envelope.epoch)
                 )
                 return
         self._catching_up[stream] = [envelope]
@@ -473,14 +724,17 @@ class CableServer:
                     await self._resync(stream, envelope.offset, envelope.epoch)
                 else:
                     for offset, payload in missed:
-                        self.hub.broadcast(stream, _stamped(payload, offset, position.epoch))
+                        self.hub.broadcast(
+                            stream, StreamMessage(stream, payload, offset, position.epoch)
+                        )
                     position.offset = envelope.offset - 1
                 if (
                     current := self._positions.get(stream)
                 ) is not None and envelope.offset > current.offset:
                     current.offset, current.epoch = envelope.offset, envelope.epoch
                     self.hub.broadcast(
-                        stream, _stamped(envelope.payload, envelope.offset, envelope.epoch)
+                        stream,
+                        StreamMessage(stream, envelope.payload, envelope.offset, envelope.epoch),
                     )
                 waiting.pop(0)
                 if not waiting:
@@ -511,10 +765,8 @@ class CableServer:
             snapshot = await subscription.channel.snapshot(subscription.params, user)
             if snapshot is None:
                 continue
-            frame = encode_frame(
-                codec.opcode,
-                codec.broadcast_prefix(identifier)
-                + codec.encode_body(_stamped(snapshot, offset - 1, epoch)),
+            frame = stream_frame(
+                codec, identifier, StreamMessage(stream, snapshot, offset - 1, epoch)
             )
             for member in members:
                 member.send(frame)
@@ -535,14 +787,47 @@ class CableServer:
                         await self._resync(stream, offset + 1, epoch)
                     else:
                         for missed_offset, payload in missed:
-                            self.hub.broadcast(stream, _stamped(payload, missed_offset, epoch))
+                            self.hub.broadcast(
+                                stream, StreamMessage(stream, payload, missed_offset, epoch)
+                            )
                         position.offset = offset
+
+    def pong_received(self, conn: CableConnection) -> None:
+        """An extended client sent `pong`: from now on it must be heard from within the pong
+        timeout (`FM_CABLE_PONG_TIMEOUT_S`), or it is told `no_pong` and closed."""
+        ext = conn.ext
+        if ext is not None and not ext.pongs and self.pong_timeout_s > 0:
+            ext.pongs = True
+            self._pong_watch[conn] = None
+
+    def _cut_off_silent_clients(self) -> None:
+        """Disconnect pong-sending clients not heard from within the pong timeout (their
+        network is gone though the socket is not); they reconnect and restore."""
+        deadline = time.monotonic() - self.pong_timeout_s
+        for conn in list(self._pong_watch):
+            ext = conn.ext
+            if ext is not None and ext.heard_at < deadline:
+                del self._pong_watch[conn]
+                self.log_refusal(conn, "no_pong", f"silent for over {self.pong_timeout_s} s")
+                conn.disconnect("no_pong", reconnect=True)
+
+    def _refresh_sessions(self) -> None:
+        """Rewrite every extended connection's session before its TTL runs out."""
+        for conn in self.connections:
+            self._session_changed(conn)
 
     async def _ping_forever(self) -> None:
         next_ping = time.monotonic() + self.limits.ping_interval_s
+        session_refresh_s = max(1.0, self.sessions.ttl_s / 3)
+        next_session_refresh = time.monotonic() + session_refresh_s
         while True:
             await asyncio.sleep(min(SLOW_CONSUMER_SWEEP_S, self.limits.ping_interval_s))
             self._cut_off_slow_consumers()
+            if self._pong_watch:
+                self._cut_off_silent_clients()
+            if time.monotonic() >= next_session_refresh:
+                next_session_refresh += session_refresh_s
+                self._refresh_sessions()
             if time.monotonic() < next_ping:
                 continue
             next_ping += self.limits.ping_interval_s
@@ -554,8 +839,9 @@ class CableServer:
                 conn.send(frames[conn.codec])
 
 
-def _stamped(payload: Any, offset: int, epoch: str) -> dict[str, Any]:
-    """A stream message as clients see it: the payload with its offset and epoch."""
-    if isinstance(payload, dict):
-        return {**payload, "offset": offset, "epoch": epoch}
-    return {"data": payload, "offset": offset, "epoch": epoch}
+def _session_of(conn: CableConnection) -> CableSession:
+    """What `conn` would need to be restored: its user and subscriptions (pending ones not)."""
+    return CableSession(
+        conn.user.user_id if conn.user else None,
+        [(identifier, sub.stream) for identifier, sub in conn.subscriptions.items() if sub],
+    )

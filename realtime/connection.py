@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from realtime import allowance, cable_codec
-from realtime.cable_codec import CableCodec, CommandError
+from realtime.cable_codec import CableCodec, CommandError, HistoryRequest
 from realtime.limits import CableLimits
 from realtime.wsframe import (
     OP_CLOSE,
@@ -47,14 +47,34 @@ class ConnectionOwner(Protocol):
     full_allowance: float
     commands: int
 
-    def subscribe(self, conn: CableConnection, identifier: str) -> None: ...
+    def subscribe(
+        self, conn: CableConnection, identifier: str, history: HistoryRequest | None = None
+    ) -> None: ...
     def unsubscribe(self, conn: CableConnection, identifier: str) -> None: ...
     def perform(self, conn: CableConnection, identifier: str, data: str) -> None: ...
+    def history(
+        self, conn: CableConnection, identifier: str, request: HistoryRequest | None
+    ) -> None: ...
+    def pong_received(self, conn: CableConnection) -> None: ...
     def forget(self, conn: CableConnection) -> None: ...
     def log_refusal(self, conn: CableConnection, kind: str, reason: str) -> None: ...
     def writer_paused(self, conn: CableConnection) -> None: ...
     def writer_resumed(self, conn: CableConnection) -> None: ...
     def metrics_slow_consumer(self) -> None: ...
+
+
+class ExtendedState:
+    """What a connection speaking the extended protocol keeps beyond a plain one: its session
+    id, when the client was last heard from (for `no_pong`), whether it sends pongs, and the
+    restored subscriptions still waiting for the client's `history` command."""
+
+    __slots__ = ("awaiting_history", "heard_at", "pongs", "sid")
+
+    def __init__(self, sid: str) -> None:
+        self.sid = sid
+        self.heard_at = time.monotonic()
+        self.pongs = False
+        self.awaiting_history: dict[str, None] | None = None
 
 
 class CableConnection(asyncio.Protocol):
@@ -67,6 +87,7 @@ class CableConnection(asyncio.Protocol):
         "_refilled_at",
         "closing",
         "codec",
+        "ext",
         "remote_ip",
         "server",
         "subscriptions",
@@ -86,6 +107,7 @@ class CableConnection(asyncio.Protocol):
         # identifier -> Subscription, or None while the subscribe command is being processed
         self.subscriptions: dict[str, Subscription | None] = {}
         self.closing = False
+        self.ext: ExtendedState | None = None  # set when the extended protocol's welcome goes
         self._allowance = server.full_allowance  # one float object shared until first use
         self._refilled_at = time.monotonic()
         self._errors = 0
@@ -124,6 +146,8 @@ class CableConnection(asyncio.Protocol):
             return
         if not decoder.buffered:
             self._decoder = None  # idle connections keep no decoder
+        if self.ext is not None:
+            self.ext.heard_at = time.monotonic()  # any frame counts as a pong, as in AnyCable
         for opcode, payload in messages:
             if self.closing:
                 return
@@ -150,12 +174,19 @@ class CableConnection(asyncio.Protocol):
         except CommandError as exc:
             self.refuse(str(exc))
             return
-        if command.command == "subscribe":
-            self.server.subscribe(self, command.identifier)
-        elif command.command == "unsubscribe":
+        name = command.command
+        if name == "subscribe":
+            self.server.subscribe(self, command.identifier, command.history)
+        elif name == "unsubscribe":
             self.server.unsubscribe(self, command.identifier)
-        else:
+        elif name == "message":
             self.server.perform(self, command.identifier, command.data or "")
+        elif name == "history":
+            self.server.history(self, command.identifier, command.history)
+        elif name == "ping":
+            self.send_message(cable_codec.pong())
+        else:  # "pong" (only extended codecs parse ping, pong and history)
+            self.server.pong_received(self)
 
     def _take_allowance(self) -> bool:
         limits, now = self.server.limits, time.monotonic()

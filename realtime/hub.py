@@ -17,8 +17,15 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from realtime.cable_codec import CableCodec
+from realtime.cable_codec import CableCodec, StreamMessage
 from realtime.wsframe import encode_frame
+
+
+def stream_frame(codec: CableCodec, identifier: str, message: StreamMessage) -> bytes:
+    """The complete frame of one stream message for one identifier in `codec`'s dialect."""
+    return encode_frame(
+        codec.opcode, codec.broadcast_prefix(identifier) + codec.stream_body(message)
+    )
 
 
 class Subscriber(Protocol):
@@ -142,17 +149,20 @@ class Hub:
 
     # --- fan-out ----------------------------------------------------------------------------
 
-    def broadcast(self, stream: str, message: Any) -> None:
+    def broadcast(self, stream: str, message: StreamMessage) -> None:
         """Queue `message` for every local subscriber of `stream`; sent at the end of this
-        loop iteration together with any other message queued for the stream meanwhile."""
+        loop iteration together with any other message queued for the stream meanwhile.
+        Listeners get the stamped payload (with `offset` and `epoch`)."""
         state = self._streams.get(stream)
         if state is None:
             return
-        for listener in list(state.listeners):
-            listener(message)
+        if state.listeners:
+            stamped = message.stamped()
+            for listener in list(state.listeners):
+                listener(stamped)
         if not state.groups:
             return
-        bodies = {codec: codec.encode_body(message) for codec in state.codecs()}
+        bodies = {codec: codec.stream_body(message) for codec in state.codecs()}
         if not state.pending:
             self._dirty.append(state)
         state.pending.append(bodies)
@@ -205,12 +215,15 @@ class Hub:
     def send_to(
         self, subscriber: Subscriber, identifier: str, codec: CableCodec, message: Any
     ) -> None:
+        """Write one message that belongs to no stream position (an action's answer) to one
+        subscriber: `{identifier, message}`."""
+        subscriber.send(codec.frame({"identifier": identifier, "message": message}))
+
+    def send_stream_message(
+        self, subscriber: Subscriber, identifier: str, codec: CableCodec, message: StreamMessage
+    ) -> None:
         """Write one stream message to one subscriber (snapshots and replays)."""
-        subscriber.send(
-            encode_frame(
-                codec.opcode, codec.broadcast_prefix(identifier) + codec.encode_body(message)
-            )
-        )
+        subscriber.send(stream_frame(codec, identifier, message))
 
     def each_group(self, stream: str) -> Iterable[tuple[str, CableCodec, list[Subscriber]]]:
         """(identifier, codec, members) of each group of `stream` (for resynchronisation)."""

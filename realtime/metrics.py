@@ -70,4 +70,18 @@ class CableStatsCollector(Collector):
             "from history).",
             value=cable.broker.reconnects,
         )
+        yield CounterMetricFamily(
+            "fm_cable_restored_sessions",
+            "Extended-protocol connections that came back with a session (`restored: true`).",
+            value=cable.restored_sessions,
+        )
+        answers = CounterMetricFamily(
+            "fm_cable_history_answers",
+            "Extended-protocol history requests answered, by answer (`confirm_history` with the "
+            "replay, or `reject_history` and the current state).",
+            labels=["answer"],
+        )
+        answers.add_metric(["confirmed"], cable.history_confirmed)
+        answers.add_metric(["rejected"], cable.history_rejected)
+        yield answers
         yield from cable.fanout_seconds.collect()

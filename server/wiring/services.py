@@ -111,7 +111,10 @@ class Services:
             benchmark_channel=settings.benchmark_channel,
             sharded_pubsub=settings.redis_cluster,
             presence_ttl_s=settings.presence_ttl_s,
-            history_maxlen=settings.stream_history_maxlen,
+            history_maxlen=settings.cable_history_limit,
+            history_ttl_s=settings.cable_history_ttl_s,
+            session_ttl_s=settings.cable_session_ttl_s,
+            pong_timeout_s=settings.cable_pong_timeout_s,
         )
         cache = CachedLoader(
             redis,

@@ -407,10 +407,38 @@ class Settings(BaseSettings):
         ),
         json_schema_extra=_group("realtime"),
     )
-    stream_history_maxlen: int = Field(
-        1000,
+    cable_history_limit: int = Field(
+        100,
         ge=0,
-        description="Messages kept per stream for recovery (`since`); 0 keeps none.",
+        le=100_000,
+        description="Messages kept per stream for recovery (AnyCable's `history_limit`; the "
+        "extended protocol's `history` and the `since` param); 0 keeps none.",
+        json_schema_extra=_group("realtime"),
+    )
+    cable_history_ttl_s: int = Field(
+        300,
+        ge=0,
+        le=7 * 86400,
+        description="A stream's history expires this long after its last message (as "
+        "AnyCable's `history_ttl`, the whole history at once); 0 never.",
+        json_schema_extra=_group("realtime"),
+    )
+    cable_session_ttl_s: int = Field(
+        300,
+        ge=0,
+        le=86400,
+        description="How long an extended-protocol connection's session (its user and "
+        "subscriptions) stays restorable after it goes, by `?sid=` or `X-AnyCable-Restore-SID`"
+        " on any node; 0 keeps none.",
+        json_schema_extra=_group("realtime"),
+    )
+    cable_pong_timeout_s: float = Field(
+        6.0,
+        ge=0,
+        le=300,
+        description="An extended-protocol client that has sent a `pong` and then is silent "
+        'this long is sent `disconnect {reason: "no_pong", reconnect: true}` and closed; 0 '
+        "never.",
         json_schema_extra=_group("realtime"),
     )
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from realtime.cable_codec import StreamMessage
 from server.wiring.services import Services
 from tests.helpers.cable import ExtraNode
 from tests.helpers.graphql import gql, result
@@ -201,7 +202,10 @@ async def test_subscription_that_falls_behind_its_stream_ends_lagged_and_the_soc
     stream = f"inventory:product:{product_id}"
     for n in range(300):
         services.cable.hub.broadcast(
-            stream, {"event": "stock", "product_id": str(product_id), "stock": n}
+            stream,
+            StreamMessage(
+                stream, {"event": "stock", "product_id": str(product_id), "stock": n}, n + 1, "e"
+            ),
         )
     ended = await ws.read()
     assert ended is not None and (ended["id"], ended["type"]) == ("s", "error"), ended

@@ -27,6 +27,8 @@ from tests.helpers.processes import free_port
 
 JSON = "actioncable-v1-json"
 MSGPACK = "actioncable-v1-msgpack"
+EXT_JSON = "actioncable-v1-ext-json"
+EXT_MSGPACK = "actioncable-v1-ext-msgpack"
 
 
 class CableClient:
@@ -45,9 +47,22 @@ class CableClient:
         assert await client.read() == {"type": "welcome"}
         return client
 
+    @classmethod
+    async def connect_ext(
+        cls, url: str, protocol: str = EXT_JSON, **headers: str
+    ) -> tuple[CableClient, dict[str, Any]]:
+        """Connect with the extended protocol; returns the client and its `welcome`."""
+        request = HTTPRequest(url, headers=headers)
+        ws = await websocket_connect(request, subprotocols=[protocol])
+        assert ws.selected_subprotocol == protocol
+        client = cls(ws, protocol)
+        welcome = await client.read()
+        assert welcome is not None and welcome["type"] == "welcome", welcome
+        return client, welcome
+
     async def send(self, message: dict[str, Any]) -> None:
         """Send one command in this connection's encoding."""
-        if self.protocol == MSGPACK:
+        if self.protocol in (MSGPACK, EXT_MSGPACK):
             await self.ws.write_message(msgpack.packb(message), binary=True)
         else:
             await self.ws.write_message(json.dumps(message))
@@ -77,6 +92,86 @@ class CableClient:
     def close(self) -> None:
         """Close the WebSocket."""
         self.ws.close()
+
+
+class TcpProxy:
+    """A TCP proxy a test controls, standing between a client and a node like a train tunnel:
+    `cut()` drops every connection through it at once and refuses new ones until `mend()`;
+    `upstream` (a port on 127.0.0.1) may be changed meanwhile, so the client comes back to
+    another node."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.port = 0
+        self.accepted = 0  # connections forwarded so far
+        self._cut = False
+        self._server: asyncio.Server | None = None
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._cut:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.accepted += 1
+        pair = (writer, up_writer)
+        self._pairs.add(pair)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.get_running_loop().create_task(self._pipe(source, sink, pair))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(
+        self,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+    ) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self._drop(pair)
+
+    def _drop(self, pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+        self._pairs.discard(pair)
+        for writer in pair:
+            writer.transport.abort()
+
+    def cut(self) -> None:
+        """Drop every connection (both sides see a reset) and refuse new ones."""
+        self._cut = True
+        for pair in list(self._pairs):
+            self._drop(pair)
+
+    def mend(self) -> None:
+        """Let connections through again."""
+        self._cut = False
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def identifier(channel: str, **params: Any) -> str:

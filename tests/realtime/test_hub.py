@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from realtime.cable_codec import CODECS, JSON_PROTOCOL, MSGPACK_PROTOCOL, CableCodec
+from realtime.cable_codec import CODECS, JSON_PROTOCOL, MSGPACK_PROTOCOL, CableCodec, StreamMessage
 from realtime.hub import Hub
 from realtime.wsframe import encode_frame
 
@@ -60,9 +60,15 @@ def hub() -> Iterator[Hub]:
     loop.close()
 
 
-def frame(codec: CableCodec, identifier: str, message: Any) -> bytes:
+def at(payload: dict[str, Any], offset: int = 1) -> StreamMessage:
+    """`payload` as a stream message at `offset` (the stream name plays no part here)."""
+    return StreamMessage("s", payload, offset, "e")
+
+
+def frame(codec: CableCodec, identifier: str, message: dict[str, Any], offset: int = 1) -> bytes:
+    stamped = {**message, "offset": offset, "epoch": "e"}
     return encode_frame(
-        codec.opcode, codec.broadcast_prefix(identifier) + codec.encode_body(message)
+        codec.opcode, codec.broadcast_prefix(identifier) + codec.encode_body(stamped)
     )
 
 
@@ -74,13 +80,16 @@ def test_a_broadcast_is_encoded_once_per_codec_and_framed_once_per_group(hub: Hu
     for member in msgpack_members:
         hub.add("s", "id", MSGPACK, member)
     with CountingCodec(JSON) as json_count, CountingCodec(MSGPACK) as msgpack_count:
-        hub.broadcast("s", {"stock": 3})
+        hub.broadcast("s", at({"stock": 3}))
         hub.flush()
     assert (json_count.encoded, msgpack_count.encoded) == (1, 1)
     assert [m.writes for m in json_members] == [[frame(JSON, "id", {"stock": 3})]] * 3
     assert len({id(m.writes[0]) for m in json_members}) == 1  # the very same bytes object
     (written,) = {m.writes[0] for m in msgpack_members}
-    assert msgpack.unpackb(written[2:]) == {"identifier": "id", "message": {"stock": 3}}
+    assert msgpack.unpackb(written[2:]) == {
+        "identifier": "id",
+        "message": {"stock": 3, "offset": 1, "epoch": "e"},
+    }
     assert hub.delivered == 5
 
 
@@ -89,7 +98,7 @@ def test_a_burst_on_one_stream_leaves_as_one_write_per_member_in_order(hub: Hub)
     for member in members:
         hub.add("s", "id", JSON, member)
     for n in range(5):
-        hub.broadcast("s", {"n": n})
+        hub.broadcast("s", at({"n": n}))
     hub.flush()
     expected = b"".join(frame(JSON, "id", {"n": n}) for n in range(5))
     assert [m.writes for m in members] == [[expected], [expected]]
@@ -100,10 +109,10 @@ def test_a_connection_on_several_streams_gets_one_write_per_iteration(hub: Hub) 
     for stream in ("inventory:1", "inventory:2", "cart:7"):
         hub.add(stream, f"id-{stream}", JSON, shopper)
     hub.add("inventory:2", "id-inventory:2", JSON, other)
-    hub.broadcast("inventory:1", {"stock": 1})
-    hub.broadcast("inventory:2", {"stock": 2})
-    hub.broadcast("cart:7", {"items": 0})
-    hub.broadcast("inventory:2", {"stock": 3})
+    hub.broadcast("inventory:1", at({"stock": 1}))
+    hub.broadcast("inventory:2", at({"stock": 2}))
+    hub.broadcast("cart:7", at({"items": 0}))
+    hub.broadcast("inventory:2", at({"stock": 3}))
     hub.flush()
     assert shopper.writes == [
         frame(JSON, "id-inventory:1", {"stock": 1})
@@ -122,9 +131,9 @@ def test_each_message_reports_its_fanout_latency(hub: Hub) -> None:
     hub.observe_fanout = latencies.append
     hub.add("a", "id", JSON, Recorder())
     hub.add("b", "id", JSON, Recorder())
-    hub.broadcast("a", {"n": 1})
-    hub.broadcast("a", {"n": 2})
-    hub.broadcast("b", {"n": 3})
-    hub.broadcast("nobody-listens", {"n": 4})
+    hub.broadcast("a", at({"n": 1}))
+    hub.broadcast("a", at({"n": 2}))
+    hub.broadcast("b", at({"n": 3}))
+    hub.broadcast("nobody-listens", at({"n": 4}))
     hub.flush()
     assert len(latencies) == 3 and all(0 <= latency < 1 for latency in latencies)
