@@ -24,8 +24,8 @@ export default class extends Controller {
       return; // offline: keep the signed-out header the server rendered
     }
     if (!res.ok) return; // 401: signed out
-    const { user } = await res.json();
-    if (!user || currentUser?.id === user.id) return;
+    const user = await res.json(); // the account itself: {id, email, name, is_admin, ...}
+    if (!user?.id || currentUser?.id === user.id) return;
     currentUser = user;
     this.nameTargets.forEach((el) => (el.textContent = user.name || user.email));
     this.signedInTargets.forEach((el) => (el.hidden = false));
