@@ -1,8 +1,10 @@
 // session_controller.js — on <body>: asks GET /api/v1/me who the visitor is (the cached HTML
-// never says), shows the signed-in or signed-out part of the header, and announces a sign-in
-// with a `session:signed-in` event on window. Controllers that need a user (cart, toasts)
-// use onSignedIn(), which also works when they connect after the event has fired.
+// never says; asked only when the fm_csrf cookie says someone signed in), shows the signed-in
+// or signed-out part of the header, and announces a sign-in with a `session:signed-in` event
+// on window. Controllers that need a user (cart, toasts) use onSignedIn(), which also works
+// when they connect after the event has fired.
 import { Controller } from "@hotwired/stimulus";
+import { csrfToken } from "../api.js";
 
 let currentUser = null;
 
@@ -17,6 +19,10 @@ export default class extends Controller {
   static targets = ["signedIn", "signedOut", "name"];
 
   async connect() {
+    // Signing in sets the script-readable fm_csrf cookie beside the HTTP-only session one
+    // (signing out clears both): without it the visitor is signed out, and asking /me would
+    // only log a 401 in the console of every anonymous page view.
+    if (!csrfToken()) return;
     let res;
     try {
       res = await fetch("/api/v1/me", { headers: { Accept: "application/json" }, credentials: "same-origin" });
