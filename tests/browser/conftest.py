@@ -93,6 +93,18 @@ def save_artifact(name: str) -> Path:
     return path
 
 
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    """Remember whether the test itself failed (contexts then leave screenshots)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _saved:
         terminalreporter.write_line(f"browser test artefacts in {artifacts_dir()}:")
@@ -303,9 +315,12 @@ NewContext = Callable[..., Awaitable[BrowserContext]]
 
 
 @pytest.fixture
-def new_context(io_loop: IOLoop, browser: Browser) -> Iterator[NewContext]:
+def new_context(
+    io_loop: IOLoop, browser: Browser, request: pytest.FixtureRequest
+) -> Iterator[NewContext]:
     """Makes browser contexts (a fresh profile each: cookies, storage, service workers),
-    all closed after the test. Each page records CSP violations and uncaught errors."""
+    all closed after the test. Each page records CSP violations and uncaught errors; when
+    the test failed, a screenshot of every page still open is saved first."""
     made: list[BrowserContext] = []
 
     async def make(**options: Any) -> BrowserContext:
@@ -318,8 +333,16 @@ def new_context(io_loop: IOLoop, browser: Browser) -> Iterator[NewContext]:
 
     yield make
 
+    failed = request.node.stash.get(_CALL_FAILED, False)
+
     async def close_all() -> None:
-        for context in made:
+        for number, context in enumerate(made):
+            for tab, page in enumerate(context.pages if failed else []):
+                try:
+                    path = save_artifact(f"failed-{request.node.name}-{number}-{tab}.png")
+                    await page.screenshot(path=path, full_page=True, timeout=5_000)
+                except Exception as exc:  # a crashed or closing page: the failure still shows
+                    print(f"no screenshot of {page.url}: {exc}")
             await context.close()
 
     io_loop.run_sync(close_all, timeout=30)
