@@ -45,6 +45,7 @@ try:
     from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 except ImportError:  # pragma: no cover - reported by the `browser` fixture
     async_playwright = None  # type: ignore[assignment]
+    Browser = BrowserContext = Page = Any  # type: ignore[misc,assignment]
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
 # A loaded 2-core machine: conditions are waited for this long before a test fails.
