@@ -28,7 +28,7 @@ async def shop_with_a_photo(shop: Shop) -> tuple[int, int]:
         shop.client,
         shop.url,
         lamp,
-        photo_jpeg("product", 800, 600),
+        photo_jpeg("product", 640, 480),
         {"Authorization": f"Bearer {admin}"},
     )
     assert response.code == 201, response.body
