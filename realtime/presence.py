@@ -6,7 +6,10 @@ into `{inventory:product:42}:presence` — a hash of node -> count beside a sort
 node -> expiry time. The total counts only nodes whose entry has not expired, so a node that
 dies stops counting within its TTL (`FM_PRESENCE_TTL_S`, 15 s) plus a third of the surviving
 nodes' TTL, how often they refresh. When a product's total changes, the node that
-noticed publishes `{event: "presence", product_id, viewers}` on the product's stream. A crowd
+noticed publishes `{event: "presence", product_id, viewers}` on the product's stream; so does
+a node where a viewer joined since its last flush even if the total did not change (one left
+as another came, as when a shopper goes from a product's card to its page), since the
+newcomer's first message is the stock and it would otherwise show no count at all. A crowd
 arriving at once thus costs one message per period, not one per shopper.
 """
 
@@ -67,6 +70,7 @@ class Presence:
         self._update = redis.register_script(_UPDATE)
         self._local: dict[int, int] = {}
         self._dirty: set[int] = set()
+        self._joined: set[int] = set()  # a viewer arrived since the last flush: announce
         self._published: dict[int, int] = {}
         self._refreshed_at = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -75,6 +79,7 @@ class Presence:
         """A connection on this node started viewing `product_id`."""
         self._local[product_id] = self._local.get(product_id, 0) + 1
         self._dirty.add(product_id)
+        self._joined.add(product_id)
 
     def viewer_left(self, product_id: int) -> None:
         """A connection on this node stopped viewing `product_id`."""
@@ -111,13 +116,15 @@ class Presence:
                 _log.warning("presence_flush_failed", error=repr(exc))
 
     async def flush(self) -> None:
-        """Write changed counts (and refresh all before they expire); publish changed totals."""
+        """Write changed counts (and refresh all before they expire); publish changed totals,
+        and the total of products a viewer joined."""
         now = time.time()
         products = set(self._dirty)
         if now - self._refreshed_at > self._ttl_s / 3:
             products |= set(self._local)
             self._refreshed_at = now
         self._dirty.clear()
+        joined, self._joined = self._joined, set()
         for product_id in products:
             count = self._local.get(product_id, 0)
             total = int(
@@ -126,7 +133,7 @@ class Presence:
                     args=[self._node_id, count, now, now + self._ttl_s, self._ttl_s * 2],
                 )
             )
-            if self._published.get(product_id) != total:
+            if self._published.get(product_id) != total or (count and product_id in joined):
                 self._published[product_id] = total
                 if count == 0 and total == 0:
                     self._published.pop(product_id, None)

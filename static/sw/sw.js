@@ -8,6 +8,7 @@
 //   GET /api/v1/... and GET /graphql                   StaleWhileRevalidate, 200s only
 //   POST/PATCH/DELETE /api/v1/cart/items*              NetworkOnly; failed -> "cart-queue"
 //   navigations                                        NetworkFirst (3 s), cached page, /offline
+//                                                      (and the installing page, on CACHE_PAGE)
 //   /cable, /sw.js and everything else                 not intercepted
 import { cacheNames, clientsClaim, setCacheNameDetails } from "workbox-core";
 import { cleanupOutdatedCaches, matchPrecache, precacheAndRoute } from "workbox-precaching";
@@ -55,11 +56,6 @@ const queueCartChanges = {
     }),
 };
 
-self.addEventListener("message", (event) => {
-  const type = event.data?.type;
-  if (type === "SKIP_WAITING") self.skipWaiting();
-  else if (type === "REPLAY_QUEUE") event.waitUntil(cartQueue.replayRequests().catch(() => {}));
-});
 
 // --- routes (the first match wins) --------------------------------------------------------
 const CART_ITEMS = /^\/api\/v1\/cart\/items(\/|$)/;
@@ -114,11 +110,30 @@ const pages = new NetworkFirst({
     { cacheWillUpdate: async ({ request, response }) => (PERSONAL_PAGES.test(new URL(request.url).pathname) ? null : response) },
   ],
 });
-registerRoute(
-  new NavigationRoute(pages, {
-    denylist: [/^\/cable/, /^\/sw\.js$/, /^\/api\//, /^\/graphql/, /^\/static\//, /^\/images\//],
-  }),
-);
+const NOT_PAGES = [/^\/cable/, /^\/sw\.js$/, /^\/api\//, /^\/graphql/, /^\/static\//, /^\/images\//];
+registerRoute(new NavigationRoute(pages, { denylist: NOT_PAGES }));
+
+// The page that installed this worker was loaded before the worker existed, so it is not in
+// the pages cache: that page asks (CACHE_PAGE) for it to be fetched again through the pages
+// strategy, so a shopper's first page opens offline too (personal pages still never stored).
+function cachePage(event, href) {
+  let url;
+  try {
+    url = new URL(href, self.location.href);
+  } catch {
+    return;
+  }
+  if (!sameOrigin(url) || NOT_PAGES.some((pattern) => pattern.test(url.pathname))) return;
+  const request = new Request(url.href, { credentials: "same-origin", headers: { Accept: "text/html" } });
+  event.waitUntil(pages.handle({ event, request }).catch(() => {}));
+}
+
+self.addEventListener("message", (event) => {
+  const type = event.data?.type;
+  if (type === "SKIP_WAITING") self.skipWaiting();
+  else if (type === "REPLAY_QUEUE") event.waitUntil(cartQueue.replayRequests().catch(() => {}));
+  else if (type === "CACHE_PAGE") cachePage(event, event.data.url);
+});
 
 // Nothing from the network or a cache: a page gets the precached /offline page, anything
 // else a network error (as without a service worker).

@@ -293,6 +293,25 @@ async def test_presence_counts_viewers_on_every_node_and_drops_those_who_leave(
     watcher.close()
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_a_viewer_arriving_as_another_leaves_still_gets_the_count(
+    node_b: ExtraNode, product_id: int
+) -> None:
+    # As when a shopper goes from a product's card to its page: the total stays 1 across
+    # the flush, and the newcomer's first message is the stock, so only an announcement
+    # of the unchanged total tells it how many are viewing.
+    ident = identifier("InventoryChannel", product_id=product_id)
+    leaving = await CableClient.connect(node_b.url("/cable"))
+    await leaving.subscribe(ident)
+    await _presence_until(leaving, ident, viewers=1)
+    arriving = await CableClient.connect(node_b.url("/cable"))
+    leaving.close()
+    await arriving.subscribe(ident)
+    assert (await arriving.next_message(ident))["event"] == "stock"
+    await _presence_until(arriving, ident, viewers=1)
+    arriving.close()
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_a_crowd_arriving_at_once_costs_a_presence_message_per_period_not_per_shopper(
     node_b: ExtraNode, product_id: int

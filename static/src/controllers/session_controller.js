@@ -1,9 +1,8 @@
 // session_controller.js — on <body>: asks GET /api/v1/me who the visitor is (the cached HTML
-// never says), shows the signed-in or signed-out part of the header, and announces a sign-in
-// with a `session:signed-in` event on window. Controllers that need a user (cart, toasts)
-// use onSignedIn(), which also works when they connect after the event has fired.
-// Signing in sets the script-readable `fm_csrf` cookie and signing out clears it, so without
-// it the visitor is signed out and nothing is asked (no 401 in the console on every page).
+// never says; asked only when the fm_csrf cookie says someone signed in), shows the signed-in
+// or signed-out part of the header, and announces a sign-in with a `session:signed-in` event
+// on window. Controllers that need a user (cart, toasts) use onSignedIn(), which also works
+// when they connect after the event has fired.
 import { Controller } from "@hotwired/stimulus";
 import { csrfToken } from "../api.js";
 
@@ -20,7 +19,10 @@ export default class extends Controller {
   static targets = ["signedIn", "signedOut", "name"];
 
   async connect() {
-    if (!csrfToken()) return; // never signed in here, or signed out: keep the signed-out header
+    // Signing in sets the script-readable fm_csrf cookie beside the HTTP-only session one
+    // (signing out clears both): without it the visitor is signed out, and asking /me would
+    // only log a 401 in the console of every anonymous page view.
+    if (!csrfToken()) return;
     let res;
     try {
       res = await fetch("/api/v1/me", { headers: { Accept: "application/json" }, credentials: "same-origin" });
@@ -28,8 +30,8 @@ export default class extends Controller {
       return; // offline: keep the signed-out header the server rendered
     }
     if (!res.ok) return; // 401: signed out
-    const { user } = await res.json();
-    if (!user || currentUser?.id === user.id) return;
+    const user = await res.json(); // the account itself: {id, email, name, is_admin, ...}
+    if (!user?.id || currentUser?.id === user.id) return;
     currentUser = user;
     this.nameTargets.forEach((el) => (el.textContent = user.name || user.email));
     this.signedInTargets.forEach((el) => (el.hidden = false));

@@ -1,0 +1,1 @@
+"""Storefront tests in a real browser (headless Chromium through Playwright)."""
