@@ -147,8 +147,14 @@ class Decision:
             "RateLimit": f'"{name}";r={self.remaining};t={math.ceil(self.reset_after_s)}',
         }
         if not self.allowed and math.isfinite(self.retry_after_s):
-            values["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+            values["Retry-After"] = str(retry_after_whole_s(self.retry_after_s))
         return values
+
+
+def retry_after_whole_s(wait_s: float) -> int:
+    """The `Retry-After` of a finite wait: whole seconds, rounded up, at least 1 (sooner
+    would be refused again). Messages that name the wait use it too, so they agree."""
+    return max(1, math.ceil(wait_s))
 
 
 def limit_key(limit: Limit, key: str) -> str:
