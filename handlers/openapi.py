@@ -22,15 +22,16 @@ Auth = Literal["none", "optional", "user", "admin"]
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _PROBLEM_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "description": "RFC 9457 problem details, with fields of our own where useful.",
+    "description": "RFC 9457 problem details (every error answer has these fields), with "
+    "fields of its kind where useful (`available`, `errors`, `allowed`, ...).",
     "properties": {
-        "type": {"type": "string"},
-        "title": {"type": "string"},
+        "type": {"type": "string", "description": "`/problems/<kind>`"},
+        "title": {"type": "string", "description": "the status phrase"},
         "status": {"type": "integer"},
-        "detail": {"type": "string"},
-        "request_id": {"type": ["string", "null"]},
+        "detail": {"type": "string", "description": "what is wrong and what would be right"},
+        "request_id": {"type": "string", "description": "also the `X-Request-Id` header"},
     },
-    "required": ["type", "title", "status"],
+    "required": ["type", "title", "status", "detail", "request_id"],
 }
 _AUTH_PROBLEMS: dict[Auth, dict[int, str]] = {
     "none": {},

@@ -118,4 +118,6 @@ async def test_a_refusal_says_in_its_body_the_wait_its_retry_after_header_says(
     assert 99 <= wait <= 100
     problem = json.loads(refused.body)
     assert problem["type"] == "/problems/rate-limited"
+    assert problem["title"] == "Too Many Requests" and problem["status"] == 429
+    assert problem["request_id"] == refused.headers["X-Request-Id"]
     assert problem["detail"] == f"too many requests; retry after {wait}s"
