@@ -42,6 +42,20 @@ _AUTH_PROBLEMS: dict[Auth, dict[int, str]] = {
 
 
 @dataclass(frozen=True)
+class Query:
+    """A query parameter whose schema is more than a string: written from the constants its
+    validator checks against (`page_size_schema`), so the two agree."""
+
+    description: str
+    schema: dict[str, Any]
+
+
+def page_size_schema(default: int, maximum: int) -> dict[str, Any]:
+    """The schema of a `first` parameter: an integer from 1 to `maximum`."""
+    return {"type": "integer", "minimum": 1, "maximum": maximum, "default": default}
+
+
+@dataclass(frozen=True)
 class Operation:
     """One documented operation of a handler."""
 
@@ -49,7 +63,7 @@ class Operation:
     ok: int = 200
     body: type[BaseModel] | None = None
     auth: Auth = "optional"
-    query: dict[str, str] = field(default_factory=dict)  # name -> description
+    query: dict[str, str | Query] = field(default_factory=dict)  # name -> description
     problems: dict[int, str] = field(default_factory=dict)  # extra statuses -> when
     headers: dict[str, str] = field(default_factory=dict)  # request headers -> description
     upload: str | None = None  # the multipart/form-data field carrying a file, if any
@@ -72,8 +86,8 @@ def _operation(op: Operation, path: str, schemas: dict[str, Any]) -> dict[str, A
             "name": name,
             "in": "query",
             "required": False,
-            "description": text,
-            "schema": {"type": "string"},
+            "description": text if isinstance(text, str) else text.description,
+            "schema": {"type": "string"} if isinstance(text, str) else text.schema,
         }
         for name, text in op.query.items()
     ]
