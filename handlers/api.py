@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from handlers.base import ApiError, BaseHandler
 from handlers.openapi import Documented
-from server.adapters.ratelimit import Decision
+from server.adapters.ratelimit import Decision, Limit
 from server.adapters.sessions import Session
 from server.common import jsontext
 from server.common.logs import get_logger
@@ -114,17 +114,21 @@ class SessionHandler(BaseHandler):
 
     # --- rate limits ------------------------------------------------------------------------
 
-    async def _rate_limit(self, limit: Any, key: str) -> None:
+    async def _rate_limit(self, limit: Limit, key: str) -> None:
         decision: Decision = await self.gate.rate_limiter.check(limit, key)
         for name, value in decision.headers().items():
             if name != "Retry-After" or not decision.allowed:
                 self.set_header(name, value)
         if not decision.allowed:
+            headers = decision.headers()
+            wait = headers.get("Retry-After")  # the body says what the header says
             raise ApiError(
                 429,
                 "rate-limited",
-                f"too many requests; retry after {decision.retry_after_s:.1f}s",
-                headers=decision.headers(),
+                f"too many requests; retry after {wait}s"
+                if wait
+                else f"this request costs more than the {limit.name} limit allows at once",
+                headers=headers,
             )
 
     # --- bodies -------------------------------------------------------------------------------

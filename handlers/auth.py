@@ -12,14 +12,14 @@ from handlers.api import CSRF_COOKIE, SESSION_COOKIE, ApiHandler
 from handlers.gate import Gate
 from handlers.openapi import Operation
 from server.adapters.sessions import SESSION_TTL_S, Session
-from server.domain.users import User, UserService
+from server.domain.users import MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS, User, UserService
 
 
 class SignUp(BaseModel):
     """`POST /api/v1/users` body."""
 
     email: str = Field(min_length=3, max_length=254)
-    password: str = Field(min_length=1, max_length=1024)
+    password: str = Field(min_length=MIN_PASSWORD_CHARS, max_length=MAX_PASSWORD_CHARS)
     name: str = Field(default="", max_length=200)
 
 

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
-import re
 import traceback
-import uuid
 from collections.abc import Awaitable
-from http import HTTPStatus
 from typing import Any
 
 import structlog
@@ -25,19 +21,20 @@ from server.common.errors import (
     Unavailable,
 )
 from server.common.logs import get_logger
+from server.common.problems import (
+    PROBLEM_CONTENT_TYPE,
+    REQUEST_ID_HEADER,
+    adopt_request_id,
+    problem,
+    status_kind,
+    status_title,
+)
 
 _log = get_logger("finalmarket.http")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-PROBLEM_CONTENT_TYPE = "application/problem+json"
-# Request ids: a random prefix per process and a counter. Unique without a getrandom()
-# system call per request (uuid4 was 2% of a hot read's CPU).
-_ID_PREFIX = uuid.uuid4().hex[:12]
-_id_counter = itertools.count(1)
-
-
-def new_request_id() -> str:
-    """A request id unique across processes and nodes (random prefix, then a counter)."""
-    return f"{_ID_PREFIX}{next(_id_counter):012x}"
+_METHOD_DEFAULTS = {
+    method: getattr(tornado.web.RequestHandler, method.lower())
+    for method in tornado.web.RequestHandler.SUPPORTED_METHODS
+}
 
 
 class ApiError(tornado.web.HTTPError):
@@ -55,7 +52,7 @@ class ApiError(tornado.web.HTTPError):
         headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> None:
-        super().__init__(status, reason=HTTPStatus(status).phrase)
+        super().__init__(status, reason=status_title(status))
         self.kind = kind
         self.detail = detail
         self.extra = extra
@@ -91,9 +88,8 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def prepare(self) -> Awaitable[None] | None:
         """Adopt the caller's `X-Request-Id` when it is well formed, or make one."""
-        offered = self.request.headers.get("X-Request-Id", "")
-        self.request_id = offered if _REQUEST_ID.match(offered) else new_request_id()
-        self.set_header("X-Request-Id", self.request_id)
+        self.request_id = adopt_request_id(self.request.headers.get(REQUEST_ID_HEADER))
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
         self.gate.lifecycle.request_started()
         self._counted_in_flight = True
@@ -131,6 +127,14 @@ class BaseHandler(tornado.web.RequestHandler):
         else:
             super().log_exception(typ, value, tb)
 
+    def allowed_methods(self) -> list[str]:
+        """The methods this handler implements (the `Allow` header of its 405s)."""
+        return [
+            method
+            for method in self.SUPPORTED_METHODS
+            if getattr(type(self), method.lower(), None) is not _METHOD_DEFAULTS.get(method)
+        ]
+
     def answer_of(self, status_code: int, kwargs: dict[str, Any]) -> tuple[Any, int]:
         """The exception `send_error` was given and the status to answer with: a domain error
         (or a driver failure the adapters map to one) becomes the problem of its kind, with its
@@ -142,43 +146,51 @@ class BaseHandler(tornado.web.RequestHandler):
                 exc = problem_from(domain)
                 status_code = exc.status_code
                 self.set_status(status_code)
-                kwargs.pop("exc_info")
+                kwargs.pop("exc_info")  # an answer, not a failure: no traceback even in debug
         return exc, status_code
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """The single exit for errors: RFC 9457 problem details, tracebacks only in debug.
+        """The single exit for errors: RFC 9457 problem details (`server.common.problems`:
+        the same fields on every answer), tracebacks only in debug.
 
         A domain error (or a driver failure the adapters map to one) is rendered as the problem
-        of its kind, with its status."""
+        of its kind, with its status; Tornado's own errors (a 405 for a method the handler does
+        not implement, a 400 for a missing argument, a 500) get the kind of their status."""
         exc, status_code = self.answer_of(status_code, kwargs)
-        problem: dict[str, Any]
-        if isinstance(exc, ApiError):
-            problem = {
-                "type": f"/problems/{exc.kind}",
-                "title": exc.reason,
-                "status": status_code,
-                "detail": exc.detail,
-                **exc.extra,
-            }
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
-        else:
-            title = (
-                HTTPStatus(status_code).phrase
-                if status_code in HTTPStatus._value2member_map_
-                else "Error"
-            )
-            problem = {"type": "about:blank", "title": title, "status": status_code}
-            if isinstance(exc, tornado.web.HTTPError) and exc.log_message:
-                problem["detail"] = exc.log_message % exc.args if exc.args else exc.log_message
-        request_id = getattr(self, "request_id", None)
-        if request_id:
-            self.set_header("X-Request-Id", request_id)  # send_error() cleared the headers
-        problem["request_id"] = request_id
+        if not isinstance(exc, ApiError):
+            exc = self._problem_of_status(status_code, exc)
+        for name, value in exc.headers.items():
+            self.set_header(name, value)
+        # A method outside SUPPORTED_METHODS is refused before prepare() names the request.
+        if not getattr(self, "request_id", None):
+            self.request_id = adopt_request_id(self.request.headers.get(REQUEST_ID_HEADER))
+        self.set_header(REQUEST_ID_HEADER, self.request_id)  # send_error() cleared the headers
+        body = problem(status_code, exc.kind, exc.detail, self.request_id, **exc.extra)
         if self.settings.get("serve_traceback") and "exc_info" in kwargs:
-            problem["traceback"] = traceback.format_exception(*kwargs["exc_info"])
+            body["traceback"] = traceback.format_exception(*kwargs["exc_info"])
         self.set_header("Content-Type", PROBLEM_CONTENT_TYPE)
-        self.finish(tornado.escape.json_encode(problem))
+        self.finish(tornado.escape.json_encode(body))
+
+    def _problem_of_status(self, status: int, exc: BaseException | None) -> ApiError:
+        """The problem of an error that is not an `ApiError`: Tornado's `HTTPError`s and
+        failures (500), with a detail a client can act on."""
+        method, path = self.request.method, self.request.path
+        if status == 405:
+            allowed = self.allowed_methods()
+            return ApiError(
+                405,
+                "method-not-allowed",
+                f"{method} is not allowed on {path}; use {', '.join(allowed) or 'nothing'}",
+                headers={"Allow": ", ".join(allowed)},
+                allowed=allowed,
+            )
+        if isinstance(exc, tornado.web.HTTPError) and exc.log_message:
+            detail = exc.log_message % exc.args if exc.args else exc.log_message
+        elif status >= 500:
+            detail = "the server failed to answer; the request id names the failure in its logs"
+        else:
+            detail = f"{method} {path} was refused ({status})"
+        return ApiError(status, status_kind(status), detail)
 
 
 class NotFoundHandler(BaseHandler):

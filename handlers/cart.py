@@ -46,7 +46,8 @@ IDEMPOTENT_CHANGE = {
 }
 
 Id = Annotated[int, BeforeValidator(parse_id)]
-Quantity = Annotated[int, BeforeValidator(require_int), Field(ge=MIN_QUANTITY, le=MAX_QUANTITY)]
+# Bounds before the validator, so the OpenAPI document has them as `minimum`/`maximum`.
+Quantity = Annotated[int, Field(ge=MIN_QUANTITY, le=MAX_QUANTITY), BeforeValidator(require_int)]
 
 
 class AddItem(BaseModel):

@@ -14,7 +14,7 @@ from typing import Any
 from handlers.api import ApiHandler
 from handlers.base import ApiError
 from handlers.gate import Gate
-from handlers.openapi import Operation
+from handlers.openapi import Operation, Query, page_size_schema
 from server.domain.checkout import MAX_KEY_CHARS, CheckoutInProgress, CheckoutService
 from server.domain.notifications import NotificationService
 from server.domain.orders import DEFAULT_PAGE, MAX_PAGE, OrderService
@@ -22,8 +22,8 @@ from server.domain.orders import DEFAULT_PAGE, MAX_PAGE, OrderService
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
-PAGE_QUERY = {
-    "first": "page size, 1..100 (default 20)",
+PAGE_QUERY: dict[str, str | Query] = {
+    "first": Query("page size", page_size_schema(DEFAULT_PAGE, MAX_PAGE)),
     "after": "next_cursor of the previous page",
 }
 

@@ -33,6 +33,7 @@ from handlers.products import PUBLIC_CACHE_CONTROL
 from handlers.websocket import WebSocketUpgrade, switching_protocols
 from realtime.graphql_socket import GraphQLWsServer
 from realtime.graphql_ws import choose_subprotocol
+from server.adapters.ratelimit import retry_after_whole_s
 from server.common import jsontext
 from server.graphql.errors import INTERNAL_SERVER_ERROR, GraphQLRequestError, code_of
 from server.graphql.service import GraphQLRequest, GraphQLService, Outcome
@@ -149,7 +150,7 @@ class GraphQLHandler(SessionHandler, WebSocketUpgrade):
         status = 200
         if outcome.kind == "throttled":
             status = 429
-            self.set_header("Retry-After", str(max(1, round((outcome.retry_after_s or 1) + 0.5))))
+            self.set_header("Retry-After", str(retry_after_whole_s(outcome.retry_after_s or 1)))
         elif outcome.kind == "method_not_allowed":
             status = 405
             self.set_header("Allow", "POST")

@@ -22,15 +22,16 @@ Auth = Literal["none", "optional", "user", "admin"]
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _PROBLEM_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "description": "RFC 9457 problem details, with fields of our own where useful.",
+    "description": "RFC 9457 problem details (every error answer has these fields), with "
+    "fields of its kind where useful (`available`, `errors`, `allowed`, ...).",
     "properties": {
-        "type": {"type": "string"},
-        "title": {"type": "string"},
+        "type": {"type": "string", "description": "`/problems/<kind>`"},
+        "title": {"type": "string", "description": "the status phrase"},
         "status": {"type": "integer"},
-        "detail": {"type": "string"},
-        "request_id": {"type": ["string", "null"]},
+        "detail": {"type": "string", "description": "what is wrong and what would be right"},
+        "request_id": {"type": "string", "description": "also the `X-Request-Id` header"},
     },
-    "required": ["type", "title", "status"],
+    "required": ["type", "title", "status", "detail", "request_id"],
 }
 _AUTH_PROBLEMS: dict[Auth, dict[int, str]] = {
     "none": {},
@@ -41,6 +42,20 @@ _AUTH_PROBLEMS: dict[Auth, dict[int, str]] = {
 
 
 @dataclass(frozen=True)
+class Query:
+    """A query parameter whose schema is more than a string: written from the constants its
+    validator checks against (`page_size_schema`), so the two agree."""
+
+    description: str
+    schema: dict[str, Any]
+
+
+def page_size_schema(default: int, maximum: int) -> dict[str, Any]:
+    """The schema of a `first` parameter: an integer from 1 to `maximum`."""
+    return {"type": "integer", "minimum": 1, "maximum": maximum, "default": default}
+
+
+@dataclass(frozen=True)
 class Operation:
     """One documented operation of a handler."""
 
@@ -48,7 +63,7 @@ class Operation:
     ok: int = 200
     body: type[BaseModel] | None = None
     auth: Auth = "optional"
-    query: dict[str, str] = field(default_factory=dict)  # name -> description
+    query: dict[str, str | Query] = field(default_factory=dict)  # name -> description
     problems: dict[int, str] = field(default_factory=dict)  # extra statuses -> when
     headers: dict[str, str] = field(default_factory=dict)  # request headers -> description
     upload: str | None = None  # the multipart/form-data field carrying a file, if any
@@ -71,8 +86,8 @@ def _operation(op: Operation, path: str, schemas: dict[str, Any]) -> dict[str, A
             "name": name,
             "in": "query",
             "required": False,
-            "description": text,
-            "schema": {"type": "string"},
+            "description": text if isinstance(text, str) else text.description,
+            "schema": {"type": "string"} if isinstance(text, str) else text.schema,
         }
         for name, text in op.query.items()
     ]

@@ -19,14 +19,17 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from handlers.api import ApiHandler
 from handlers.base import ApiError
 from handlers.gate import Gate
-from handlers.openapi import Operation
+from handlers.openapi import Operation, Query, page_size_schema
 from server.adapters.compression import etag_matches
 from server.common.errors import InvalidInput
 from server.domain.catalog import (
+    DEFAULT_PAGE,
     MAX_DESCRIPTION_CHARS,
     MAX_NAME_CHARS,
+    MAX_PAGE,
     MAX_PRICE_CENTS,
     MAX_PRODUCT_ID,
+    MAX_QUERY_CHARS,
     CatalogService,
     Rendered,
 )
@@ -49,7 +52,12 @@ def _only_int(value: Any) -> Any:
     return value
 
 
-JsonInt = Annotated[int, BeforeValidator(_only_int)]
+# Bounds come before the validator: pydantic then applies them to the integer itself and
+# writes them as JSON Schema `minimum`/`maximum` in the OpenAPI document (after a validator,
+# or on an optional field, it can only keep them as raw `ge`/`le`, which no tool reads).
+PriceCents = Annotated[int, Field(ge=0, le=MAX_PRICE_CENTS), BeforeValidator(_only_int)]
+StockUnits = Annotated[int, Field(ge=0, le=MAX_STOCK), BeforeValidator(_only_int)]
+StockDelta = Annotated[int, Field(ge=-MAX_STOCK, le=MAX_STOCK), BeforeValidator(_only_int)]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
 
 
@@ -60,9 +68,9 @@ class ProductCreate(BaseModel):
 
     name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     description: str = Field("", max_length=MAX_DESCRIPTION_CHARS)
-    price_cents: JsonInt = Field(ge=0, le=MAX_PRICE_CENTS)
+    price_cents: PriceCents
     currency: Currency = "USD"
-    stock: JsonInt = Field(0, ge=0, le=MAX_STOCK)
+    stock: StockUnits = 0
 
 
 class ProductPatch(BaseModel):
@@ -72,7 +80,7 @@ class ProductPatch(BaseModel):
 
     name: str | None = Field(None, min_length=1, max_length=MAX_NAME_CHARS)
     description: str | None = Field(None, max_length=MAX_DESCRIPTION_CHARS)
-    price_cents: JsonInt | None = Field(None, ge=0, le=MAX_PRICE_CENTS)
+    price_cents: PriceCents | None = None
     currency: Currency | None = None
     stock: Any = None
 
@@ -98,8 +106,8 @@ class StockChange(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    delta: JsonInt | None = Field(None, ge=-MAX_STOCK, le=MAX_STOCK)
-    set_to: JsonInt | None = Field(None, alias="set", ge=0, le=MAX_STOCK)
+    delta: StockDelta | None = None
+    set_to: StockUnits | None = Field(None, alias="set")
 
     @field_validator("delta")
     @classmethod
@@ -159,9 +167,9 @@ class ProductsHandler(_CatalogHandler):
         "GET": Operation(
             "List products: {items, next_cursor}",
             query={
-                "first": "page size 1..100 (20)",
+                "first": Query("page size", page_size_schema(DEFAULT_PAGE, MAX_PAGE)),
                 "after": "cursor from next_cursor",
-                "q": "full-text search",
+                "q": Query("full-text search", {"type": "string", "maxLength": MAX_QUERY_CHARS}),
             },
             problems={422: "bad first, after or q"},
         ),

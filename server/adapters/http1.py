@@ -37,6 +37,13 @@ from tornado import httputil, iostream, netutil
 from tornado.httpserver import HTTPServer as TornadoHTTPServer
 
 from server.common.logs import get_logger
+from server.common.problems import (
+    PROBLEM_CONTENT_TYPE,
+    REQUEST_ID_HEADER,
+    adopt_request_id,
+    problem,
+    status_title,
+)
 
 _log = get_logger("finalmarket.http1")
 _SWEEP_PERIOD_S = 1.0
@@ -106,14 +113,14 @@ class DetachedSocket:
             self.socket = None
 
 
-def _problem(status: int, reason: str, kind: str, detail: str) -> bytes:
-    """A complete `Connection: close` response carrying RFC 9457 problem details, for the
-    refusals the connection makes before any handler exists."""
-    body = json.dumps(
-        {"type": f"/problems/{kind}", "title": reason, "status": status, "detail": detail}
-    ).encode()
+def _problem(status: int, kind: str, detail: str, request_id: str) -> bytes:
+    """A complete `Connection: close` response carrying RFC 9457 problem details (the fields
+    every problem has, `server.common.problems`), for the refusals the connection makes
+    before any handler exists or answers."""
+    body = json.dumps(problem(status, kind, detail, request_id)).encode()
     head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/problem+json\r\n"
+        f"HTTP/1.1 {status} {status_title(status)}\r\n"
+        f"Content-Type: {PROBLEM_CONTENT_TYPE}\r\n{REQUEST_ID_HEADER}: {request_id}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode("latin1") + body
@@ -183,12 +190,11 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
                 limit = self.server.max_header_bytes
                 refusal = (
                     431,
-                    "Request Header Fields Too Large",
                     "headers-too-large",
                     f"the request line and headers pass {limit} bytes",
                 )
             else:
-                refusal = (400, "Bad Request", "malformed-request", f"not HTTP/1.1: {error}")
+                refusal = (400, "malformed-request", f"not HTTP/1.1: {error}")
             self._events.append(("error", *refusal))
         if self._events:
             self._pump()
@@ -382,17 +388,26 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
 
     def _too_large(self, size: int) -> None:
         detail = f"request body is {size} bytes; at most {self._max_body_size} are accepted"
-        self._give_up(413, "Content Too Large", "body-too-large", detail)
+        self._give_up(413, "body-too-large", detail)
 
-    def _give_up(self, status: int, reason: str, kind: str, detail: str) -> None:
+    def _give_up(self, status: int, kind: str, detail: str) -> None:
         """The request cannot go on (malformed, too large, too slow): tell its handler it is
         gone, answer with a problem unless an answer has begun, log, and close."""
         delegate, self._delegate = self._delegate, None
+        # The request's own id when its head was read (else the headers are a previous one's).
+        headers = self._request_headers if delegate is not None else None
+        request_id = adopt_request_id(headers.get(REQUEST_ID_HEADER) if headers else None)
         if delegate is not None:
             self._guard(delegate.on_connection_close)
-        _log.info("http_refused", status=status, reason=detail, peer=str(self.context))
+        _log.info(
+            "http_refused",
+            status=status,
+            reason=detail,
+            peer=str(self.context),
+            request_id=request_id,
+        )
         if not self._headers_sent:
-            self._refuse(status, reason, kind, detail)
+            self._refuse(_problem(status, kind, detail, request_id))
         else:
             self._abort()
 
@@ -546,13 +561,13 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
                 else:
                     waiter.set_result(None)
 
-    def _refuse(self, status: int, reason: str, kind: str, detail: str) -> None:
-        """Answer a request no handler will see, and close."""
+    def _refuse(self, answer: bytes) -> None:
+        """Send `answer` for a request no handler will answer, and close."""
         self._delegate = None
         self._write_finished = True
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(_problem(status, reason, kind, detail))
+            transport.write(answer)
             transport.close()
 
     def _abort(self) -> None:
@@ -593,7 +608,7 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         if self.header_started is not None and now - self.header_started > server.header_timeout_s:
             if self.idle:
                 detail = f"the request line and headers took over {server.header_timeout_s:g}s"
-                self._give_up(408, "Request Timeout", "request-timeout", detail)
+                self._give_up(408, "request-timeout", detail)
             return
         quiet_s = now - self.last_active
         if self.idle:
@@ -601,7 +616,7 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
                 self._abort()
         elif self._reading_body and quiet_s > server.body_timeout_s:
             detail = f"no part of the request body came for {server.body_timeout_s:g}s"
-            self._give_up(408, "Request Timeout", "request-timeout", detail)
+            self._give_up(408, "request-timeout", detail)
 
     @property
     def _reading_body(self) -> bool:

@@ -15,6 +15,8 @@ Design points:
   bucket as REST); a refused request consumes nothing. A cost larger than the burst can never
   be allowed: it is refused with `retry_after_s = inf` (the caller answers "too expensive", not
   "try later").
+- **Returned units**: a check may first give back units charged earlier and never used (a
+  per-node lease's expired leftovers, `LeasedRateLimiter`), never past a full bucket.
 - **Keys are hash-tagged** (`{rl:<name>:<key>}`): one key per script call, Cluster-safe.
 
 Headers follow draft-ietf-httpapi-ratelimit-headers: `RateLimit-Policy: "name";q=<burst>;w=<s>`
@@ -24,6 +26,7 @@ Headers follow draft-ietf-httpapi-ratelimit-headers: `RateLimit-Policy: "name";q
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
@@ -37,21 +40,30 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tau = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local returned = tonumber(ARGV[4] or '0')
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
+if returned > 0 then tat = math.max(now, tat - interval * returned) end
+local function store(value)
+  if value <= now then
+    redis.call('DEL', KEYS[1])
+  else
+    redis.call('SET', KEYS[1], string.format('%.0f', value),
+               'PX', math.max(1, math.ceil((value - now) / 1000)))
+  end
+end
 local increment = interval * cost
 if increment > tau then
+  if returned > 0 then store(tat) end
   return {0, math.max(0, math.floor((now + tau - tat) / interval + 1e-9)), -1, tat - now}
 end
 local new_tat = tat + increment
 if new_tat - now > tau then
+  if returned > 0 then store(tat) end
   local remaining = math.max(0, math.floor((now + tau - tat) / interval + 1e-9))
   return {0, remaining, math.ceil(new_tat - tau - now), math.ceil(tat - now)}
 end
-if cost > 0 then
-  redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
-             'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
-end
+if cost > 0 or returned > 0 then store(new_tat) end
 local remaining = math.max(0, math.floor((now + tau - new_tat) / interval + 1e-9))
 return {1, remaining, 0, math.ceil(new_tat - now)}
 """
@@ -135,8 +147,14 @@ class Decision:
             "RateLimit": f'"{name}";r={self.remaining};t={math.ceil(self.reset_after_s)}',
         }
         if not self.allowed and math.isfinite(self.retry_after_s):
-            values["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+            values["Retry-After"] = str(retry_after_whole_s(self.retry_after_s))
         return values
+
+
+def retry_after_whole_s(wait_s: float) -> int:
+    """The `Retry-After` of a finite wait: whole seconds, rounded up, at least 1 (sooner
+    would be refused again). Messages that name the wait use it too, so they agree."""
+    return max(1, math.ceil(wait_s))
 
 
 def limit_key(limit: Limit, key: str) -> str:
@@ -156,18 +174,20 @@ class RateLimiter:
         self._script = redis.register_script(_GCRA)
         self._refund = redis.register_script(_REFUND)
 
-    async def check(self, limit: Limit, key: str, cost: int = 1) -> Decision:
+    async def check(self, limit: Limit, key: str, cost: int = 1, returned: int = 0) -> Decision:
         """Spend `cost` units of `key`'s bucket under `limit` if they are available.
 
         `key` names the client (an IP address, `user:42`); cost 0 only reports the state.
+        `returned` units charged earlier but never used (a lease's leftovers) are given back
+        first, in the same script call, whether or not the check is allowed.
         """
-        if cost < 0:
-            raise ValueError("cost must not be negative")
+        if cost < 0 or returned < 0:
+            raise ValueError("cost and returned must not be negative")
         interval_us = _US / limit.rate_per_s
         tau_us = interval_us * limit.burst
         allowed, remaining, retry_us, reset_us = await self._script(
             keys=[limit_key(limit, key)],
-            args=[repr(interval_us), repr(tau_us), cost],
+            args=[repr(interval_us), repr(tau_us), cost, returned],
         )
         retry = math.inf if int(retry_us) < 0 else int(retry_us) / _US
         return Decision(
@@ -191,8 +211,27 @@ class RateLimiter:
 
 
 LEASE_FRACTION = 0.05  # of the burst, taken from Redis at once by a busy key
-LEASE_TTL_S = 1.0  # an unused lease is dropped after this (its units stay spent: stricter)
+LEASE_TTL_S = 1.0  # a lease's units are spent within this, or given back at the next refill
 _MAX_LEASES = 100_000
+
+
+@dataclass(slots=True)
+class _Lease:
+    """Units of one bucket this node was charged in Redis and has not spent yet.
+
+    `refill` is the one acquisition in flight for the bucket: concurrent requests that find
+    the lease dry await it instead of each taking a lease of their own (which drained the
+    shared bucket into this node's leases). It resolves to None, or to the error the
+    acquisition raised, which its waiters raise too (one Redis timeout, not one each).
+    `direct_until`: after a refused acquisition (less than a lease left in Redis), requests
+    are checked against Redis one by one until then, so the last units are counted exactly.
+    """
+
+    units: int = 0
+    expires_at: float = 0.0
+    last: Decision | None = None  # the acquisition that granted the units (for headers)
+    refill: asyncio.Future[BaseException | None] | None = None
+    direct_until: float = 0.0
 
 
 class LeasedRateLimiter:
@@ -200,54 +239,94 @@ class LeasedRateLimiter:
     Redis in one check and spends it locally, so most requests cost no Redis round trip.
 
     The bucket in Redis is still the one truth shared by all nodes: every unit spent locally
-    was charged there first, so the limit is never exceeded (only reached slightly earlier, by
-    at most one lease per node). Small bursts (lease of 1 unit) behave exactly like
-    `RateLimiter`.
+    was charged there first, so the limit is never exceeded, only reached slightly earlier, by
+    at most one lease per node: a node holds one lease per key, and concurrent requests that
+    find it dry share one acquisition (one refill at a time). Units a lease did not spend
+    within `LEASE_TTL_S` are given back to Redis with the key's next acquisition on this node.
+    Small bursts (lease of 1 unit) behave exactly like `RateLimiter`.
     """
 
     def __init__(self, limiter: RateLimiter, clock: Any = None) -> None:
         self._limiter = limiter
         self._clock = clock or time.monotonic
-        # (limit name, key) -> [units left, expiry, last decision]
-        self._leases: dict[tuple[str, str], list[Any]] = {}
+        self._leases: dict[tuple[str, str], _Lease] = {}
+
+    @staticmethod
+    def lease_size(limit: Limit) -> int:
+        """Units one acquisition takes from Redis for a busy key of `limit`."""
+        return max(1, int(limit.burst * LEASE_FRACTION))
 
     async def check(self, limit: Limit, key: str, cost: int = 1) -> Decision:
         """Allow or refuse a request of `key` costing `cost` units under `limit` (cost 0:
         only look). A cost the local lease covers costs no Redis round trip."""
-        now = self._clock()
+        if cost < 0:
+            raise ValueError("cost must not be negative")
         lease_key = (limit.name, key)
-        lease = self._leases.get(lease_key)
-        live = lease is not None and lease[1] > now
-        if live and 0 < cost <= lease[0]:  # type: ignore[index]
-            assert lease is not None
-            lease[0] -= cost
-            return self._with_lease(limit, lease)
-        size = max(1, int(limit.burst * LEASE_FRACTION))
-        decision = None
-        if 0 < cost < size:
-            decision = await self._limiter.check(limit, key, cost=size)
-            if decision.allowed:
+        size = self.lease_size(limit)
+        while True:
+            lease = self._leases.get(lease_key)
+            now = self._clock()
+            live = lease is not None and lease.expires_at > now
+            if lease is not None and live and 0 < cost <= lease.units:
+                lease.units -= cost
+                return self._with_lease(limit, lease)
+            if cost == 0:
+                decision = await self._limiter.check(limit, key, cost=0)
+                if lease is not None and live and lease.units:
+                    remaining = decision.remaining + lease.units
+                    return Decision(limit, True, remaining, 0.0, decision.reset_after_s)
+                return decision
+            if cost >= size or (lease is not None and lease.direct_until > now):
+                return await self._limiter.check(limit, key, cost=cost)
+            if lease is not None and lease.refill is not None:
+                failure = await asyncio.shield(lease.refill)
+                if failure is not None:
+                    raise failure
+                continue  # draw from what it brought, or refill again if others took it
+            if lease is None:
                 if len(self._leases) >= _MAX_LEASES:
-                    self._leases.clear()  # a bound, not a policy: busy keys take a lease again
-                left = lease[0] if live and lease is not None else 0  # kept, not lost
-                fresh = self._leases[lease_key] = [size - cost + left, now + LEASE_TTL_S, decision]
-                return self._with_lease(limit, fresh)  # the leased units are still the caller's
-        decision = await self._limiter.check(limit, key, cost=cost)
-        if live and cost == 0:
-            assert lease is not None
-            return Decision(limit, True, decision.remaining + lease[0], 0.0, decision.reset_after_s)
-        return decision
+                    self._leases.clear()  # a bound, not a policy: busy keys lease again
+                lease = self._leases[lease_key] = _Lease()
+            await self._refill(limit, key, lease, size)
+
+    async def _refill(self, limit: Limit, key: str, lease: _Lease, size: int) -> None:
+        """Take `size` more units from Redis into `lease`, giving back leftovers that
+        expired; the only acquisition in flight for this bucket on this node."""
+        refill = lease.refill = asyncio.get_running_loop().create_future()
+        returned = 0
+        if lease.expires_at <= self._clock():
+            returned, lease.units = lease.units, 0
+        # On a failure it is unknown whether the script ran, so the returned units are not
+        # kept for another try (which could give them back twice): stricter, never looser.
+        outcome: BaseException | None = None
+        try:
+            decision = await self._limiter.check(limit, key, cost=size, returned=returned)
+        except Exception as exc:
+            outcome = exc
+            raise
+        finally:  # cancelled: waiters see None, and one of them acquires instead
+            lease.refill = None
+            refill.set_result(outcome)
+        now = self._clock()
+        lease.last = decision
+        if decision.allowed:
+            lease.units += size
+            lease.expires_at = now + LEASE_TTL_S
+            self._leases.setdefault((limit.name, key), lease)  # even if the bound cleared it
+        else:
+            lease.direct_until = now + min(decision.retry_after_s, LEASE_TTL_S)
 
     async def refund(self, limit: Limit, key: str, units: int) -> Decision:
         """Give back `units` charged but not used: to this node's lease when it holds one
         (they were taken from Redis with it), else to the bucket in Redis."""
         lease = self._leases.get((limit.name, key))
-        if lease is not None and lease[1] > self._clock():
-            lease[0] += units
+        if lease is not None and lease.last is not None and lease.expires_at > self._clock():
+            lease.units += units
             return self._with_lease(limit, lease)
         return await self._limiter.refund(limit, key, units)
 
     @staticmethod
-    def _with_lease(limit: Limit, lease: list[Any]) -> Decision:
-        last: Decision = lease[2]
-        return Decision(limit, True, max(0, last.remaining + lease[0]), 0.0, last.reset_after_s)
+    def _with_lease(limit: Limit, lease: _Lease) -> Decision:
+        last = lease.last
+        assert last is not None  # a live lease was granted by an acquisition
+        return Decision(limit, True, max(0, last.remaining + lease.units), 0.0, last.reset_after_s)

@@ -1,2 +1,3 @@
 """What every layer shares and nothing else: domain errors, structured logs, strict JSON text,
-and the node's lifecycle state. Imports nothing from the rest of `server`."""
+problem details and request ids, and the node's lifecycle state. Imports nothing from the rest
+of `server`."""

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from realtime.graphql_ws import OperationRefused
 from realtime.watch import WatchOverflow
 from server.adapters.cache import CachedLoader
-from server.adapters.ratelimit import LeasedRateLimiter
+from server.adapters.ratelimit import LeasedRateLimiter, retry_after_whole_s
 from server.adapters.sessions import Session, SessionStore
 from server.common import jsontext
 from server.common.logs import get_logger
@@ -369,7 +369,7 @@ class _Throttled(GraphQLRequestError):
         super().__init__(
             THROTTLED,
             f"throttled: this {noun} costs {requested} and {remaining} are available; "
-            f"retry in {retry_after_s:.1f}s",
+            f"retry in {retry_after_whole_s(retry_after_s)}s",  # as Retry-After says
             retryAfter=retry_after_s,
         )
         self.requested = requested

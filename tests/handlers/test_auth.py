@@ -154,3 +154,7 @@ class TestRateLimit:
         assert int(limited.headers["Retry-After"]) >= 1
         assert limited.headers["RateLimit-Policy"].startswith('"ip";q=3')
         assert problem(limited)["type"] == "/problems/rate-limited"
+        # The wait is under a second: the body says what the header says (not "0.3s").
+        wait = limited.headers["Retry-After"]
+        assert wait == "1"
+        assert problem(limited)["detail"] == f"too many requests; retry after {wait}s"

@@ -1,14 +1,25 @@
-"""GCRA rate limiting against the real Redis: bursts, refusals, recovery, cost, concurrency."""
+"""GCRA rate limiting against the real Redis: bursts, refusals, recovery, cost, concurrency,
+and per-node leases (shared acquisitions, leftovers given back, two nodes on one bucket)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import socket
+import time
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from server.adapters.ratelimit import Decision, LeasedRateLimiter, Limit, RateLimiter, limit_key
+from server.adapters.ratelimit import (
+    LEASE_TTL_S,
+    Decision,
+    LeasedRateLimiter,
+    Limit,
+    RateLimiter,
+    limit_key,
+)
 from server.adapters.redis_client import open_redis
 from server.wiring.settings import Settings
 
@@ -198,3 +209,113 @@ async def test_leased_costs_and_refunds_never_exceed_the_shared_bucket(settings:
     finally:
         await redis_a.aclose()
         await redis_b.aclose()
+
+
+def _remaining_in_redis(limiter: RateLimiter, limit: Limit, key: str) -> Any:
+    """What the shared bucket holds (a look: costs nothing)."""
+    return limiter.check(limit, key, cost=0)
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.usefixtures("clean_data")
+async def test_concurrent_misses_on_one_node_share_one_lease_at_a_time(settings: Settings) -> None:
+    """100 requests arriving together on a node with no lease (burst 200, leases of 10): all
+    are allowed, and the node took exactly the 10 leases they spent, one after the other (the
+    bug: each miss took a lease of its own, 100 x 10 units, and most were refused)."""
+    redis, limiter = await _with_limiter(settings)
+    node = LeasedRateLimiter(limiter)
+    limit = Limit("together", rate_per_s=0.01, burst=200)  # nothing refills during the test
+    try:
+        decisions = await asyncio.gather(*(node.check(limit, "ip:1") for _ in range(100)))
+        assert all(d.allowed for d in decisions)
+        assert (await _remaining_in_redis(limiter, limit, "ip:1")).remaining == 100
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.usefixtures("clean_data")
+async def test_a_concurrent_burst_over_the_limit_is_refused_for_exactly_the_excess(
+    settings: Settings,
+) -> None:
+    """One node, 250 concurrent requests against a bucket of 200: exactly 200 allowed (the
+    last units, less than a lease, are checked one by one), 50 refused with a wait."""
+    redis, limiter = await _with_limiter(settings)
+    node = LeasedRateLimiter(limiter)
+    limit = Limit("over", rate_per_s=0.01, burst=200)
+    try:
+        decisions = await asyncio.gather(*(node.check(limit, "ip:1") for _ in range(250)))
+        assert sum(d.allowed for d in decisions) == 200
+        assert all(d.retry_after_s > 0 for d in decisions if not d.allowed)
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.usefixtures("clean_data")
+async def test_concurrent_bursts_on_two_nodes_lose_at_most_one_lease_each(
+    settings: Settings,
+) -> None:
+    """Two nodes share a bucket of 250 (leases of 12, which do not divide it). Under it (90
+    each): all allowed. Over it (then 150 more each): the allowed total is the burst less at
+    most one lease per node, never more."""
+    redis_a, limiter_a = await _with_limiter(settings)
+    redis_b, limiter_b = await _with_limiter(settings)
+    nodes = [LeasedRateLimiter(limiter_a), LeasedRateLimiter(limiter_b)]
+    limit = Limit("two-nodes", rate_per_s=0.01, burst=250)  # leases of 12
+    try:
+        under = await asyncio.gather(*(nodes[n % 2].check(limit, "ip:1") for n in range(180)))
+        assert all(d.allowed for d in under)
+        over = await asyncio.gather(*(nodes[n % 2].check(limit, "ip:1") for n in range(300)))
+        allowed = 180 + sum(d.allowed for d in over)
+        assert 250 - 2 * 12 <= allowed <= 250
+    finally:
+        await redis_a.aclose()
+        await redis_b.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.usefixtures("clean_data")
+async def test_an_expired_lease_gives_its_unused_units_back(settings: Settings) -> None:
+    """A lease of 10 spent once, then left past its TTL: the next acquisition gives the 9
+    unused units back to Redis, so the bucket is charged only for what was spent plus the
+    new lease."""
+    redis, limiter = await _with_limiter(settings)
+    clock = [1000.0]
+    node = LeasedRateLimiter(limiter, clock=lambda: clock[0])
+    limit = Limit("expiry", rate_per_s=0.01, burst=200)
+    try:
+        assert (await node.check(limit, "ip:1")).allowed
+        assert (await _remaining_in_redis(limiter, limit, "ip:1")).remaining == 190
+        clock[0] += LEASE_TTL_S + 0.1
+        assert (await node.check(limit, "ip:1")).allowed
+        # 2 spent; the second lease holds 9: 200 - 1 (first) - 10 (second lease).
+        assert (await _remaining_in_redis(limiter, limit, "ip:1")).remaining == 189
+        look = await node.check(limit, "ip:1", cost=0)
+        assert look.remaining == 198
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_concurrent_misses_share_the_failure_of_an_unreachable_redis(
+    settings: Settings,
+) -> None:
+    """Redis unreachable: every request waiting for the one acquisition fails with its error
+    (a connection error the handlers answer as 503), and none hangs."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dead = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
+    redis = open_redis(dead)
+    node = LeasedRateLimiter(RateLimiter(redis))
+    limit = Limit("down", rate_per_s=1, burst=200)
+    try:
+        started = time.monotonic()
+        outcomes = await asyncio.gather(
+            *(node.check(limit, "ip:1") for _ in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(o, RedisConnectionError) for o in outcomes), outcomes
+        assert time.monotonic() - started < 3 * settings.redis_timeout_s + 5
+    finally:
+        await redis.aclose()
