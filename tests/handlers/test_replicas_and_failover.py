@@ -1,7 +1,7 @@
 """Replicas and failover end to end: one real node answering the REST API over a catalog and four
 user shards that each run as a streaming primary + hot standby (`infra.up(replicas=True)`).
 
-What `tests/server/test_router.py` shows for the router alone, shown here through HTTP:
+What `tests/adapters/test_router.py` shows for the router alone, shown here through HTTP:
 
 * a paused replica (lagging): a user reads their own cart change from the primary, while
   another user's read is served by the replica;
