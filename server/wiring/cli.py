@@ -166,9 +166,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def cmd_cluster(args: argparse.Namespace) -> int:
     """Embedded servers (as `dev`), N nodes on the ports after --port, and nginx (or HAProxy)
     on --port in front of them; nodes whose /readyz fails are taken out of the rotation.
-    Ctrl-C drains the nodes and stops everything it started."""
-    from server.wiring.cluster import run_cluster
+    Ctrl-C drains the nodes and stops everything it started. `cluster add-node` and
+    `cluster remove-node` scale the cluster running from --data-dir."""
+    from server.wiring.cluster import run_cluster, scale
 
+    if args.action is not None:
+        _err(scale(_data_dir(args.data_dir), args.action))
+        return 0
     return run_cluster(
         _data_dir(args.data_dir),
         nodes=args.nodes,
@@ -266,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster = _command(
         sub, "cluster", "embedded servers, N nodes and a load balancer in front", cmd_cluster
+    )
+    cluster.add_argument(
+        "action",
+        nargs="?",
+        choices=("add-node", "remove-node"),
+        help="scale the cluster running from --data-dir: start one more node (in the "
+        "rotation once ready), or take the newest out of the rotation and drain it",
     )
     cluster.add_argument("--nodes", type=int, default=2, help="how many nodes to run (%(default)s)")
     cluster.add_argument(

@@ -14,16 +14,23 @@ reload, so a node that gets SIGTERM is out of the rotation before it stops liste
 HAProxy checks `/readyz` by itself.
 
 Ctrl-C (or SIGTERM) drains the nodes, then stops the balancer and the servers it started.
+
+While it runs, `finalmarket cluster add-node` / `remove-node` (SIGUSR1 / SIGUSR2 to the
+supervisor, whose pid and nodes are in `<data-dir>/cluster.json`) add a node on the next free
+port (in the rotation once ready) or retire the newest one: taken out of the rotation first,
+then drained (its cable clients reconnect through the balancer to the others).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +47,7 @@ from server.wiring.dev import (
     will_start_servers,
 )
 from server.wiring.edge import Upstream
+from server.wiring.infra.common import port_is_free
 from server.wiring.node import run_event_loop
 from server.wiring.settings import load_settings
 
@@ -52,6 +60,8 @@ READYZ_TIMEOUT_S = 2.0
 CLUSTER_DRAIN_DELAY_S = 4.0
 # A node's drain delay plus its shutdown timeout (10 s by default) and some slack.
 NODE_STOP_TIMEOUT_S = 30.0
+STATE_FILE = "cluster.json"
+SCALE_SIGNALS = {"add-node": signal.SIGUSR1, "remove-node": signal.SIGUSR2}
 _log = get_logger("finalmarket.cluster")
 
 
@@ -135,24 +145,128 @@ class ReadinessWatch:
         self.ready.update(changed)
         return changed
 
+    def add(self, address: str) -> None:
+        """Watch one more node (not ready until it answers)."""
+        self.ready[address] = False
+
+    def remove(self, address: str) -> None:
+        """Stop watching a node (it leaves the balancer's view)."""
+        self.ready.pop(address, None)
+
     def upstreams(self) -> list[Upstream]:
         """The balancer's view: every node, those not ready marked `down`."""
         return [Upstream(address, down=not ok) for address, ok in self.ready.items()]
 
 
-async def supervise(nodes: list[NodeProcess], balancer: Balancer, banner: str) -> None:
+class Scaling:
+    """Adds and retires nodes of a running cluster (the supervisor's SIGUSR1 and SIGUSR2), and
+    writes `cluster.json` (pid, nodes and whether each is ready) after every change."""
+
+    def __init__(
+        self, nodes: list[NodeProcess], state_path: Path, purge_url: str | None = None
+    ) -> None:
+        self.nodes = nodes
+        self.state_path = state_path
+        self.purge_url = purge_url
+        self.requests: list[str] = []
+        self.retiring: list[tuple[NodeProcess, asyncio.Future[int]]] = []
+
+    def next_port(self) -> int:
+        """The first free port after every node's."""
+        port = max(node.port for node in self.nodes) + 1
+        while not port_is_free(port):
+            port += 1
+        return port
+
+    def add(self, watch: ReadinessWatch) -> NodeProcess:
+        """Start a node; it joins the rotation once its /readyz answers 200."""
+        used = {node.node_id for node in self.nodes}
+        number = len(self.nodes) + 1
+        while f"node{number}" in used:
+            number += 1
+        node = start_node(f"node{number}", self.next_port(), self.purge_url)
+        self.nodes.append(node)
+        watch.add(node.address)
+        return node
+
+    def retire(self, watch: ReadinessWatch) -> NodeProcess | None:
+        """Take the newest node out of the rotation (the caller reloads the balancer), then
+        drain it in the background; None when it is the last one."""
+        if len(self.nodes) < 2:
+            _log.warning("remove_node_refused", reason="the last node stays")
+            return None
+        node = self.nodes.pop()
+        watch.remove(node.address)
+        return node
+
+    def drain(self, node: NodeProcess) -> None:
+        """SIGTERM a node the balancer no longer sends work to; wait for it off the loop."""
+        signal_child(node.proc, signal.SIGTERM)
+        waiting = asyncio.get_running_loop().run_in_executor(
+            None, wait_or_kill, node.proc, NODE_STOP_TIMEOUT_S
+        )
+        self.retiring.append((node, waiting))
+
+    def reap(self) -> None:
+        """Log the retired nodes that have exited."""
+        for node, waiting in list(self.retiring):
+            if waiting.done():
+                self.retiring.remove((node, waiting))
+                _log.info("node_stopped", node=node.node_id, exit_code=waiting.result())
+
+    def write_state(self, watch: ReadinessWatch) -> None:
+        """`cluster.json`: what `add-node` and `remove-node` read and wait on."""
+        state = {
+            "pid": os.getpid(),
+            "nodes": [
+                {
+                    "node": node.node_id,
+                    "address": node.address,
+                    "ready": watch.ready.get(node.address, False),
+                }
+                for node in self.nodes
+            ],
+            "retiring": [node.node_id for node, _ in self.retiring],
+        }
+        temporary = self.state_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(state))
+        temporary.replace(self.state_path)
+
+
+async def supervise(
+    nodes: list[NodeProcess], balancer: Balancer, banner: str, scaling: Scaling | None = None
+) -> None:
     """Start the balancer once every node is ready (printing `banner`), then keep its view of
-    `nodes` current until SIGINT or SIGTERM. Fails if the balancer dies, or a node exits
-    before it was ever ready (a port taken, bad settings)."""
+    `nodes` current until SIGINT or SIGTERM, adding and retiring nodes as `scaling` is asked.
+    Fails if the balancer dies, or a node exits before it was ever ready (a port taken, bad
+    settings)."""
     stop = asyncio.Event()
+    wake = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    if scaling is not None:
+
+        def asked(action: str) -> None:
+            scaling.requests.append(action)
+            wake.set()
+
+        for action, signum in SCALE_SIGNALS.items():
+            loop.add_signal_handler(signum, asked, action)
     watch = ReadinessWatch([node.address for node in nodes])
-    by_address = {node.address: node for node in nodes}
     try:
         while not stop.is_set():
-            changed = await watch.poll()
+            wake.clear()
+            retired: list[NodeProcess] = []
+            if scaling is not None and balancer.started:
+                while scaling.requests:
+                    if scaling.requests.pop(0) == "add-node":
+                        added = scaling.add(watch)
+                        _log.info("node_adding", node=added.node_id, address=added.address)
+                    elif (node := scaling.retire(watch)) is not None:
+                        retired.append(node)
+            by_address = {node.address: node for node in nodes}
+            changed = [c for c in await watch.poll() if c[0] in by_address]
             for address, ok in changed:
                 node = by_address[address]
                 node.was_ready |= ok
@@ -169,15 +283,63 @@ async def supervise(nodes: list[NodeProcess], balancer: Balancer, banner: str) -
                     _say(banner)
             elif (code := balancer.exit_code()) is not None:
                 raise infra.InfraError(f"{balancer.name} exited with {code}")
-            elif changed:
+            elif changed or retired:
                 balancer.apply(watch.upstreams())
                 down = [u.address for u in watch.upstreams() if u.down]
                 _log.info("balancer_reloaded", balancer=balancer.name, down=down)
+            if scaling is not None:
+                for node in retired:  # out of the rotation first, then drained
+                    _log.info("node_retiring", node=node.node_id, address=node.address)
+                    scaling.drain(node)
+                scaling.reap()
+                scaling.write_state(watch)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL_INTERVAL_S)
+                await asyncio.wait_for(_first(stop, wake), POLL_INTERVAL_S)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, *SCALE_SIGNALS.values()):
             loop.remove_signal_handler(signum)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Return when any of `events` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+
+
+def scale(data_dir: Path, action: str, timeout_s: float = 90.0) -> str:
+    """Ask the cluster running from `data_dir` to add or retire a node and wait until it has:
+    the added node ready, or the retired one gone. Returns a line saying what happened."""
+    state_path = data_dir / STATE_FILE
+    try:
+        before = json.loads(state_path.read_text())
+    except (OSError, ValueError):
+        raise infra.InfraError(f"no cluster is running from {data_dir} ({STATE_FILE})") from None
+    pid = int(before["pid"])
+    try:
+        os.kill(pid, SCALE_SIGNALS[action])
+    except ProcessLookupError:
+        raise infra.InfraError(f"the cluster of {data_dir} (pid {pid}) is not running") from None
+    known = {node["node"] for node in before["nodes"]}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        with contextlib.suppress(OSError, ValueError):
+            now = json.loads(state_path.read_text())
+            names = {node["node"] for node in now["nodes"]}
+            if action == "add-node":
+                new = [n for n in now["nodes"] if n["node"] not in known and n["ready"]]
+                if new:
+                    return f"added {new[0]['node']} at {new[0]['address']} (ready, in rotation)"
+            elif len(names) < len(known) and not now["retiring"]:
+                gone = ", ".join(sorted(known - names))
+                return f"removed {gone} (out of rotation, drained, stopped)"
+            elif len(known) < 2:
+                raise infra.InfraError("the last node of a cluster is not removed")
+    raise infra.InfraError(f"{action}: the cluster did not finish within {timeout_s:.0f} s")
 
 
 def stop_nodes(nodes: Sequence[NodeProcess]) -> None:
@@ -226,7 +388,13 @@ def run_cluster(
                 f"{nodes} node{'s' if nodes > 1 else ''}: {where}; Ctrl-C stops it)\n"
                 f"make an admin: {admin_command(data_dir if data_dir_flag else None)}"
             )
-            await supervise(children, balancer, banner)
+            scaling = Scaling(children, data_dir / STATE_FILE, purge_url)
+            try:
+                await supervise(children, balancer, banner, scaling)
+            finally:
+                (data_dir / STATE_FILE).unlink(missing_ok=True)
+                for node, waiting in scaling.retiring:
+                    _log.info("node_stopped", node=node.node_id, exit_code=await waiting)
 
         run_event_loop(main())
     finally:

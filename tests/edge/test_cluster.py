@@ -193,3 +193,37 @@ def test_a_missing_nginx_is_named_with_its_debian_packages(
     assert str(raised.value) == (
         "nginx is not installed (Debian: apt-get install nginx libnginx-mod-http-cache-purge)"
     )
+
+
+def test_a_node_is_added_and_removed_while_the_cluster_runs(cluster: Cluster) -> None:
+    """`cluster add-node` starts a third node, in the rotation once ready; `remove-node` takes
+    the newest out of the rotation before draining it, so requests streaming through nginx
+    meanwhile all get an answer, and afterwards only the first two answer."""
+    env = cli_env(cluster.data_dir.parent / "config")
+    added = run_cli("cluster", "add-node", "--data-dir", str(cluster.data_dir), env=env)
+    assert added.returncode == 0, added.stderr
+    assert "added node3 at 127.0.0.1:" in added.stderr, added.stderr
+    answered = {node_answering(cluster) for _ in range(30)}
+    assert answered == {"node1", "node2", "node3"}, answered
+
+    failures: list[str] = []
+    stop = False
+
+    def stream() -> None:
+        while not stop:
+            try:
+                node_answering(cluster, timeout=5.0)
+            except Exception as exc:  # any failure counts: none is expected
+                failures.append(repr(exc))
+
+    with ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(stream) for _ in range(4)]
+        removed = run_cli("cluster", "remove-node", "--data-dir", str(cluster.data_dir), env=env)
+        stop = True
+        for running in streams:
+            running.result()
+    assert removed.returncode == 0, removed.stderr
+    assert "removed node3" in removed.stderr, removed.stderr
+    assert failures == []
+    assert {node_answering(cluster) for _ in range(20)} == {"node1", "node2"}
+    cluster.wait_for_event("node_stopped", node="node3")
