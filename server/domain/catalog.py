@@ -696,7 +696,7 @@ class CatalogService:
         Returns `{product_id, stock}`. After the commit, the new count is announced on the
         product's cable stream (`{event: "stock", product_id, stock}`) and served by this
         node at once (other nodes within their `stock_fresh_s`). Cached product entries hold
-        no stock, so none is bumped. Raises `NotFound`, `OutOfStock` (kind `out-of-stock`,
+        no stock, so none is bumped. Raises `NotFound`, `StockWouldGoNegative` (kind `out-of-stock`,
         with `product_id` and `available`), `StockLimitExceeded` or `InvalidInput`.
         """
         check_product_id(product_id)

@@ -40,6 +40,22 @@ class OutOfStock(Conflict):
         )
 
 
+class StockWouldGoNegative(Conflict):
+    """An admin's stock change would take a product below zero (kind `out-of-stock`, as for a
+    buyer, but said as a stock change: nobody requested units)."""
+
+    kind = "out-of-stock"
+
+    def __init__(self, product_id: int, available: int, delta: int) -> None:
+        super().__init__(
+            f"product {product_id} has {available} in stock; a change of {delta} would take "
+            "it below zero",
+            product_id=str(product_id),
+            available=available,
+            delta=delta,
+        )
+
+
 class StockLimitExceeded(Conflict):
     """A change would take a product's stock above `MAX_STOCK`."""
 
@@ -98,7 +114,7 @@ async def change_stock(
 ) -> int:
     """Apply exactly one of `delta` / `set_to` in one conditional statement; the new count.
 
-    Raises `NotFound` (no such product), `OutOfStock` (would go below zero) or
+    Raises `NotFound` (no such product), `StockWouldGoNegative` (would go below zero) or
     `StockLimitExceeded` (would pass `MAX_STOCK`). The transaction has committed when this
     returns, so callers may announce the new count.
     """
@@ -124,4 +140,4 @@ async def change_stock(
         raise StockLimitExceeded(product_id, available, delta)
     if delta is None:  # `set` within bounds only fails for an unknown product
         raise NotFound(f"no product {product_id}", product_id=str(product_id))
-    raise OutOfStock(product_id, available, -delta)
+    raise StockWouldGoNegative(product_id, available, delta)

@@ -309,11 +309,17 @@ async def test_bad_inputs_get_precise_problems(
 
     out = await call(http_client, base_url + stock, "POST", {"delta": -11}, **admin)
     assert out.code == 409
-    assert {k: problem(out)[k] for k in ("type", "product_id", "available")} == {
+    assert {k: problem(out)[k] for k in ("type", "product_id", "available", "delta")} == {
         "type": "/problems/out-of-stock",
         "product_id": str(lamp),
         "available": 10,
+        "delta": -11,
     }
+    # Said as the admin's stock change, not as a buyer's request for units.
+    assert problem(out)["detail"] == (
+        f"product {lamp} has 10 in stock; a change of -11 would take it below zero"
+    )
+    assert "requested" not in problem(out)
     await call(http_client, base_url + stock, "POST", {"set": 10**6}, **admin)
     full = await call(http_client, base_url + stock, "POST", {"delta": 1}, **admin)
     assert full.code == 409 and problem(full)["type"] == "/problems/stock-limit"
