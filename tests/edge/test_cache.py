@@ -5,19 +5,13 @@ purges the storefront page that shows it (cached by its `s-maxage`)."""
 
 from __future__ import annotations
 
-import json
-import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.edge.conftest import Cluster, get, running_cluster
-from tests.helpers.processes import SECRET_KEY, cli_env, run_cli, server_settings
+from tests.helpers.cluster import Cluster, admin_token, get, running_cluster, send
 
 OPENAPI = "/api/v1/openapi.json"
 
@@ -66,49 +60,18 @@ def test_answers_for_a_signed_in_caller_are_not_cached(cluster: Cluster) -> None
     assert "HIT" not in (first[1].get("X-Cache"), second[1].get("X-Cache"))
 
 
-def _admin_token(cluster: Cluster, infra_env: dict[str, str], tmp_path: Path) -> str:
-    """An admin account made with the real CLI, signed in through the edge."""
-    email = f"edge-admin-{os.getpid()}-{time.monotonic_ns()}@example.com"
-    password = "a long passphrase"
-    (tmp_path / "config").mkdir(exist_ok=True)
-    env = cli_env(tmp_path / "config", {**server_settings(infra_env), "FM_SECRET_KEY": SECRET_KEY})
-    made = run_cli("users", "create", "--email", email, "--password", password, "--admin", env=env)
-    assert made.returncode == 0, made.stderr
-    credentials = {"email": email, "password": password}
-    status, body = _send(cluster, "POST", "/api/v1/sessions", credentials)
-    assert status == 200, body
-    return str(json.loads(body)["token"])
-
-
-def _send(
-    cluster: Cluster, method: str, path: str, body: Any, token: str | None = None
-) -> tuple[int, bytes]:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(
-        cluster.url(path), data=json.dumps(body).encode(), headers=headers, method=method
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read()
-
-
 def test_a_product_write_purges_its_page_from_the_edge(
     cluster: Cluster, infra_env: dict[str, str], tmp_path: Path
 ) -> None:
     """The storefront's product page is cached by its `s-maxage` (HIT while it lasts), and a
     price change through the API purges it (the nodes run `FM_EDGE_PURGE=nginx` against the
     cluster's nginx): the next view through the edge shows the new price, in every coding."""
-    token = _admin_token(cluster, infra_env, tmp_path)
+    token = admin_token(cluster, infra_env, tmp_path)
     path = "/products/1"
     for coding in ("br", "gzip", "identity"):
         assert _x_cache(cluster, path, coding) in ("MISS", "EXPIRED")
         assert _x_cache(cluster, path, coding) == "HIT"
-    status, body = _send(cluster, "PATCH", "/api/v1/products/1", {"price_cents": 98_765}, token)
+    status, body = send(cluster, "PATCH", "/api/v1/products/1", {"price_cents": 98_765}, token)
     assert status == 200, body
     deadline = time.monotonic() + 10
     while True:  # the purge leaves the node in the background, after the write's answer

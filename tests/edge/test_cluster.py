@@ -19,7 +19,7 @@ from server.wiring import balancer
 from server.wiring.cluster import ReadinessWatch
 from server.wiring.infra import InfraError
 from server.wiring.infra.common import port_is_free
-from tests.edge.conftest import Cluster, get, node_answering, require_balancer, running_cluster
+from tests.helpers.cluster import Cluster, get, node_answering, require_balancer, running_cluster
 from tests.helpers.deployment import run_in_private_loop
 from tests.helpers.processes import cli_env, run_cli
 

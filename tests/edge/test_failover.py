@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from server.wiring.services import Services
-from tests.edge.conftest import Cluster, running_cluster
 from tests.helpers.cable import CableClient, identifier, stock_event
+from tests.helpers.cluster import Cluster, running_cluster
 
 PRODUCT_ID = 1  # seeded by the cluster into the emptied catalog
 SUBSCRIBERS = 6

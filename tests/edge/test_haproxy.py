@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.edge.conftest import get, node_answering, running_cluster
+from tests.helpers.cluster import get, node_answering, running_cluster
 
 
 def test_requests_through_haproxy_keep_succeeding_while_a_node_stops(
