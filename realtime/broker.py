@@ -32,6 +32,7 @@ from typing import Any
 
 import msgpack
 
+from realtime.recovery import complete_run
 from server.adapters.pubsub import ResilientSubscription
 from server.adapters.sharded_pubsub import ShardedSubscription
 from server.common.logs import get_logger
@@ -260,9 +261,7 @@ class RedisBroker:
             (int(entry_id.split(b"-")[0]), msgpack.unpackb(fields[b"p"]))
             for entry_id, fields in entries
         ]
-        if len(found) != until - after:
-            return None
-        return found
+        return complete_run(found, after, until)
 
     async def history_since(self, stream: str, since_s: int, until: int) -> list[tuple[int, Any]]:
         """Messages with offsets up to `until` published at or after `since_s` (Unix seconds,

@@ -42,6 +42,15 @@ from realtime.connection import (
 from realtime.hub import Hub, stream_frame
 from realtime.limits import CableLimits
 from realtime.presence import PRESENCE_TTL_S, Presence
+from realtime.recovery import (
+    HISTORY_CONFIRMED,
+    HISTORY_REJECTED,
+    Arrival,
+    Step,
+    arrival,
+    plan_first_messages,
+    when_history_is_missing,
+)
 from realtime.watch import DEFAULT_MAX_PENDING, StreamWatch, WatchOverflow
 from server.adapters.db.router import ShardRouter
 from server.adapters.sessions import Session
@@ -60,10 +69,6 @@ RESTORE_HISTORY_WAIT_S = 5.0
 SESSION_LOAD_TIMEOUT_S = 2.0
 DEFAULT_SESSION_TTL_S = 300
 DEFAULT_PONG_TIMEOUT_S = 6.0
-
-# What a subscription's first messages answer to an extended `history` request.
-HISTORY_CONFIRMED = "confirmed"
-HISTORY_REJECTED = "rejected"
 
 
 @dataclass(slots=True)
@@ -538,67 +543,36 @@ class CableServer:
         history: HistoryRequest | None = None,
     ) -> tuple[list[StreamMessage], str | None]:
         """What a subscriber gets before live messages, up to the node's position, and the
-        answer to its extended `history` request (None when it made none).
-
-        With a position of the stream in `history`: the replay after it (confirmed), or, if
-        the epoch differs, the offset is ahead of the stream or history no longer reaches back
-        (rejected), the snapshot. With only `since`: the snapshot, or for a channel without
-        one the messages published since then (confirmed). Without `history`, the identifier's
-        `since`/`epoch` params (the plain protocols' recovery): a replay, else the snapshot.
-        """
+        answer to its extended `history` request (None when it made none), as
+        `realtime.recovery.plan_first_messages` decides from the positions: a replay from
+        history, the snapshot (also when history no longer reaches back), or nothing."""
         while True:
             position = self._positions.get(stream)
             if position is None:  # the stream was released meanwhile; start over
                 offset, epoch = await self.broker.position(stream)
                 position = _Position(offset, epoch)
             target, epoch = position.offset, position.epoch
-            if history is None:
-                outcome, replay = None, await self._replay_by_params(stream, params, target, epoch)
-            else:
-                outcome, replay = await self._replay_by_request(stream, history, target, epoch)
-            if replay is None:
+            plan = plan_first_messages(channel.recovery, stream, params, history, target, epoch)
+            replay: list[tuple[int, Any]] | None = None
+            if plan.step is Step.NOTHING:
+                replay = []
+            elif plan.step is Step.REPLAY:
+                replay = await self.broker.history_after(stream, plan.after, target)
+                if replay is None:
+                    plan = when_history_is_missing(plan)
+            if plan.step in (Step.SNAPSHOT, Step.SINCE):
                 snapshot = await channel.snapshot(params, user)
                 if snapshot is not None:
                     replay = [(target, snapshot)]
-                elif outcome == HISTORY_CONFIRMED and history and history.since is not None:
+                elif plan.step is Step.SINCE and history and history.since is not None:
                     replay = await self.broker.history_since(stream, history.since, target)
             messages = [
                 StreamMessage(stream, payload, offset, epoch) for offset, payload in replay or ()
             ]
             now = self._positions.get(stream)
             if now is None or (now.offset == target and now.epoch == epoch):
-                return messages, outcome
+                return messages, plan.outcome
             # The stream moved while we read: recompute so nothing between is lost.
-
-    async def _replay_by_params(
-        self, stream: str, params: dict[str, Any], target: int, epoch: str
-    ) -> list[tuple[int, Any]] | None:
-        """The replay the identifier's `since`/`epoch` params ask for; None: send a snapshot."""
-        since, client_epoch = params.get("since"), params.get("epoch")
-        if (
-            isinstance(since, int)
-            and not isinstance(since, bool)
-            and 0 <= since <= target
-            and client_epoch in (None, epoch)
-        ):
-            return await self.broker.history_after(stream, since, target)
-        return None
-
-    async def _replay_by_request(
-        self, stream: str, history: HistoryRequest, target: int, epoch: str
-    ) -> tuple[str, list[tuple[int, Any]] | None]:
-        """(answer, replay) for an extended `history` request; a confirmed answer without
-        replay means the snapshot stands for it (only `since` given, and the channel has one)."""
-        position = history.streams.get(stream)
-        if position is not None:
-            client_epoch, client_offset = position
-            if client_epoch != epoch or client_offset > target:
-                return HISTORY_REJECTED, None
-            replay = await self.broker.history_after(stream, client_offset, target)
-            return (HISTORY_REJECTED, None) if replay is None else (HISTORY_CONFIRMED, replay)
-        if history.since is None:
-            return HISTORY_REJECTED, None
-        return HISTORY_CONFIRMED, None
 
     def unsubscribe(self, conn: CableConnection, identifier: str) -> None:
         """Handle `unsubscribe` (also used when a connection goes away)."""
@@ -691,15 +665,15 @@ class CableServer:
         if waiting is not None:
             waiting.append(envelope)
             return
-        if envelope.epoch == position.epoch:
-            if envelope.offset <= position.offset:
-                return  # already delivered (replayed from history)
-            if envelope.offset == position.offset + 1:
-                position.offset = envelope.offset
-                self.hub.broadcast(
-                    stream, StreamMessage(stream, envelope.payload, envelope.offset, envelope.epoch)
-                )
-                return
+        seen = arrival(envelope.offset, envelope.epoch, position.offset, position.epoch)
+        if seen is Arrival.DELIVERED:
+            return  # already delivered (replayed from history)
+        if seen is Arrival.NEXT:
+            position.offset = envelope.offset
+            self.hub.broadcast(
+                stream, StreamMessage(stream, envelope.payload, envelope.offset, envelope.epoch)
+            )
+            return
         self._catching_up[stream] = [envelope]
         self._spawn(self._catch_up(stream))
 
