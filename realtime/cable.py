@@ -125,7 +125,8 @@ class CableServer:
         self.connections: dict[CableConnection, None] = {}
         self._per_ip: dict[str, int] = {}
         self._positions: dict[str, _Position] = {}
-        self._catching_up: dict[str, list[Envelope]] = {}
+        # streams whose catch-up task runs -> what waits for it (None: compare with Redis)
+        self._catching_up: dict[str, list[Envelope | None]] = {}
         self._following: dict[str, asyncio.Future[None]] = {}
         self._subscriptions: dict[tuple[str, str], Subscription] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -138,6 +139,8 @@ class CableServer:
         self._sessions_flush_scheduled = False
         self._pong_watch: dict[CableConnection, None] = {}  # extended clients sending pongs
         self.restored_sessions = 0
+        self.gaps_filled = 0  # live gaps filled from history (a lost message, a reconnect)
+        self.resyncs = 0  # live gaps history could not fill: fresh snapshots sent
         self.history_confirmed = 0
         self.history_rejected = 0
         self.refusals = 0
@@ -674,55 +677,85 @@ class CableServer:
                 stream, StreamMessage(stream, envelope.payload, envelope.offset, envelope.epoch)
             )
             return
-        self._catching_up[stream] = [envelope]
+        self._queue_catch_up(stream, envelope)
+
+    def _queue_catch_up(self, stream: str, item: Envelope | None) -> None:
+        """Hand `item` (an envelope past a gap, or None: compare with Redis' own position) to
+        the stream's catch-up task, starting one if none runs. One task per stream works
+        through its queue in order, so the fills of a lost message and of a reconnect can
+        never both send the same offsets; envelopes arriving meanwhile wait behind them."""
+        waiting = self._catching_up.get(stream)
+        if waiting is not None:
+            waiting.append(item)
+            return
+        self._catching_up[stream] = [item]
         self._spawn(self._catch_up(stream))
 
     async def _catch_up(self, stream: str) -> None:
-        """Fill a gap from history, or resynchronise subscribers with fresh snapshots."""
+        """Work through the stream's queue: before an envelope past a gap, the missed messages
+        from history, or when history cannot supply them (or the epoch changed), a fresh
+        snapshot for every subscriber; then the envelope. A None item (after a Redis
+        reconnect) brings subscribers up to Redis' position the same way."""
         try:
             while (waiting := self._catching_up.get(stream)) and (
                 position := self._positions.get(stream)
             ):
-                envelope = waiting[0]
-                if envelope.epoch == position.epoch and envelope.offset <= position.offset:
-                    waiting.pop(0)
-                    if not waiting:
-                        break
+                item = waiting.pop(0)
+                if item is None:
+                    offset, epoch = await self.broker.position(stream)
+                    position = self._positions.get(stream)
+                    if position is not None and (epoch, offset) != (
+                        position.epoch,
+                        position.offset,
+                    ):
+                        await self._fill(stream, position, offset, epoch)
                     continue
-                missed = None
-                if envelope.epoch == position.epoch:
-                    missed = await self.broker.history_after(
-                        stream, position.offset, envelope.offset - 1
-                    )
-                if missed is None:
-                    await self._resync(stream, envelope.offset, envelope.epoch)
-                else:
-                    for offset, payload in missed:
-                        self.hub.broadcast(
-                            stream, StreamMessage(stream, payload, offset, position.epoch)
-                        )
-                    position.offset = envelope.offset - 1
-                if (
-                    current := self._positions.get(stream)
-                ) is not None and envelope.offset > current.offset:
-                    current.offset, current.epoch = envelope.offset, envelope.epoch
+                seen = arrival(item.offset, item.epoch, position.offset, position.epoch)
+                if seen is Arrival.DELIVERED:
+                    continue
+                if seen is Arrival.GAP:
+                    await self._fill(stream, position, item.offset - 1, item.epoch)
+                current = self._positions.get(stream)
+                if current is not None and (
+                    arrival(item.offset, item.epoch, current.offset, current.epoch) is Arrival.NEXT
+                ):
+                    current.offset = item.offset
                     self.hub.broadcast(
-                        stream,
-                        StreamMessage(stream, envelope.payload, envelope.offset, envelope.epoch),
+                        stream, StreamMessage(stream, item.payload, item.offset, item.epoch)
                     )
-                waiting.pop(0)
-                if not waiting:
-                    break
         finally:
             self._catching_up.pop(stream, None)
 
+    async def _fill(self, stream: str, position: _Position, until: int, epoch: str) -> None:
+        """Bring the stream's subscribers from `position` to offset `until` of `epoch`: the
+        messages in between from history, in order, or if history no longer holds them all
+        (or the epoch is another: Redis lost the stream's data) a fresh snapshot at `until`."""
+        if epoch == position.epoch and until > position.offset:
+            missed = await self.broker.history_after(stream, position.offset, until)
+            if self._positions.get(stream) is not position:
+                return  # released meanwhile
+            if missed is not None:
+                self.gaps_filled += 1
+                for offset, payload in missed:
+                    self.hub.broadcast(stream, StreamMessage(stream, payload, offset, epoch))
+                position.offset = until
+                return
+        elif epoch == position.epoch:
+            return  # Redis is behind what was delivered: nothing is missing
+        await self._resync(stream, until + 1, epoch)
+
     async def _resync(self, stream: str, offset: int, epoch: str) -> None:
-        """History cannot fill the gap: send every subscriber a fresh snapshot."""
+        """History cannot fill the gap: send every subscriber a fresh snapshot at `offset - 1`
+        (of `epoch`: on the extended protocol the frame's epoch tells the client its old
+        position means nothing any more)."""
         position = self._positions.get(stream)
         if position is None:
             return
+        self.resyncs += 1
         position.offset, position.epoch = offset - 1, epoch
         _log.info("stream_resync", stream=stream, epoch=epoch, offset=offset - 1)
+        # Messages queued in the hub for this stream go out before the snapshots.
+        self.hub.flush()
         for identifier, codec, members in self.hub.each_group(stream):
             subscription = next(
                 (
@@ -743,28 +776,15 @@ class CableServer:
                 codec, identifier, StreamMessage(stream, snapshot, offset - 1, epoch)
             )
             for member in members:
+                if isinstance(member, CableConnection) and member.closing:
+                    continue
                 member.send(frame)
 
     async def _on_reconnect(self) -> None:
-        """Redis came back: compare every stream's position with what this node delivered."""
+        """Redis came back (messages published meanwhile were lost): every followed stream's
+        catch-up compares its position with what this node delivered, in its queue's order."""
         for stream in list(self._positions):
-            position = self._positions.get(stream)
-            if position is None:
-                continue
-            offset, epoch = await self.broker.position(stream)
-            if epoch != position.epoch or offset != position.offset:
-                if epoch != position.epoch:
-                    await self._resync(stream, offset + 1, epoch)
-                else:
-                    missed = await self.broker.history_after(stream, position.offset, offset)
-                    if missed is None:
-                        await self._resync(stream, offset + 1, epoch)
-                    else:
-                        for missed_offset, payload in missed:
-                            self.hub.broadcast(
-                                stream, StreamMessage(stream, payload, missed_offset, epoch)
-                            )
-                        position.offset = offset
+            self._queue_catch_up(stream, None)
 
     def pong_received(self, conn: CableConnection) -> None:
         """An extended client sent `pong`: from now on it must be heard from within the pong

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.netutil import bind_sockets
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from realtime.broker import PUBLISH_SCRIPT, stream_keys
 from server.adapters.http1 import HttpServerLike, make_http_server
 from server.wiring.app import make_app
 from server.wiring.infra import ValkeyServer
@@ -256,3 +258,42 @@ async def read_stocks(
         if message["event"] == "stock":
             stocks.append(message)
     return stocks, offsets
+
+
+async def publish_unheard(
+    redis: Any,
+    stream: str,
+    message: Any,
+    *,
+    history: bool = True,
+    kill_subscribers: bool = False,
+) -> int:
+    """Publish `message` on `stream` as a node does (the broker's own script: the next offset,
+    a history entry unless `history` is false) so that no node hears it, as when a pub/sub
+    delivery is lost. It goes to a channel nobody follows; or, with `kill_subscribers`, to the
+    stream's channel in one transaction after `CLIENT KILL TYPE pubsub`, so every node's pub/sub
+    connection is gone when it is published (they reconnect by themselves; use a Redis of the
+    test's own). Returns the message's offset."""
+    offset_key, history_key, epoch_key, channel = stream_keys(stream)
+    if not kill_subscribers:
+        channel = "{" + stream + "}:heard-by-nobody"
+    pipe = redis.pipeline(transaction=True)
+    if kill_subscribers:
+        pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    pipe.eval(
+        PUBLISH_SCRIPT,
+        4,
+        offset_key,
+        history_key,
+        epoch_key,
+        channel,
+        stream,
+        msgpack.packb(message),
+        secrets.token_hex(6),
+        100 if history else 0,
+        "test",
+        "PUBLISH",
+        300,
+    )
+    results = await pipe.execute()
+    return int(results[-1][0])
