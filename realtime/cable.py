@@ -430,7 +430,7 @@ class CableServer:
         subscription = self._shared_subscription(channel, identifier, stream, params)
         del conn.subscriptions[identifier]  # re-keyed by the shared identifier string
         conn.subscriptions[subscription.identifier] = subscription
-        self._join(conn, subscription, first, outcome, confirm=True)
+        self._join(conn, subscription, first, outcome, restored=False)
         self._session_changed(conn)
 
     def _join(
@@ -440,15 +440,19 @@ class CableServer:
         first: list[StreamMessage],
         outcome: str | None,
         *,
-        confirm: bool,
+        restored: bool,
     ) -> None:
         """Add `conn` to the subscription's stream and send what precedes the live messages:
-        the confirmation, then the snapshot or replay (with the history answer around it).
-        All in one loop step with the position check, so nothing is missed or repeated."""
+        the confirmation (not for a subscription restored from a session), then the snapshot
+        or replay (with the history answer around it). All in one loop step with the position
+        check, so nothing is missed or repeated. The channel hears of it through `joined`, or
+        for a restored subscription `restored`."""
         identifier, codec = subscription.identifier, conn.codec
         self.hub.add(subscription.stream, identifier, codec, conn)
-        subscription.channel.joined(subscription.params)
-        if confirm:
+        if restored:
+            subscription.channel.restored(subscription.params)
+        else:
+            subscription.channel.joined(subscription.params)
             conn.send_message(cable_codec.confirm(identifier))
         if outcome == HISTORY_REJECTED:
             self.history_rejected += 1
@@ -503,7 +507,7 @@ class CableServer:
         if conn.closing or conn.subscriptions.get(subscription.identifier) is not subscription:
             self._release_stream_if_unused(stream)
             return
-        self._join(conn, subscription, first, outcome, confirm=False)
+        self._join(conn, subscription, first, outcome, restored=True)
 
     def _shared_subscription(
         self, channel: Channel, identifier: str, stream: str, params: dict[str, Any]

@@ -69,10 +69,20 @@ class Channel:
         return frozenset()
 
     def joined(self, params: dict[str, Any]) -> None:
-        """Invoked when a subscription starts receiving its stream."""
+        """Invoked when a new subscription (a `subscribe` this channel authorised) starts
+        receiving its stream on this node."""
+
+    def restored(self, params: dict[str, Any]) -> None:
+        """Invoked instead of `joined` when a subscription that came back with its session
+        (the extended protocol's restore: no `subscribe`, no authorisation run again, possibly
+        on another node than the one it was made on) starts receiving its stream here, once
+        the client's `history` command has been answered. Override it to redo what `joined`
+        does that the restored subscription needs (AnyCable runs nothing on a restore, its
+        issue 208): a channel whose `left` undoes something of `joined` must."""
 
     def left(self, params: dict[str, Any]) -> None:
-        """Invoked when a subscription ends (unsubscribe or connection gone)."""
+        """Invoked when a subscription that `joined` or was `restored` ends (unsubscribe or
+        connection gone)."""
 
 
 def product_id_param(params: dict[str, Any]) -> int:
@@ -100,6 +110,10 @@ class InventoryChannel(Channel):
         self.presence = presence
 
     def joined(self, params: dict[str, Any]) -> None:
+        self.presence.viewer_joined(product_id_param(params))
+
+    def restored(self, params: dict[str, Any]) -> None:
+        # A viewer back from a tunnel (its `left` ran when the connection went) counts again.
         self.presence.viewer_joined(product_id_param(params))
 
     def left(self, params: dict[str, Any]) -> None:

@@ -260,6 +260,22 @@ async def read_stocks(
     return stocks, offsets
 
 
+async def until_viewers(
+    client: CableClient, ident: str, viewers: int, timeout: float = 10.0
+) -> dict[str, Any]:
+    """Read `ident`'s frames until a presence message with `viewers` arrives."""
+    while True:
+        frame = await client.read(timeout)
+        assert frame is not None and frame.get("identifier") == ident, frame
+        message = frame.get("message")  # none in confirm_history and the like
+        if (
+            isinstance(message, dict)
+            and message.get("event") == "presence"
+            and (message["viewers"] == viewers)
+        ):
+            return message  # type: ignore[no-any-return]
+
+
 async def publish_unheard(
     redis: Any,
     stream: str,

@@ -24,6 +24,7 @@ from tests.helpers.cable import (
     ExtraNode,
     identifier,
     stock_event,
+    until_viewers,
 )
 from tests.helpers.commerce import make_user
 from tests.helpers.deployment import make_settings
@@ -230,6 +231,43 @@ class TestRestore:
         assert node_c.services.cable.restored_sessions == 1
         assert node_c.services.cable.history_confirmed == 1
         await node_c.stop()
+
+    @pytest.mark.gen_test(timeout=60)
+    async def test_a_restored_viewer_counts_again_in_presence_through_the_restored_hook(
+        self,
+        services: Services,
+        settings: Settings,
+        node_b: ExtraNode,
+        product_id: int,
+        http_server: Any,
+        http_port: int,
+    ) -> None:
+        # AnyCable runs nothing on a restore (its issue 208), so a presence count kept in
+        # `subscribed` forgets a viewer back from a tunnel; InventoryChannel's `restored`
+        # counts it again, once (a count of 3 here would mean `joined` ran as well).
+        ident = identifier("InventoryChannel", product_id=product_id)
+        watcher = await CableClient.connect(f"ws://127.0.0.1:{http_port}/cable")
+        await watcher.subscribe(ident)
+        viewer, welcome = await CableClient.connect_ext(node_b.url("/cable"))
+        seen = await subscribed(viewer, ident)
+        await until_viewers(watcher, ident, 2)
+        viewer.close()
+        await until_viewers(watcher, ident, 1)
+        await _wait_for_session(services, welcome["sid"])
+        node_c = await ExtraNode.start(settings, "node-c")
+        try:
+            back, again = await CableClient.connect_ext(node_c.url(f"/cable?sid={welcome['sid']}"))
+            assert again["restored_ids"] == [ident]
+            position = {seen["stream_id"]: {"epoch": seen["epoch"], "offset": seen["offset"]}}
+            history = {"since": False, "streams": position}
+            await back.send({"command": "history", "identifier": ident, "history": history})
+            await until_viewers(watcher, ident, 2)
+            assert (await until_viewers(back, ident, 2))["product_id"] == str(product_id)
+            back.close()
+            await until_viewers(watcher, ident, 1)  # `left` undoes `restored`
+        finally:
+            await node_c.stop()
+        watcher.close()
 
     @pytest.mark.gen_test(timeout=30)
     async def test_a_session_is_not_restored_for_another_user(
