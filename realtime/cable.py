@@ -46,8 +46,10 @@ from realtime.recovery import (
     HISTORY_CONFIRMED,
     HISTORY_REJECTED,
     Arrival,
+    Gap,
     Step,
     arrival,
+    gap_step,
     plan_first_messages,
     when_history_is_missing,
 )
@@ -734,7 +736,10 @@ class CableServer:
         """Bring the stream's subscribers from `position` to offset `until` of `epoch`: the
         messages in between from history, in order, or if history no longer holds them all
         (or the epoch is another: Redis lost the stream's data) a fresh snapshot at `until`."""
-        if epoch == position.epoch and until > position.offset:
+        step = gap_step(position.offset, position.epoch, until, epoch)
+        if step is Gap.NONE:
+            return
+        if step is Gap.FROM_HISTORY:
             missed = await self.broker.history_after(stream, position.offset, until)
             if self._positions.get(stream) is not position:
                 return  # released meanwhile
@@ -744,8 +749,6 @@ class CableServer:
                     self.hub.broadcast(stream, StreamMessage(stream, payload, offset, epoch))
                 position.offset = until
                 return
-        elif epoch == position.epoch:
-            return  # Redis is behind what was delivered: nothing is missing
         await self._resync(stream, until + 1, epoch)
 
     async def _resync(self, stream: str, offset: int, epoch: str) -> None:

@@ -141,3 +141,21 @@ def arrival(offset: int, epoch: str, delivered_offset: int, delivered_epoch: str
     if offset == delivered_offset + 1:
         return Arrival.NEXT
     return Arrival.GAP
+
+
+class Gap(Enum):
+    """How a node brings a stream's subscribers from what it delivered to a later position."""
+
+    NONE = "none"  # nothing is missing (Redis is not ahead of what was delivered)
+    FROM_HISTORY = "from_history"  # the messages in between, if history still holds them all
+    RESYNC = "resync"  # another epoch: the stream's data was lost; a fresh state at the target
+
+
+def gap_step(delivered_offset: int, delivered_epoch: str, until: int, epoch: str) -> Gap:
+    """What fills the way from (`delivered_offset`, `delivered_epoch`) to offset `until` of
+    `epoch` (when FROM_HISTORY finds history incomplete, RESYNC too)."""
+    if epoch != delivered_epoch:
+        return Gap.RESYNC
+    if until > delivered_offset:
+        return Gap.FROM_HISTORY
+    return Gap.NONE
