@@ -98,7 +98,8 @@ class CableClient:
 
 class TcpProxy:
     """A TCP proxy a test controls, standing between a client and a node like a train tunnel:
-    `cut()` drops every connection through it at once and refuses new ones until `mend()`;
+    `cut()` drops every connection through it at once and refuses new ones until `mend()`
+    (`hold()` only refuses new ones);
     `upstream` (a port on 127.0.0.1) may be changed meanwhile, so the client comes back to
     another node."""
 
@@ -161,6 +162,11 @@ class TcpProxy:
         self._cut = True
         for pair in list(self._pairs):
             self._drop(pair)
+
+    def hold(self) -> None:
+        """Refuse new connections but keep the open ones (what a node says on them, e.g. a
+        drain's `disconnect`, still reaches the client)."""
+        self._cut = True
 
     def mend(self) -> None:
         """Let connections through again."""

@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from server.wiring.node import Node
 from server.wiring.services import Services
 from server.wiring.settings import Settings
 from tests.helpers.cable import ExtraNode, TcpProxy
@@ -104,12 +105,18 @@ def proxy(io_loop: Any, node_b: ExtraNode) -> Iterator[TcpProxy]:
 
 
 async def run_tunnel(
-    services: Services, proxy: TcpProxy, product_id: int, *, to_node: int | None = None
+    services: Services,
+    proxy: TcpProxy,
+    product_id: int,
+    *,
+    to_node: int | None = None,
+    leave: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[JsClient, list[Event], list[Event], Event]:
-    """Subscribe through the proxy, cut it, change the cart 5 times and the stock 5 times on
-    node A, mend it (towards `to_node`'s port if given) and wait until the client has caught
-    up and seen one more live cart change. Returns the client, the events before the cut, the
-    events after it, and the last cart message before the cut."""
+    """Subscribe through the proxy, cut it (or run `leave`, which must end the client's
+    connection), change the cart 5 times and the stock 5 times on node A, mend it (towards
+    `to_node`'s port if given) and wait until the client has caught up and seen one more live
+    cart change. Returns the client, the events before the cut, the events after it, and the
+    last cart message before the cut."""
     user_id, token = await make_user(services, "ada@example.com")
     client = await JsClient.start(
         proxy.url(f"/cable?token={token}"),
@@ -123,7 +130,10 @@ async def run_tunnel(
     last_cart = messages(before, CART, "cart")[-1]
     assert last_cart["meta"]["stream"] == f"cart:user:{user_id}"
 
-    proxy.cut()
+    if leave is None:
+        proxy.cut()
+    else:
+        await leave()
     await client.until(
         lambda ev: any(e.get("type") == "disconnect" for e in since(ev, len(before)))
     )
@@ -223,6 +233,56 @@ class TestRestore:
             await client.stop()
         finally:
             await node_c.stop()
+
+
+class TestDrain:
+    """Node B drains (the SIGTERM sequence of `server.wiring.node.Node.shutdown`) while the
+    client is subscribed through the proxy: `disconnect {reason: "server_restart", reconnect:
+    true}` reaches it, so it drops its sid (a restart means no restore), comes back to node A
+    and resubscribes with history."""
+
+    @pytest.mark.gen_test(timeout=90)
+    async def test_a_drained_node_s_client_recovers_on_the_other_node(
+        self,
+        services: Services,
+        settings: Settings,
+        product_id: int,
+        http_server: Any,
+        http_port: int,
+    ) -> None:
+        node_settings = settings.model_copy(
+            update={"node_id": "node-b", "host": "127.0.0.1", "port": 0, "drain_delay_s": 0.1}
+        )
+        node_b = Node(await Services.open(node_settings))
+        node_b.services.start()
+        proxy = await TcpProxy(await node_b.listen()).start()
+        stopped = False
+
+        async def drain_node_b() -> None:
+            nonlocal stopped
+            proxy.hold()  # the drain's disconnect gets through; the way back opens later
+            await node_b.shutdown()
+            stopped = True
+
+        try:
+            client, _before, after, last_cart = await run_tunnel(
+                services, proxy, product_id, to_node=http_port, leave=drain_node_b
+            )
+            try:
+                assert_exactly_the_missed_states(after, last_cart)
+                assert frames_of_type(client.events, "disconnect") == [
+                    {"type": "disconnect", "reason": "server_restart", "reconnect": True}
+                ]
+                (welcome,) = frames_of_type(after, "welcome")
+                assert "restored" not in welcome  # no sid sent: it resubscribed
+                assert len(frames_of_type(after, "confirm_subscription")) == 2
+                assert len(services.cable.connections) == 1  # on node A now
+            finally:
+                await client.stop()
+        finally:
+            await proxy.stop()
+            if not stopped:
+                await node_b.shutdown()
 
 
 class TestTrimmedHistory:
