@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("clean_data")
 CHANGES = 5  # while the client is away; the product starts with 10 units
 
 
-async def _settled_position(services: Services, stream: str, quiet_s: float = 1.5) -> int:
+async def _settled_position(services: Services, stream: str, quiet_s: float = 2.0) -> int:
     """The stream's offset once it has not moved for `quiet_s` (viewer counts trail a
     connection's going by up to a presence period)."""
     offset, _epoch = await services.cable.broker.position(stream)
