@@ -32,6 +32,7 @@ from typing import Any
 
 import msgpack
 
+from realtime.recovery import complete_run
 from server.adapters.pubsub import ResilientSubscription
 from server.adapters.sharded_pubsub import ShardedSubscription
 from server.common.logs import get_logger
@@ -41,7 +42,10 @@ _log = get_logger("finalmarket.broker")
 DEFAULT_HISTORY_MAXLEN = 100
 DEFAULT_HISTORY_TTL_S = 300
 
-_PUBLISH = """
+# The publish, atomically. KEYS: offset, history, epoch, channel (`stream_keys`). ARGV: stream,
+# msgpack payload, epoch to create if the stream has none, history limit (0: no history entry),
+# origin node, PUBLISH or SPUBLISH, history TTL in seconds (0: none). Returns {offset, epoch}.
+PUBLISH_SCRIPT = """
 local epoch = redis.call('GET', KEYS[3])
 if not epoch then
   epoch = ARGV[3]
@@ -131,7 +135,7 @@ class RedisBroker:
         self._on_reconnect = on_reconnect
         self._history_maxlen = history_maxlen
         self._history_ttl_s = history_ttl_s
-        self._publish = redis.register_script(_PUBLISH)
+        self._publish = redis.register_script(PUBLISH_SCRIPT)
         self._outbox: list[tuple[tuple[list[str], list[Any]], asyncio.Future[Any]]] = []
         self._drainer: asyncio.Task[None] | None = None
         self._position = redis.register_script(_POSITION)
@@ -260,9 +264,7 @@ class RedisBroker:
             (int(entry_id.split(b"-")[0]), msgpack.unpackb(fields[b"p"]))
             for entry_id, fields in entries
         ]
-        if len(found) != until - after:
-            return None
-        return found
+        return complete_run(found, after, until)
 
     async def history_since(self, stream: str, since_s: int, until: int) -> list[tuple[int, Any]]:
         """Messages with offsets up to `until` published at or after `since_s` (Unix seconds,

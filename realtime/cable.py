@@ -42,6 +42,17 @@ from realtime.connection import (
 from realtime.hub import Hub, stream_frame
 from realtime.limits import CableLimits
 from realtime.presence import PRESENCE_TTL_S, Presence
+from realtime.recovery import (
+    HISTORY_CONFIRMED,
+    HISTORY_REJECTED,
+    Arrival,
+    Gap,
+    Step,
+    arrival,
+    gap_step,
+    plan_first_messages,
+    when_history_is_missing,
+)
 from realtime.watch import DEFAULT_MAX_PENDING, StreamWatch, WatchOverflow
 from server.adapters.db.router import ShardRouter
 from server.adapters.sessions import Session
@@ -60,10 +71,6 @@ RESTORE_HISTORY_WAIT_S = 5.0
 SESSION_LOAD_TIMEOUT_S = 2.0
 DEFAULT_SESSION_TTL_S = 300
 DEFAULT_PONG_TIMEOUT_S = 6.0
-
-# What a subscription's first messages answer to an extended `history` request.
-HISTORY_CONFIRMED = "confirmed"
-HISTORY_REJECTED = "rejected"
 
 
 @dataclass(slots=True)
@@ -120,7 +127,8 @@ class CableServer:
         self.connections: dict[CableConnection, None] = {}
         self._per_ip: dict[str, int] = {}
         self._positions: dict[str, _Position] = {}
-        self._catching_up: dict[str, list[Envelope]] = {}
+        # streams whose catch-up task runs -> what waits for it (None: compare with Redis)
+        self._catching_up: dict[str, list[Envelope | None]] = {}
         self._following: dict[str, asyncio.Future[None]] = {}
         self._subscriptions: dict[tuple[str, str], Subscription] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -133,6 +141,8 @@ class CableServer:
         self._sessions_flush_scheduled = False
         self._pong_watch: dict[CableConnection, None] = {}  # extended clients sending pongs
         self.restored_sessions = 0
+        self.gaps_filled = 0  # live gaps filled from history (a lost message, a reconnect)
+        self.resyncs = 0  # live gaps history could not fill: fresh snapshots sent
         self.history_confirmed = 0
         self.history_rejected = 0
         self.refusals = 0
@@ -422,7 +432,7 @@ class CableServer:
         subscription = self._shared_subscription(channel, identifier, stream, params)
         del conn.subscriptions[identifier]  # re-keyed by the shared identifier string
         conn.subscriptions[subscription.identifier] = subscription
-        self._join(conn, subscription, first, outcome, confirm=True)
+        self._join(conn, subscription, first, outcome, restored=False)
         self._session_changed(conn)
 
     def _join(
@@ -432,15 +442,19 @@ class CableServer:
         first: list[StreamMessage],
         outcome: str | None,
         *,
-        confirm: bool,
+        restored: bool,
     ) -> None:
         """Add `conn` to the subscription's stream and send what precedes the live messages:
-        the confirmation, then the snapshot or replay (with the history answer around it).
-        All in one loop step with the position check, so nothing is missed or repeated."""
+        the confirmation (not for a subscription restored from a session), then the snapshot
+        or replay (with the history answer around it). All in one loop step with the position
+        check, so nothing is missed or repeated. The channel hears of it through `joined`, or
+        for a restored subscription `restored`."""
         identifier, codec = subscription.identifier, conn.codec
         self.hub.add(subscription.stream, identifier, codec, conn)
-        subscription.channel.joined(subscription.params)
-        if confirm:
+        if restored:
+            subscription.channel.restored(subscription.params)
+        else:
+            subscription.channel.joined(subscription.params)
             conn.send_message(cable_codec.confirm(identifier))
         if outcome == HISTORY_REJECTED:
             self.history_rejected += 1
@@ -495,7 +509,7 @@ class CableServer:
         if conn.closing or conn.subscriptions.get(subscription.identifier) is not subscription:
             self._release_stream_if_unused(stream)
             return
-        self._join(conn, subscription, first, outcome, confirm=False)
+        self._join(conn, subscription, first, outcome, restored=True)
 
     def _shared_subscription(
         self, channel: Channel, identifier: str, stream: str, params: dict[str, Any]
@@ -538,67 +552,36 @@ class CableServer:
         history: HistoryRequest | None = None,
     ) -> tuple[list[StreamMessage], str | None]:
         """What a subscriber gets before live messages, up to the node's position, and the
-        answer to its extended `history` request (None when it made none).
-
-        With a position of the stream in `history`: the replay after it (confirmed), or, if
-        the epoch differs, the offset is ahead of the stream or history no longer reaches back
-        (rejected), the snapshot. With only `since`: the snapshot, or for a channel without
-        one the messages published since then (confirmed). Without `history`, the identifier's
-        `since`/`epoch` params (the plain protocols' recovery): a replay, else the snapshot.
-        """
+        answer to its extended `history` request (None when it made none), as
+        `realtime.recovery.plan_first_messages` decides from the positions: a replay from
+        history, the snapshot (also when history no longer reaches back), or nothing."""
         while True:
             position = self._positions.get(stream)
             if position is None:  # the stream was released meanwhile; start over
                 offset, epoch = await self.broker.position(stream)
                 position = _Position(offset, epoch)
             target, epoch = position.offset, position.epoch
-            if history is None:
-                outcome, replay = None, await self._replay_by_params(stream, params, target, epoch)
-            else:
-                outcome, replay = await self._replay_by_request(stream, history, target, epoch)
-            if replay is None:
+            plan = plan_first_messages(channel.recovery, stream, params, history, target, epoch)
+            replay: list[tuple[int, Any]] | None = None
+            if plan.step is Step.NOTHING:
+                replay = []
+            elif plan.step is Step.REPLAY:
+                replay = await self.broker.history_after(stream, plan.after, target)
+                if replay is None:
+                    plan = when_history_is_missing(plan)
+            if plan.step in (Step.SNAPSHOT, Step.SINCE):
                 snapshot = await channel.snapshot(params, user)
                 if snapshot is not None:
                     replay = [(target, snapshot)]
-                elif outcome == HISTORY_CONFIRMED and history and history.since is not None:
+                elif plan.step is Step.SINCE and history and history.since is not None:
                     replay = await self.broker.history_since(stream, history.since, target)
             messages = [
                 StreamMessage(stream, payload, offset, epoch) for offset, payload in replay or ()
             ]
             now = self._positions.get(stream)
             if now is None or (now.offset == target and now.epoch == epoch):
-                return messages, outcome
+                return messages, plan.outcome
             # The stream moved while we read: recompute so nothing between is lost.
-
-    async def _replay_by_params(
-        self, stream: str, params: dict[str, Any], target: int, epoch: str
-    ) -> list[tuple[int, Any]] | None:
-        """The replay the identifier's `since`/`epoch` params ask for; None: send a snapshot."""
-        since, client_epoch = params.get("since"), params.get("epoch")
-        if (
-            isinstance(since, int)
-            and not isinstance(since, bool)
-            and 0 <= since <= target
-            and client_epoch in (None, epoch)
-        ):
-            return await self.broker.history_after(stream, since, target)
-        return None
-
-    async def _replay_by_request(
-        self, stream: str, history: HistoryRequest, target: int, epoch: str
-    ) -> tuple[str, list[tuple[int, Any]] | None]:
-        """(answer, replay) for an extended `history` request; a confirmed answer without
-        replay means the snapshot stands for it (only `since` given, and the channel has one)."""
-        position = history.streams.get(stream)
-        if position is not None:
-            client_epoch, client_offset = position
-            if client_epoch != epoch or client_offset > target:
-                return HISTORY_REJECTED, None
-            replay = await self.broker.history_after(stream, client_offset, target)
-            return (HISTORY_REJECTED, None) if replay is None else (HISTORY_CONFIRMED, replay)
-        if history.since is None:
-            return HISTORY_REJECTED, None
-        return HISTORY_CONFIRMED, None
 
     def unsubscribe(self, conn: CableConnection, identifier: str) -> None:
         """Handle `unsubscribe` (also used when a connection goes away)."""
@@ -691,64 +674,95 @@ class CableServer:
         if waiting is not None:
             waiting.append(envelope)
             return
-        if envelope.epoch == position.epoch:
-            if envelope.offset <= position.offset:
-                return  # already delivered (replayed from history)
-            if envelope.offset == position.offset + 1:
-                position.offset = envelope.offset
-                self.hub.broadcast(
-                    stream, StreamMessage(stream, envelope.payload, envelope.offset, envelope.epoch)
-                )
-                return
-        self._catching_up[stream] = [envelope]
+        seen = arrival(envelope.offset, envelope.epoch, position.offset, position.epoch)
+        if seen is Arrival.DELIVERED:
+            return  # already delivered (replayed from history)
+        if seen is Arrival.NEXT:
+            position.offset = envelope.offset
+            self.hub.broadcast(
+                stream, StreamMessage(stream, envelope.payload, envelope.offset, envelope.epoch)
+            )
+            return
+        self._queue_catch_up(stream, envelope)
+
+    def _queue_catch_up(self, stream: str, item: Envelope | None) -> None:
+        """Hand `item` (an envelope past a gap, or None: compare with Redis' own position) to
+        the stream's catch-up task, starting one if none runs. One task per stream works
+        through its queue in order, so the fills of a lost message and of a reconnect can
+        never both send the same offsets; envelopes arriving meanwhile wait behind them."""
+        waiting = self._catching_up.get(stream)
+        if waiting is not None:
+            waiting.append(item)
+            return
+        self._catching_up[stream] = [item]
         self._spawn(self._catch_up(stream))
 
     async def _catch_up(self, stream: str) -> None:
-        """Fill a gap from history, or resynchronise subscribers with fresh snapshots."""
+        """Work through the stream's queue: before an envelope past a gap, the missed messages
+        from history, or when history cannot supply them (or the epoch changed), a fresh
+        snapshot for every subscriber; then the envelope. A None item (after a Redis
+        reconnect) brings subscribers up to Redis' position the same way."""
         try:
             while (waiting := self._catching_up.get(stream)) and (
                 position := self._positions.get(stream)
             ):
-                envelope = waiting[0]
-                if envelope.epoch == position.epoch and envelope.offset <= position.offset:
-                    waiting.pop(0)
-                    if not waiting:
-                        break
+                item = waiting.pop(0)
+                if item is None:
+                    offset, epoch = await self.broker.position(stream)
+                    position = self._positions.get(stream)
+                    if position is not None and (epoch, offset) != (
+                        position.epoch,
+                        position.offset,
+                    ):
+                        await self._fill(stream, position, offset, epoch)
                     continue
-                missed = None
-                if envelope.epoch == position.epoch:
-                    missed = await self.broker.history_after(
-                        stream, position.offset, envelope.offset - 1
-                    )
-                if missed is None:
-                    await self._resync(stream, envelope.offset, envelope.epoch)
-                else:
-                    for offset, payload in missed:
-                        self.hub.broadcast(
-                            stream, StreamMessage(stream, payload, offset, position.epoch)
-                        )
-                    position.offset = envelope.offset - 1
-                if (
-                    current := self._positions.get(stream)
-                ) is not None and envelope.offset > current.offset:
-                    current.offset, current.epoch = envelope.offset, envelope.epoch
+                seen = arrival(item.offset, item.epoch, position.offset, position.epoch)
+                if seen is Arrival.DELIVERED:
+                    continue
+                if seen is Arrival.GAP:
+                    await self._fill(stream, position, item.offset - 1, item.epoch)
+                current = self._positions.get(stream)
+                if current is not None and (
+                    arrival(item.offset, item.epoch, current.offset, current.epoch) is Arrival.NEXT
+                ):
+                    current.offset = item.offset
                     self.hub.broadcast(
-                        stream,
-                        StreamMessage(stream, envelope.payload, envelope.offset, envelope.epoch),
+                        stream, StreamMessage(stream, item.payload, item.offset, item.epoch)
                     )
-                waiting.pop(0)
-                if not waiting:
-                    break
         finally:
             self._catching_up.pop(stream, None)
 
+    async def _fill(self, stream: str, position: _Position, until: int, epoch: str) -> None:
+        """Bring the stream's subscribers from `position` to offset `until` of `epoch`: the
+        messages in between from history, in order, or if history no longer holds them all
+        (or the epoch is another: Redis lost the stream's data) a fresh snapshot at `until`."""
+        step = gap_step(position.offset, position.epoch, until, epoch)
+        if step is Gap.NONE:
+            return
+        if step is Gap.FROM_HISTORY:
+            missed = await self.broker.history_after(stream, position.offset, until)
+            if self._positions.get(stream) is not position:
+                return  # released meanwhile
+            if missed is not None:
+                self.gaps_filled += 1
+                for offset, payload in missed:
+                    self.hub.broadcast(stream, StreamMessage(stream, payload, offset, epoch))
+                position.offset = until
+                return
+        await self._resync(stream, until + 1, epoch)
+
     async def _resync(self, stream: str, offset: int, epoch: str) -> None:
-        """History cannot fill the gap: send every subscriber a fresh snapshot."""
+        """History cannot fill the gap: send every subscriber a fresh snapshot at `offset - 1`
+        (of `epoch`: on the extended protocol the frame's epoch tells the client its old
+        position means nothing any more)."""
         position = self._positions.get(stream)
         if position is None:
             return
+        self.resyncs += 1
         position.offset, position.epoch = offset - 1, epoch
         _log.info("stream_resync", stream=stream, epoch=epoch, offset=offset - 1)
+        # Messages queued in the hub for this stream go out before the snapshots.
+        self.hub.flush()
         for identifier, codec, members in self.hub.each_group(stream):
             subscription = next(
                 (
@@ -769,28 +783,15 @@ class CableServer:
                 codec, identifier, StreamMessage(stream, snapshot, offset - 1, epoch)
             )
             for member in members:
+                if isinstance(member, CableConnection) and member.closing:
+                    continue
                 member.send(frame)
 
     async def _on_reconnect(self) -> None:
-        """Redis came back: compare every stream's position with what this node delivered."""
+        """Redis came back (messages published meanwhile were lost): every followed stream's
+        catch-up compares its position with what this node delivered, in its queue's order."""
         for stream in list(self._positions):
-            position = self._positions.get(stream)
-            if position is None:
-                continue
-            offset, epoch = await self.broker.position(stream)
-            if epoch != position.epoch or offset != position.offset:
-                if epoch != position.epoch:
-                    await self._resync(stream, offset + 1, epoch)
-                else:
-                    missed = await self.broker.history_after(stream, position.offset, offset)
-                    if missed is None:
-                        await self._resync(stream, offset + 1, epoch)
-                    else:
-                        for missed_offset, payload in missed:
-                            self.hub.broadcast(
-                                stream, StreamMessage(stream, payload, missed_offset, epoch)
-                            )
-                        position.offset = offset
+            self._queue_catch_up(stream, None)
 
     def pong_received(self, conn: CableConnection) -> None:
         """An extended client sent `pong`: from now on it must be heard from within the pong

@@ -1,8 +1,9 @@
 """Channels: small declarative classes that turn subscription params into one stream.
 
 A channel authorises a subscription (`stream_for` raises `Reject`), gives the subscriber its
-first message (`snapshot`: the current state, so a client never shows a stale count) and
-handles the actions a client performs. Channels are shared by all connections and keep no
+first message (`snapshot`: the current state, so a client never shows a stale count), declares
+what its stream's recovery needs (`recovery`: every missed message, or only the latest value)
+and handles the actions a client performs. Channels are shared by all connections and keep no
 per-connection state.
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from realtime.presence import Presence
+from realtime.recovery import Recovery
 from server.adapters.db.router import ShardRouter
 from server.adapters.sessions import Session
 from server.domain.carts import cart_view
@@ -47,6 +49,9 @@ class Channel:
 
     name: ClassVar[str]
     keeps_history: ClassVar[bool] = True
+    # What a client that was away needs: every message it missed (replayed from history), or
+    # for a stream whose newest state supersedes the rest, that state alone (`snapshot`).
+    recovery: ClassVar[Recovery] = Recovery.EVERY_MESSAGE
 
     def __init__(self, router: ShardRouter) -> None:
         self.router = router
@@ -64,10 +69,20 @@ class Channel:
         return frozenset()
 
     def joined(self, params: dict[str, Any]) -> None:
-        """Invoked when a subscription starts receiving its stream."""
+        """Invoked when a new subscription (a `subscribe` this channel authorised) starts
+        receiving its stream on this node."""
+
+    def restored(self, params: dict[str, Any]) -> None:
+        """Invoked instead of `joined` when a subscription that came back with its session
+        (the extended protocol's restore: no `subscribe`, no authorisation run again, possibly
+        on another node than the one it was made on) starts receiving its stream here, once
+        the client's `history` command has been answered. Override it to redo what `joined`
+        does that the restored subscription needs (AnyCable runs nothing on a restore, its
+        issue 208): a channel whose `left` undoes something of `joined` must."""
 
     def left(self, params: dict[str, Any]) -> None:
-        """Invoked when a subscription ends (unsubscribe or connection gone)."""
+        """Invoked when a subscription that `joined` or was `restored` ends (unsubscribe or
+        connection gone)."""
 
 
 def product_id_param(params: dict[str, Any]) -> int:
@@ -83,15 +98,22 @@ def product_id_param(params: dict[str, Any]) -> int:
 
 
 class InventoryChannel(Channel):
-    """Live stock of one product: the current count first, then every change."""
+    """Live stock of one product: the current count first, then every change. A client that
+    was away needs only the current count (and the viewers' count comes within a second of
+    its return), so its stream recovers the latest value, not every change."""
 
     name = "InventoryChannel"
+    recovery = Recovery.LATEST_VALUE
 
     def __init__(self, router: ShardRouter, presence: Presence) -> None:
         super().__init__(router)
         self.presence = presence
 
     def joined(self, params: dict[str, Any]) -> None:
+        self.presence.viewer_joined(product_id_param(params))
+
+    def restored(self, params: dict[str, Any]) -> None:
+        # A viewer back from a tunnel (its `left` ran when the connection went) counts again.
         self.presence.viewer_joined(product_id_param(params))
 
     def left(self, params: dict[str, Any]) -> None:

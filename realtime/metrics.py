@@ -75,6 +75,16 @@ class CableStatsCollector(Collector):
             "Extended-protocol connections that came back with a session (`restored: true`).",
             value=cable.restored_sessions,
         )
+        gaps = CounterMetricFamily(
+            "fm_cable_live_gaps",
+            "Gaps in a followed stream's offsets (a lost pub/sub message, a Redis reconnect or "
+            "failover), by how they were closed: `filled` from history before the newer "
+            "message, or `resynced` with a fresh state for every subscriber.",
+            labels=["closed_by"],
+        )
+        gaps.add_metric(["filled"], cable.gaps_filled)
+        gaps.add_metric(["resynced"], cable.resyncs)
+        yield gaps
         answers = CounterMetricFamily(
             "fm_cable_history_answers",
             "Extended-protocol history requests answered, by answer (`confirm_history` with the "

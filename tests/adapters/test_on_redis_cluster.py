@@ -166,13 +166,21 @@ async def test_stream_offsets_history_and_recovery_across_nodes(
         resume = identifier(
             "InventoryChannel", product_id=product_id, since=seen["offset"], epoch=seen["epoch"]
         )
-        await back.subscribe(resume)
-        replayed = [await back.next_message(resume) for _ in range(3)]
-        assert [(m["stock"], m["offset"]) for m in replayed] == [
-            (8, seen["offset"] + 1),
-            (7, seen["offset"] + 2),
-            (6, seen["offset"] + 3),
+        # History on the cluster holds them in order (XRANGE on the stream's master) ...
+        missed = await services.cable.broker.history_after(
+            stream, seen["offset"], seen["offset"] + 3
+        )
+        assert missed is not None
+        assert [(offset, m["stock"]) for offset, m in missed] == [
+            (seen["offset"] + 1, 8),
+            (seen["offset"] + 2, 7),
+            (seen["offset"] + 3, 6),
         ]
+        # ... and a product's stream recovers only its latest value: the database's count at
+        # the newest offset.
+        await back.subscribe(resume)
+        (latest,), _ = await read_stocks(back, resume, 1)
+        assert latest["stock"] == 10 and latest["offset"] >= seen["offset"] + 3
         back.close()
     finally:
         await node_b.stop()

@@ -1,10 +1,11 @@
-"""A node of `finalmarket cluster` gets SIGTERM during a stream of stock changes.
+"""A node of `finalmarket cluster` gets SIGTERM during a stream of cart changes.
 
 Invariants: every cable subscriber (connected through nginx) sees every message of its
 stream exactly once, in offset order: those on the stopped node get `disconnect` with
 `reconnect: true`, reconnect through nginx to the other node and resubscribe with
 `since`/`epoch`, which replays what they missed. Every GET sent through nginx meanwhile is
-answered 200.
+answered 200. (A cart's stream, whose recovery replays every message; a product's stock
+recovers only its latest value, tests/realtime/test_cable_latest_value.py.)
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from server.wiring.services import Services
-from tests.helpers.cable import CableClient, identifier, stock_event
+from tests.helpers.cable import CableClient, identifier
 from tests.helpers.cluster import Cluster, running_cluster
+from tests.helpers.commerce import make_user
 
-PRODUCT_ID = 1  # seeded by the cluster into the emptied catalog
+PRODUCT_ID = 1  # seeded by the cluster into the emptied catalog (the GETs read it)
 SUBSCRIBERS = 6
 MESSAGES = 200
 MESSAGE_INTERVAL_S = 0.03
@@ -40,7 +42,7 @@ class ResumingSubscriber:
         self.first_offset: int | None = None
         self.offsets: list[int] = []  # of every message after the first snapshot
         self.epoch: str | None = None
-        self.stocks: list[int] = []  # of the stock changes among them
+        self.changes: list[int] = []  # the numbers of the cart changes among them
         self.disconnects: list[dict[str, Any]] = []
         self.subscribed = asyncio.Event()
 
@@ -63,10 +65,10 @@ class ResumingSubscriber:
         deadline = time.monotonic() + timeout
         while not self._reached(until_offset):
             client = await self._connect(deadline)
-            params: dict[str, Any] = {"product_id": PRODUCT_ID}
+            params: dict[str, Any] = {}
             if self.last_offset is not None:
                 params.update(since=self.last_offset, epoch=self.epoch)
-            ident = identifier("InventoryChannel", **params)
+            ident = identifier("CartChannel", **params)
             await client.subscribe(ident)
             try:
                 while not self._reached(until_offset):
@@ -98,8 +100,8 @@ class ResumingSubscriber:
             return
         assert data["epoch"] == self.epoch, data
         self.offsets.append(data["offset"])
-        if data.get("event") == "stock":
-            self.stocks.append(data["stock"])
+        if "n" in data:
+            self.changes.append(data["n"])
 
 
 async def _cable_connections(port: int) -> int:
@@ -138,7 +140,9 @@ async def test_sigterm_on_a_node_loses_no_message_and_fails_no_request(
 
 async def _check_failover(cluster: Cluster, services: Services) -> None:
     node1 = cluster.nodes["node1"]
-    subscribers = [ResumingSubscriber(cluster.ws_url("/cable")) for _ in range(SUBSCRIBERS)]
+    user_id, token = await make_user(services, "ada@example.com")
+    url = cluster.ws_url(f"/cable?token={token}")
+    subscribers = [ResumingSubscriber(url) for _ in range(SUBSCRIBERS)]
     last: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     following = [asyncio.ensure_future(s.follow(last)) for s in subscribers]
     await asyncio.wait_for(asyncio.gather(*(s.subscribed.wait() for s in subscribers)), 60)
@@ -152,10 +156,10 @@ async def _check_failover(cluster: Cluster, services: Services) -> None:
         asyncio.ensure_future(_get_until(base, stop_getting, statuses, getter))
         for getter in range(2)
     ]
-    stream = f"inventory:product:{PRODUCT_ID}"
+    stream = f"cart:user:{user_id}"
     offset = 0
-    for sent in range(MESSAGES):  # stock 1000, 1001, ...
-        offset, _ = await services.cable.publish(stream, stock_event(PRODUCT_ID, 1000 + sent))
+    for sent in range(MESSAGES):  # changes 0, 1, ... (published straight to the stream)
+        offset, _ = await services.cable.publish(stream, {"event": "cart", "n": sent})
         if sent == SIGTERM_AFTER:
             os.kill(node1.pid, signal.SIGTERM)
         await asyncio.sleep(MESSAGE_INTERVAL_S)
@@ -170,7 +174,7 @@ async def _check_failover(cluster: Cluster, services: Services) -> None:
     for s in subscribers:
         assert s.first_offset is not None and s.offsets[-1] >= offset
         assert s.offsets == list(range(s.first_offset + 1, s.offsets[-1] + 1)), s.disconnects
-        assert s.stocks == [1000 + sent for sent in range(MESSAGES)]
+        assert s.changes == list(range(MESSAGES))
     disconnected = [s for s in subscribers if s.disconnects]
     assert len(disconnected) == on_node1
     assert all(

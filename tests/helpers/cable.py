@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.netutil import bind_sockets
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from realtime.broker import PUBLISH_SCRIPT, stream_keys
 from server.adapters.http1 import HttpServerLike, make_http_server
 from server.wiring.app import make_app
 from server.wiring.infra import ValkeyServer
@@ -96,7 +98,8 @@ class CableClient:
 
 class TcpProxy:
     """A TCP proxy a test controls, standing between a client and a node like a train tunnel:
-    `cut()` drops every connection through it at once and refuses new ones until `mend()`;
+    `cut()` drops every connection through it at once and refuses new ones until `mend()`
+    (`hold()` only refuses new ones);
     `upstream` (a port on 127.0.0.1) may be changed meanwhile, so the client comes back to
     another node."""
 
@@ -159,6 +162,11 @@ class TcpProxy:
         self._cut = True
         for pair in list(self._pairs):
             self._drop(pair)
+
+    def hold(self) -> None:
+        """Refuse new connections but keep the open ones (what a node says on them, e.g. a
+        drain's `disconnect`, still reaches the client)."""
+        self._cut = True
 
     def mend(self) -> None:
         """Let connections through again."""
@@ -256,3 +264,58 @@ async def read_stocks(
         if message["event"] == "stock":
             stocks.append(message)
     return stocks, offsets
+
+
+async def until_viewers(
+    client: CableClient, ident: str, viewers: int, timeout: float = 10.0
+) -> dict[str, Any]:
+    """Read `ident`'s frames until a presence message with `viewers` arrives."""
+    while True:
+        frame = await client.read(timeout)
+        assert frame is not None and frame.get("identifier") == ident, frame
+        message = frame.get("message")  # none in confirm_history and the like
+        if (
+            isinstance(message, dict)
+            and message.get("event") == "presence"
+            and (message["viewers"] == viewers)
+        ):
+            return message  # type: ignore[no-any-return]
+
+
+async def publish_unheard(
+    redis: Any,
+    stream: str,
+    message: Any,
+    *,
+    history: bool = True,
+    kill_subscribers: bool = False,
+) -> int:
+    """Publish `message` on `stream` as a node does (the broker's own script: the next offset,
+    a history entry unless `history` is false) so that no node hears it, as when a pub/sub
+    delivery is lost. It goes to a channel nobody follows; or, with `kill_subscribers`, to the
+    stream's channel in one transaction after `CLIENT KILL TYPE pubsub`, so every node's pub/sub
+    connection is gone when it is published (they reconnect by themselves; use a Redis of the
+    test's own). Returns the message's offset."""
+    offset_key, history_key, epoch_key, channel = stream_keys(stream)
+    if not kill_subscribers:
+        channel = "{" + stream + "}:heard-by-nobody"
+    pipe = redis.pipeline(transaction=True)
+    if kill_subscribers:
+        pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    pipe.eval(
+        PUBLISH_SCRIPT,
+        4,
+        offset_key,
+        history_key,
+        epoch_key,
+        channel,
+        stream,
+        msgpack.packb(message),
+        secrets.token_hex(6),
+        100 if history else 0,
+        "test",
+        "PUBLISH",
+        300,
+    )
+    results = await pipe.execute()
+    return int(results[-1][0])

@@ -31,6 +31,7 @@ from tests.helpers.cable import (
     restart_losing_data,
     stock_event,
 )
+from tests.helpers.commerce import make_user
 from tests.helpers.deployment import make_settings
 from tests.helpers.processes import cli_env, free_port, server_settings, started, wait_ready
 
@@ -101,34 +102,36 @@ async def test_msgpack_client_on_node_b_receives_change_published_on_node_a(
     client.close()
 
 
+@pytest.mark.usefixtures("clean_data")
 @pytest.mark.gen_test(timeout=30)
 async def test_resubscribing_with_since_replays_exactly_the_missed_messages(
-    services: Services, node_b: ExtraNode, product_id: int
+    services: Services, node_b: ExtraNode
 ) -> None:
-    ident = identifier("InventoryChannel", product_id=product_id)
-    stream = f"inventory:product:{product_id}"
-    client = await CableClient.connect(node_b.url("/cable"))
+    # A cart stream: every message counts (InventoryChannel recovers only the latest value,
+    # tests/realtime/test_cable_latest_value.py).
+    user_id, token = await make_user(services, "ada@example.com")
+    ident = identifier("CartChannel")
+    stream = f"cart:user:{user_id}"
+    client = await CableClient.connect(node_b.url(f"/cable?token={token}"))
     await client.subscribe(ident)
-    await services.cable.publish(stream, stock_event(product_id, 9))
+    await services.cable.publish(stream, {"event": "cart", "n": 0})
     seen = await client.next_message(ident)  # first the snapshot
     seen = await client.next_message(ident)
-    assert seen["stock"] == 9
+    assert seen["n"] == 0
     client.close()  # the phone drops
 
-    for stock in (8, 7, 6, 5, 4):  # published on the other node while it is away
-        await services.cable.publish(stream, stock_event(product_id, stock))
+    for n in (1, 2, 3, 4, 5):  # published on the other node while it is away
+        await services.cable.publish(stream, {"event": "cart", "n": n})
 
-    back = await CableClient.connect(node_b.url("/cable"))
-    resume = identifier(
-        "InventoryChannel", product_id=product_id, since=seen["offset"], epoch=seen["epoch"]
-    )
+    back = await CableClient.connect(node_b.url(f"/cable?token={token}"))
+    resume = identifier("CartChannel", since=seen["offset"], epoch=seen["epoch"])
     await back.subscribe(resume)
     replayed = [await back.next_message(resume) for _ in range(5)]
-    assert [m["stock"] for m in replayed] == [8, 7, 6, 5, 4]
+    assert [m["n"] for m in replayed] == [1, 2, 3, 4, 5]
     assert [m["offset"] for m in replayed] == list(range(seen["offset"] + 1, seen["offset"] + 6))
-    await services.cable.publish(stream, stock_event(product_id, 3))
+    await services.cable.publish(stream, {"event": "cart", "n": 6})
     live = await back.next_message(resume)
-    assert (live["stock"], live["offset"]) == (3, seen["offset"] + 6)
+    assert (live["n"], live["offset"]) == (6, seen["offset"] + 6)
     back.close()
 
 
