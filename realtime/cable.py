@@ -64,6 +64,9 @@ __all__ = ["CableLimits", "CableServer", "StreamWatch", "WatchOverflow"]
 _log = get_logger("finalmarket.cable")
 _SHARED_SUBSCRIPTIONS_MAX = 100_000
 SLOW_CONSUMER_SWEEP_S = 0.25
+# Past the hard bound, a connection is cut off once its backlog has not shrunk for this long
+# (several sweeps: a reader on a busy machine may miss one or two without being stuck).
+HARD_BOUND_STALL_S = 1.0
 FANOUT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # How long restored subscriptions wait for the client's `history` command before they join
 # their streams with a fresh snapshot (the AnyCable client sends it right after `welcome`).
@@ -135,6 +138,8 @@ class CableServer:
         self._pinger: asyncio.Task[None] | None = None
         self.slow_consumers = 0
         # backlogged connection -> [cut-off deadline, unsent bytes at the previous sweep]
+        # Per backlogged connection: [grace deadline, unsent at the last sweep, since when its
+        # backlog has not shrunk past the hard bound (0: it has)].
         self._paused: dict[CableConnection, list[float]] = {}
         # extended connections whose session must be written (or, once gone, its last state)
         self._dirty_sessions: dict[str, CableConnection | CableSession] = {}
@@ -334,7 +339,7 @@ class CableServer:
 
     def writer_paused(self, conn: CableConnection) -> None:
         """`conn` holds more unsent bytes than the soft bound: start its grace period."""
-        self._paused[conn] = [time.monotonic() + self.limits.slow_consumer_grace_s, 0.0]
+        self._paused[conn] = [time.monotonic() + self.limits.slow_consumer_grace_s, 0.0, 0.0]
 
     def writer_resumed(self, conn: CableConnection) -> None:
         """`conn` caught up."""
@@ -342,20 +347,22 @@ class CableServer:
 
     def _cut_off_slow_consumers(self) -> None:
         """Cut off backlogged connections that are past the hard bound and not draining
-        (no smaller than at the previous sweep), or past the soft bound for longer than the
-        grace period. Runs every `SLOW_CONSUMER_SWEEP_S`, so the fan-out path checks nothing,
-        and a reader working through a big burst is never mistaken for a stuck one."""
+        (their backlog no smaller for `HARD_BOUND_STALL_S`), or past the soft bound for longer
+        than the grace period. Runs every `SLOW_CONSUMER_SWEEP_S`, so the fan-out path checks
+        nothing, and a reader working through a big burst is never mistaken for a stuck one."""
         now = time.monotonic()
         for conn, watch in list(self._paused.items()):
-            deadline, previous = watch
+            deadline, previous, stalled_since = watch
             transport = conn.transport
             unsent = transport.get_write_buffer_size() if transport is not None else 0
-            if unsent > self.hard_bytes and unsent >= previous:
+            stalled = unsent > self.hard_bytes and unsent >= previous
+            if stalled and stalled_since and now - stalled_since >= HARD_BOUND_STALL_S:
                 reason = "unsent bytes over the hard bound and not draining"
             elif deadline <= now:
                 reason = "over the soft bound for longer than the grace period"
             else:
                 watch[1] = float(unsent)
+                watch[2] = (stalled_since or now) if stalled else 0.0
                 continue
             del self._paused[conn]
             conn.cut_off_slow(reason)

@@ -372,8 +372,8 @@ class Settings(BaseSettings):
         1024 * 1024,
         ge=4096,
         description="Unsent bytes past which a connection is a slow consumer: cut off if it "
-        "stays above this for the grace period, or at once above 4 times this (it recovers on "
-        "reconnect).",
+        "stays above this for the grace period, or above 4 times this once its backlog has not "
+        "shrunk for a second (it recovers on reconnect).",
         json_schema_extra=_group("realtime"),
     )
     cable_slow_consumer_grace_s: float = Field(
