@@ -37,6 +37,26 @@ class LineSink(Protocol):
     def flush(self) -> object: ...
 
 
+class FileDescriptorSink:
+    """Writes to a file descriptor with `os.write`, holding no Python lock while it blocks.
+
+    Why not `sys.stderr.buffer`: a writer stalled inside a `BufferedWriter` holds that
+    object's lock, and the interpreter, flushing stderr as it exits, aborts ("could not
+    acquire lock ... at interpreter shutdown, possibly due to daemon threads")."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes, /) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing is held back: each write went to the descriptor."""
+
+
 class LineBuffer:
     """Lines waiting to be written to `stream`, at most `capacity_lines` of them.
 

@@ -26,6 +26,7 @@ import structlog
 from server.common.logbuffer import (
     DEFAULT_CAPACITY_LINES,
     DEFAULT_FLUSH_INTERVAL_S,
+    FileDescriptorSink,
     LineBuffer,
     LineSink,
 )
@@ -76,6 +77,7 @@ class BufferedLineHandler(logging.Handler):
         self.node_id = node_id
         self._second = -1
         self._second_text = ""
+        self._sink_stalled = False
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -112,10 +114,13 @@ class BufferedLineHandler(logging.Handler):
         self.buffer.put(_dumps(fields) + b"\n")
 
     def flush(self) -> None:
-        self.buffer.flush(LOG_CLOSE_TIMEOUT_S)
+        if not self._sink_stalled:
+            self._sink_stalled = not self.buffer.flush(LOG_CLOSE_TIMEOUT_S)
 
     def close(self) -> None:
-        self.buffer.close(LOG_CLOSE_TIMEOUT_S)
+        # logging.shutdown() flushes, then closes: a sink that stalled the one is not waited
+        # for again by the other.
+        self.buffer.close(0 if self._sink_stalled else LOG_CLOSE_TIMEOUT_S)
         super().close()
 
 
@@ -198,8 +203,10 @@ def configure_logging(
 
 
 def _stderr_bytes() -> LineSink:
-    binary = getattr(sys.stderr, "buffer", None)
-    return binary if binary is not None else _TextAsBinary(sys.stderr)
+    try:
+        return FileDescriptorSink(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # a test's replaced stderr: no descriptor
+        return _TextAsBinary(sys.stderr)
 
 
 class _TextAsBinary:
