@@ -2,9 +2,10 @@
 
 nginx's `access_log ... buffer=size flush=time`, for a Python process: whoever logs appends a
 rendered line (bytes) and returns at once; a writer thread wakes every `flush_interval_s` (or
-when asked) and writes everything buffered in one `write()`. The loop never waits on the log's
-disk or pipe: when the sink is slow or stalled, the buffer fills to `capacity_lines` and further
-lines are dropped and counted (`dropped`), so a reader can tell a gap from a quiet node.
+when asked) and writes everything buffered in as few writes as the sink allows.
+The loop never waits on the log's disk or pipe: when the sink is slow or stalled, the buffer
+fills to `capacity_lines` and further lines are dropped and counted (`dropped`), so a reader
+can tell a gap from a quiet node.
 
 Why not `logging.handlers.QueueListener`: it writes one record per `handle()` call, so the
 writer wakes (and takes the GIL from the loop) once per line; `QueueHandler` raises on a full
@@ -18,6 +19,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import select
+import stat
 import threading
 import time
 import weakref
@@ -25,8 +28,13 @@ from typing import Protocol
 
 DEFAULT_CAPACITY_LINES = 16384
 DEFAULT_FLUSH_INTERVAL_S = 0.1
-# One write() gets at most this much, so a burst does not build one huge bytes object.
-_MAX_WRITE_BYTES = 1 << 20
+# One write() gets whole lines, at most this much of them (a longer line goes alone). To a
+# pipe or socket, PIPE_BUF: a pipe takes such a write atomically, so the lines of processes
+# sharing one stderr (`cluster`'s supervisor and nodes) never interleave mid-line, as with one
+# write per line before. To a file or terminal, much more: every write() costs the writer a
+# round trip through the GIL, which the loop pays for too.
+PIPE_WRITE_BYTES = select.PIPE_BUF
+FILE_WRITE_BYTES = 1 << 20
 
 
 class LineSink(Protocol):
@@ -46,6 +54,9 @@ class FileDescriptorSink:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        mode = os.fstat(fd).st_mode
+        shared_stream = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+        self.max_write_bytes = PIPE_WRITE_BYTES if shared_stream else FILE_WRITE_BYTES
 
     def write(self, data: bytes, /) -> int:
         view = memoryview(data)
@@ -159,11 +170,12 @@ class LineBuffer:
 
     def _write_buffered(self) -> None:
         lines = self._lines
+        max_bytes = getattr(self.stream, "max_write_bytes", FILE_WRITE_BYTES)
         while lines:
             self._writing = True
             batch: list[bytes] = []
             size = 0
-            while lines and size < _MAX_WRITE_BYTES:
+            while lines and (not batch or size + len(lines[0]) <= max_bytes):
                 line = lines.popleft()
                 batch.append(line)
                 size += len(line)

@@ -76,7 +76,8 @@ class BufferedLineHandler(logging.Handler):
         self.fmt = fmt
         self.node_id = node_id
         self._second = -1
-        self._second_text = ""
+        self._second_text = b""
+        self._access_suffixes: dict[tuple[int, str], bytes] = {}
         self._sink_stalled = False
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -93,25 +94,38 @@ class BufferedLineHandler(logging.Handler):
             line = line.encode("utf-8", "backslashreplace")
         self.buffer.put(line + b"\n")
 
-    def timestamp(self) -> str:
+    def timestamp(self) -> bytes:
         """Now, as structlog's ISO UTC stamper writes it (the second's text is cached)."""
-        now = time.time()
-        second = int(now)
+        second, micros = divmod(time.time_ns() // 1000, 1_000_000)
         if second != self._second:
-            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second_text = text.encode()
             self._second = second
-        return f"{self._second_text}.{int((now - second) * 1e6):06d}Z"
+        return b"%s.%06dZ" % (self._second_text, micros)
 
     def access_line(self, level: int, logger: str, fields: dict[str, Any]) -> None:
-        """Buffer one access line: `fields` (event first) plus node, level, logger and time,
-        in the keys and order structlog's chain gives them."""
-        fields["event"] = "request"
+        """Buffer one access line: `fields` (str, int, float or None values), then event,
+        node, level, logger and time, in the keys and order structlog's chain gives them.
+        Only `fields` is encoded per line; the rest is rendered once per level and logger."""
+        try:
+            encoded = orjson.dumps(fields)
+        except TypeError:  # a value orjson does not know: rendered as structlog would
+            encoded = _dumps(fields)
+        suffix = self._access_suffixes.get((level, logger))
+        if suffix is None:
+            suffix = self._access_suffix(level, logger)
+        self.buffer.put(b"".join((encoded[:-1], suffix, self.timestamp(), b'"}\n')))
+
+    def _access_suffix(self, level: int, logger: str) -> bytes:
+        constant: dict[str, Any] = {"event": "request"}
         if self.node_id:
-            fields["node"] = self.node_id
-        fields["level"] = _LEVEL_NAMES.get(level, "info")
-        fields["logger"] = logger
-        fields["timestamp"] = self.timestamp()
-        self.buffer.put(_dumps(fields) + b"\n")
+            constant["node"] = self.node_id
+        constant["level"] = _LEVEL_NAMES.get(level, "info")
+        constant["logger"] = logger
+        # {"event":...,"logger":"..."} -> ,"event":...,"logger":"...","timestamp":"
+        suffix = b"," + orjson.dumps(constant)[1:-1] + b',"timestamp":"'
+        self._access_suffixes[(level, logger)] = suffix
+        return suffix
 
     def flush(self) -> None:
         if not self._sink_stalled:

@@ -139,7 +139,7 @@ def _log_request(
             "method": request.method,
             "path": request.path,
             "status": status,
-            "duration_ms": round(elapsed_s * 1000, 2),
+            "duration_ms": int(elapsed_s * 100_000 + 0.5) / 100,  # round(, 2) at half the cost
             "remote": request.remote_ip,
             "request_id": getattr(handler, "request_id", None),
         },

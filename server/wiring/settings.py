@@ -160,8 +160,8 @@ class Settings(BaseSettings):
     log_flush_interval_s: float = Field(
         0.1,
         gt=0,
-        description="How often the log writer writes what is buffered (at most this late, "
-        "in one write).",
+        description="How often the log writer writes out what is buffered: a line reaches "
+        "stderr at most this late (sooner in a burst), whole lines in few writes.",
         json_schema_extra=_group("node"),
     )
 

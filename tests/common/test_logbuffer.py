@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
+import threading
 import time
 from collections.abc import Iterator
 
@@ -96,3 +98,34 @@ def test_a_failed_write_counts_its_lines_as_dropped() -> None:
         assert buffer.close(timeout_s=5)
     finally:
         os.close(write_fd)
+
+
+def test_writers_sharing_one_pipe_never_split_each_others_lines() -> None:
+    """Invariant: processes sharing a stderr pipe (`cluster`'s supervisor and nodes) each
+    write whole lines of at most PIPE_BUF bytes, which the pipe never interleaves."""
+    read_fd, write_fd = os.pipe()
+    received = bytearray()
+
+    def read_all() -> None:
+        while chunk := os.read(read_fd, 1 << 16):
+            received.extend(chunk)
+            time.sleep(0.001)  # a slow reader: the pipe fills, writes block part-way
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    try:
+        buffers = [
+            LineBuffer(FileDescriptorSink(write_fd), capacity_lines=5000, flush_interval_s=0.01)
+            for _ in range(2)
+        ]
+        for n in range(3000):
+            for name, buffer in zip("ab", buffers, strict=True):
+                buffer.put(b"%s%05d %s\n" % (name.encode(), n, name.encode() * 90))
+        assert all(buffer.close(timeout_s=30) for buffer in buffers)
+    finally:
+        os.close(write_fd)
+        reader.join(timeout=30)
+        os.close(read_fd)
+    lines = bytes(received).splitlines()
+    assert len(lines) == 6000
+    assert all(re.fullmatch(rb"([ab])\d{5} \1{90}", line) for line in lines)
