@@ -131,10 +131,10 @@ class LineBuffer:
         """Wake the writer and wait until the buffer is empty and written; False if that
         took longer than `timeout_s` (a stalled sink, or lines arriving faster than it takes)."""
         deadline = time.monotonic() + timeout_s
-        self._wake.set()
         while self._lines or self._writing:
             if time.monotonic() >= deadline or not self._thread.is_alive():
                 return False
+            self._wake.set()
             time.sleep(0.002)
         return True
 
@@ -162,33 +162,41 @@ class LineBuffer:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self.flush_interval_s)
-            self._wake.clear()
+            if not self._closing:
+                self._wake.wait(self.flush_interval_s)
+                self._wake.clear()
             self._write_buffered()
             if self._closing and not self._lines:
                 return
 
     def _write_buffered(self) -> None:
+        # Only what is buffered now: lines put meanwhile wait for the next wake-up. Writing
+        # "until empty" under load would loop for ever, taking the GIL back from the loop
+        # after every write.
         lines = self._lines
+        left = len(lines)
         max_bytes = getattr(self.stream, "max_write_bytes", FILE_WRITE_BYTES)
-        while lines:
-            self._writing = True
-            batch: list[bytes] = []
-            size = 0
-            while lines and (not batch or size + len(lines[0]) <= max_bytes):
-                line = lines.popleft()
-                batch.append(line)
-                size += len(line)
-            try:
-                self.stream.write(b"".join(batch))
-                self.stream.flush()
-            except (OSError, ValueError):  # EPIPE, a closed stream: nobody will read these
-                self._count_dropped(len(batch))
-            else:
-                with self._count_lock:
-                    self._written += len(batch)
-            finally:
-                self._writing = False
+        self._writing = True
+        try:
+            while left:
+                batch = [lines.popleft()]
+                size = len(batch[0])
+                left -= 1
+                while left and size + len(lines[0]) <= max_bytes:
+                    line = lines.popleft()
+                    batch.append(line)
+                    size += len(line)
+                    left -= 1
+                try:
+                    self.stream.write(b"".join(batch))
+                    self.stream.flush()
+                except (OSError, ValueError):  # EPIPE, a closed stream: nobody will read these
+                    self._count_dropped(len(batch))
+                else:
+                    with self._count_lock:
+                        self._written += len(batch)
+        finally:
+            self._writing = False
 
     def _count_dropped(self, lines: int) -> None:
         with self._count_lock:
