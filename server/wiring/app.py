@@ -26,12 +26,9 @@ from handlers.pages import PageCaching, Storefront
 from server.adapters.compression import Compressor
 from server.adapters.idempotency import IdempotencyStore
 from server.adapters.readiness import unready_reasons
-from server.common.logs import get_logger
+from server.common.logs import AccessLog
 from server.wiring.metrics import NodeMetrics
 from server.wiring.services import Services
-
-_access_log = get_logger("finalmarket.access")
-_ACCESS_LOGGER = logging.getLogger("finalmarket.access")
 
 
 def make_app(services: Services) -> tornado.web.Application:
@@ -48,6 +45,7 @@ def make_app(services: Services) -> tornado.web.Application:
         allowed_origins=frozenset(services.settings.cable_allowed_origins),
     )
     metrics = services.metrics
+    access_log = AccessLog()
     health = NodeHealth(
         node_id=services.settings.node_id,
         unready_reasons=lambda: unready_reasons(
@@ -93,7 +91,7 @@ def make_app(services: Services) -> tornado.web.Application:
         routes,
         default_handler_class=storefront_handlers.StorefrontNotFoundHandler,
         default_handler_args={"gate": gate, "storefront": storefront},
-        log_function=lambda handler: _log_request(handler, metrics),
+        log_function=lambda handler: _log_request(handler, metrics, access_log),
         serve_traceback=services.settings.debug,
         compress_response=False,  # ours below: Brotli and gzip, cached bodies compressed once
     )
@@ -119,7 +117,9 @@ def _route_name(handler: tornado.web.RequestHandler) -> str:
     return type(handler).__name__.removesuffix("Handler")
 
 
-def _log_request(handler: tornado.web.RequestHandler, metrics: NodeMetrics) -> None:
+def _log_request(
+    handler: tornado.web.RequestHandler, metrics: NodeMetrics, access_log: AccessLog
+) -> None:
     """Access log and request metrics, called by Tornado once per finished request."""
     status = handler.get_status()
     elapsed_s = handler.request.request_time()
@@ -130,15 +130,17 @@ def _log_request(handler: tornado.web.RequestHandler, metrics: NodeMetrics) -> N
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if level == logging.INFO and handler.request.path in _PROBE_PATHS:
         level = logging.DEBUG  # a balancer asks every second: answers only at debug level
-    if not _ACCESS_LOGGER.isEnabledFor(level):
+    if not access_log.enabled_for(level):
         return  # build nothing for a line that would be dropped (the hot path of every request)
-    _access_log.log(
+    request = handler.request
+    access_log.write(
         level,
-        "request",
-        method=handler.request.method,
-        path=handler.request.path,
-        status=status,
-        duration_ms=round(elapsed_s * 1000, 2),
-        remote=handler.request.remote_ip,
-        request_id=getattr(handler, "request_id", None),
+        {
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "duration_ms": int(elapsed_s * 100_000 + 0.5) / 100,  # round(, 2) at half the cost
+            "remote": request.remote_ip,
+            "request_id": getattr(handler, "request_id", None),
+        },
     )

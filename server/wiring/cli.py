@@ -60,7 +60,13 @@ def _settings(data_dir: str | None, **overrides: Any) -> Settings:
         running = "" if infra.is_up(directory) else " (not running: `finalmarket infra up`)"
         _err(f"finalmarket: using the dev servers{secret} in {directory}{running}")
         settings = load_settings(**given)
-    configure_logging(settings.log_level, settings.log_format, settings.node_id)
+    configure_logging(
+        settings.log_level,
+        settings.log_format,
+        settings.node_id,
+        buffer_lines=settings.log_buffer_lines,
+        flush_interval_s=settings.log_flush_interval_s,
+    )
     return settings
 
 

@@ -372,7 +372,13 @@ def run_cluster(
         ensure_servers(data_dir)
         log_format = os.environ.get("FM_LOG_FORMAT", "console")
         settings = load_settings(log_format=log_format, node_id="cluster")
-        configure_logging(settings.log_level, settings.log_format, settings.node_id)
+        configure_logging(
+            settings.log_level,
+            settings.log_format,
+            settings.node_id,
+            buffer_lines=settings.log_buffer_lines,
+            flush_interval_s=settings.log_flush_interval_s,
+        )
         for line in server_env_lines():
             _say(line)
 

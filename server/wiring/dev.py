@@ -126,7 +126,13 @@ def run_dev(
         if "FM_LOG_FORMAT" not in os.environ:
             overrides["log_format"] = "console"
         settings = load_settings(**overrides)
-        configure_logging(settings.log_level, settings.log_format, settings.node_id)
+        configure_logging(
+            settings.log_level,
+            settings.log_format,
+            settings.node_id,
+            buffer_lines=settings.log_buffer_lines,
+            flush_interval_s=settings.log_flush_interval_s,
+        )
         for line in server_env_lines():
             _say(line)
 

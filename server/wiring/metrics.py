@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from server.common.logs import lines_buffered, lines_dropped
 
 # Buckets in seconds: from a cached read on loopback (~0.5 ms) to a slow checkout.
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -39,7 +44,26 @@ class NodeMetrics:
         self.draining = Gauge(
             "fm_draining", "1 once the node is shutting down.", registry=self.registry
         )
+        self.registry.register(LogStatsCollector())
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class LogStatsCollector(Collector):
+    """The log writer's figures: lines dropped (never silently) and lines waiting."""
+
+    def collect(self) -> Iterator[Metric]:
+        """The current figures (called by the registry on each scrape)."""
+        yield CounterMetricFamily(
+            "fm_log_lines_dropped",
+            "Log lines given up because the log buffer was full (the sink, stderr, was slower "
+            "than the node) or a write to it failed.",
+            value=lines_dropped(),
+        )
+        yield GaugeMetricFamily(
+            "fm_log_lines_buffered",
+            "Log lines waiting for the background writer.",
+            value=lines_buffered(),
+        )

@@ -149,6 +149,21 @@ class Settings(BaseSettings):
         description="`json`: one JSON object per line; `console`: human-readable.",
         json_schema_extra=_group("node"),
     )
+    log_buffer_lines: int = Field(
+        16384,
+        ge=1,
+        description="Log lines held in memory for the background writer (stderr). When the "
+        "sink is slower than the node (a stalled pipe, a full disk), lines beyond this are "
+        "dropped and counted in `fm_log_lines_dropped_total`; requests never wait for the log.",
+        json_schema_extra=_group("node"),
+    )
+    log_flush_interval_s: float = Field(
+        0.1,
+        gt=0,
+        description="How often the log writer writes out what is buffered: a line reaches "
+        "stderr at most this late (sooner in a burst), whole lines in few writes.",
+        json_schema_extra=_group("node"),
+    )
 
     # --- PostgreSQL ---------------------------------------------------------------------------
     catalog_dsn: str = Field(
