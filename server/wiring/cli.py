@@ -14,7 +14,13 @@ from server.adapters.db.pools import Database
 from server.common.logs import configure_logging, get_logger
 from server.wiring import infra
 from server.wiring.node import run_event_loop, run_node
-from server.wiring.settings import Settings, SettingsInvalid, load_settings, settings_table_markdown
+from server.wiring.settings import (
+    Settings,
+    SettingsInvalid,
+    configure_logging_for,
+    load_settings,
+    settings_table_markdown,
+)
 
 DEFAULT_DATA_DIR = ".fm-data"
 DEV_PORT = 8888
@@ -60,13 +66,7 @@ def _settings(data_dir: str | None, **overrides: Any) -> Settings:
         running = "" if infra.is_up(directory) else " (not running: `finalmarket infra up`)"
         _err(f"finalmarket: using the dev servers{secret} in {directory}{running}")
         settings = load_settings(**given)
-    configure_logging(
-        settings.log_level,
-        settings.log_format,
-        settings.node_id,
-        buffer_lines=settings.log_buffer_lines,
-        flush_interval_s=settings.log_flush_interval_s,
-    )
+    configure_logging_for(settings)
     return settings
 
 

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.common.logs import configure_logging, get_logger
+from server.common.logs import get_logger
 from server.wiring import infra
 from server.wiring.balancer import Balancer, make_balancer
 from server.wiring.children import signal_child, spawn, wait_or_kill
@@ -49,7 +49,7 @@ from server.wiring.dev import (
 from server.wiring.edge import Upstream
 from server.wiring.infra.common import port_is_free
 from server.wiring.node import run_event_loop
-from server.wiring.settings import load_settings
+from server.wiring.settings import configure_logging_for, load_settings
 
 CLUSTER_PORT = 8888
 NODE_HOST = "127.0.0.1"
@@ -372,13 +372,7 @@ def run_cluster(
         ensure_servers(data_dir)
         log_format = os.environ.get("FM_LOG_FORMAT", "console")
         settings = load_settings(log_format=log_format, node_id="cluster")
-        configure_logging(
-            settings.log_level,
-            settings.log_format,
-            settings.node_id,
-            buffer_lines=settings.log_buffer_lines,
-            flush_interval_s=settings.log_flush_interval_s,
-        )
+        configure_logging_for(settings)
         for line in server_env_lines():
             _say(line)
 

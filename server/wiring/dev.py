@@ -18,11 +18,11 @@ from typing import Any
 from server.adapters.catalog_store import count_products
 from server.adapters.db.migrate import migrate_all
 from server.adapters.db.pools import Database
-from server.common.logs import configure_logging, get_logger
+from server.common.logs import get_logger
 from server.wiring import infra
 from server.wiring.node import run_event_loop, run_node
 from server.wiring.seed import seed_catalog
-from server.wiring.settings import Settings, load_settings
+from server.wiring.settings import Settings, configure_logging_for, load_settings
 
 _EXTERNAL_KEYS = ("FM_CATALOG_DSN", "FM_SHARDS", "FM_REDIS_URL")
 _SECRET_FILE = "secret_key"
@@ -126,13 +126,7 @@ def run_dev(
         if "FM_LOG_FORMAT" not in os.environ:
             overrides["log_format"] = "console"
         settings = load_settings(**overrides)
-        configure_logging(
-            settings.log_level,
-            settings.log_format,
-            settings.node_id,
-            buffer_lines=settings.log_buffer_lines,
-            flush_interval_s=settings.log_flush_interval_s,
-        )
+        configure_logging_for(settings)
         for line in server_env_lines():
             _say(line)
 

@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from server.adapters.db.dsn import ShardDsn
+from server.common.logs import configure_logging
 
 ENV_PREFIX = "FM_"
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
@@ -725,6 +726,17 @@ class Settings(BaseSettings):
         files = config_files(os.environ)
         toml = TomlConfigSettingsSource(settings_cls, toml_file=files, deep_merge=True)
         return (init_settings, env_settings, toml)
+
+
+def configure_logging_for(settings: Settings) -> None:
+    """Set up the process's logs as `settings` say (level, format, node id, the buffer)."""
+    configure_logging(
+        settings.log_level,
+        settings.log_format,
+        settings.node_id,
+        buffer_lines=settings.log_buffer_lines,
+        flush_interval_s=settings.log_flush_interval_s,
+    )
 
 
 def config_files(environ: Mapping[str, str]) -> list[Path]:
