@@ -742,9 +742,16 @@ async def test_5000_subscribes_at_once_disconnect_for_too_many_commands(
     await sending
     assert messages[-1] == {"type": "disconnect", "reason": "too_many_commands", "reconnect": False}
     assert close == (1008, "too_many_commands")
-    confirmed = [m for m in messages[:-1] if m.get("type") == "confirm_subscription"]
-    assert len(confirmed) <= services.settings.cable_command_burst
-    assert {m.get("type") for m in messages[:-1]} <= {"confirm_subscription"}
+    kinds = [m.get("type") for m in messages[:-1]]
+    confirmed = kinds.count("confirm_subscription")
+    # The bucket refills while the burst is worked through, so on a slow run a few commands
+    # past the burst are handled: past the subscription limit those are refused, never more.
+    limits = services.settings
+    assert confirmed <= min(limits.cable_command_burst, limits.cable_max_subscriptions)
+    assert set(kinds) <= {"confirm_subscription", "reject_subscription"}
+    if "reject_subscription" in kinds:
+        assert confirmed == limits.cable_max_subscriptions
+        assert kinds.index("reject_subscription") >= confirmed
     await bystander.assert_usual_latency()
     await assert_node_serves(clients, base_url)
 
