@@ -15,7 +15,7 @@ from typing import Any
 import psycopg2
 import pytest
 from argon2 import PasswordHasher
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPResponse
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
@@ -81,19 +81,16 @@ async def call(
         headers["Authorization"] = f"Bearer {token}"
     if method == "POST" and payload is None:
         payload = b""
-    try:
-        return await client.fetch(
-            url,
-            method=method,
-            body=payload,
-            headers=headers,
-            allow_nonstandard_methods=True,
-            request_timeout=60,
-            connect_timeout=60,
-        )
-    except HTTPClientError as exc:
-        assert exc.response is not None
-        return exc.response
+    return await client.fetch(
+        url,
+        method=method,
+        body=payload,
+        headers=headers,
+        allow_nonstandard_methods=True,
+        request_timeout=60,
+        connect_timeout=60,
+        raise_error=False,
+    )
 
 
 def ok(response: HTTPResponse, status: int = 200) -> Any:

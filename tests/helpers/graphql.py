@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 
 import psycopg2
 from argon2 import PasswordHasher
-from tornado.httpclient import HTTPClientError, HTTPResponse
+from tornado.httpclient import HTTPResponse
 
 from server.domain.users import UserService
 from server.wiring.services import Services
@@ -92,18 +92,15 @@ async def gql(
     else:
         headers.setdefault("Content-Type", "application/json")
         payload = body if body is not None else json.dumps(params).encode()
-    try:
-        return await client.fetch(
-            url,
-            method=method,
-            body=payload,
-            headers=headers,
-            request_timeout=60,
-            connect_timeout=60,
-        )
-    except HTTPClientError as exc:
-        assert exc.response is not None
-        return exc.response
+    return await client.fetch(
+        url,
+        method=method,
+        body=payload,
+        headers=headers,
+        request_timeout=60,
+        connect_timeout=60,
+        raise_error=False,
+    )
 
 
 def result(response: HTTPResponse, status: int = 200) -> dict[str, Any]:

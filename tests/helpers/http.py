@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tornado.httpclient import HTTPClientError, HTTPResponse
+from tornado.httpclient import HTTPResponse
 
 
 async def call(
@@ -16,13 +16,14 @@ async def call(
     payload = None if body is None else (body if isinstance(body, bytes) else json.dumps(body))
     if payload is not None:
         headers.setdefault("Content-Type", "application/json")
-    try:
-        return await http_client.fetch(
-            url, method=method, body=payload, headers=headers, allow_nonstandard_methods=True
-        )
-    except HTTPClientError as exc:
-        assert exc.response is not None
-        return exc.response
+    return await http_client.fetch(
+        url,
+        method=method,
+        body=payload,
+        headers=headers,
+        allow_nonstandard_methods=True,
+        raise_error=False,
+    )
 
 
 def problem(response: HTTPResponse) -> dict[str, Any]:
@@ -33,11 +34,7 @@ def problem(response: HTTPResponse) -> dict[str, Any]:
 
 async def get_json(http_client: Any, url: str) -> tuple[int, dict[str, Any]]:
     """Status and JSON body of `GET url`; error statuses are returned, not raised."""
-    try:
-        response = await http_client.fetch(url)
-    except HTTPClientError as exc:
-        assert exc.response is not None
-        response = exc.response
+    response = await http_client.fetch(url, raise_error=False)
     return response.code, json.loads(response.body)
 
 
