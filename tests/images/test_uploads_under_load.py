@@ -121,7 +121,8 @@ async def test_broadcast_p99_during_20_uploads_stays_within_twice_idle(
     try:
         assert (await next_event(proc))["event"] == "ready"
 
-        async def upload_all(files: list[Path]) -> list[int]:
+        async def start_uploads(files: list[Path]) -> asyncio.subprocess.Process:
+            """The uploader, started and imported, waiting for the word to begin."""
             uploader = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -129,12 +130,21 @@ async def test_broadcast_p99_during_20_uploads_stays_within_twice_idle(
                 url,
                 admin["Authorization"],
                 *map(str, files),
+                stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 cwd=PROJECT_ROOT,
             )
-            output, _ = await asyncio.wait_for(uploader.communicate(), 120)
+            assert uploader.stdout is not None
+            assert await asyncio.wait_for(uploader.stdout.readline(), 60) == b"ready\n"
+            return uploader
+
+        async def run_uploads(uploader: asyncio.subprocess.Process) -> list[int]:
+            output, _ = await asyncio.wait_for(uploader.communicate(b"go\n"), 120)
             statuses: list[int] = json.loads(output)
             return statuses
+
+        async def upload_all(files: list[Path]) -> list[int]:
+            return await run_uploads(await start_uploads(files))
 
         # A node in service has its image worker running: start it (first upload) and let
         # the cable warm up before measuring.
@@ -142,8 +152,9 @@ async def test_broadcast_p99_during_20_uploads_stays_within_twice_idle(
         await measure_while(proc, asyncio.sleep(1.0))
         for round_number in range(ROUNDS):
             batch = photos[round_number * UPLOADS : (round_number + 1) * UPLOADS]
+            uploader = await start_uploads(batch)
             idle = await measure_while(proc, asyncio.sleep(IDLE_S))
-            uploads = asyncio.ensure_future(upload_all(batch))
+            uploads = asyncio.ensure_future(run_uploads(uploader))
             loaded = await measure_while(proc, uploads)
             statuses = uploads.result()
             idle_after = await measure_while(proc, asyncio.sleep(IDLE_S))
