@@ -2,12 +2,14 @@
 
 Cacheable storefront pages carry `Surrogate-Key`/`Cache-Tag` headers naming what they show
 (`product-42`, and `products` on list pages). After a catalog write that changes a page (a
-product's fields, a new image, a stock change by an admin), `CatalogService` calls the purge
-callable it was given with those keys, like it calls `publish`: the catalog knows no HTTP.
+product's fields, a new image, a stock change by an admin or a checkout), the domain service
+calls the purge callable it was given with those keys, like it calls `publish`: it knows no
+HTTP.
 
 That callable is `PurgeQueue.submit`: fire-and-forget for the writer (it never waits for an
 edge and never fails a write), but owned by the node: a bounded queue drained by one
-background task that the node starts and stops. A full queue drops the keys (counted and
+background task that the node starts and stops. Keys coalesce (one purge per key per
+`FM_EDGE_PURGE_INTERVAL_S` however often it changes). A full queue drops the keys (counted and
 logged; the pages then live until their `s-maxage`, the bound a lost purge costs anyway), and
 a purge that fails is logged and counted, not retried.
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,6 +43,11 @@ LIST_KEY = "products"
 def product_key(product_id: int | str) -> str:
     """The surrogate key of one product's pages."""
     return f"product-{product_id}"
+
+
+def page_keys(product_ids: Iterable[int]) -> list[str]:
+    """The surrogate keys of the pages showing these products: theirs and the list pages'."""
+    return [*(product_key(product_id) for product_id in product_ids), LIST_KEY]
 
 
 class Purger(Protocol):
@@ -121,33 +128,51 @@ class NginxPurger:
 class PurgeStats:
     """What the queue did (tests and `/metrics`)."""
 
-    submitted: int = 0  # batches accepted
+    submitted: int = 0  # submits accepted (their keys were queued or already pending)
     purged: int = 0  # batches the purger finished
     failed: int = 0  # batches the purger raised on
-    dropped: int = 0  # batches refused because the queue was full
+    dropped: int = 0  # submits refused because the queue held its limit of keys
 
 
 class PurgeQueue:
-    """A bounded queue of key batches and the task that hands them to a `Purger`."""
+    """The keys waiting to be purged, and the task that hands them to a `Purger`.
 
-    def __init__(self, purger: Purger, max_batches: int = 1000) -> None:
+    Keys coalesce: a key submitted while it is still waiting is not queued twice, and the
+    drain task takes every waiting key as one batch, then rests `min_interval_s` before the
+    next. So a page changing many times a second (a hot product selling out during a sale,
+    every checkout changing its count) is purged at most once per interval instead of once per
+    write, which would empty the edge of exactly the pages most people view; a write is at the
+    edge within one interval plus a purge round trip. At most `max_keys` keys wait; past that
+    a submit is dropped (logged and counted: those pages then live until their `s-maxage`).
+    """
+
+    def __init__(
+        self, purger: Purger, max_keys: int = 1000, *, min_interval_s: float = 0.0
+    ) -> None:
         self.purger = purger
+        self.max_keys = max_keys
+        self.min_interval_s = min_interval_s
         self.stats = PurgeStats()
-        self._queue: asyncio.Queue[tuple[str, ...]] = asyncio.Queue(max_batches)
+        self._pending: dict[str, None] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._task: asyncio.Task[None] | None = None
 
     def submit(self, keys: Sequence[str]) -> None:
         """Queue `keys` for purging and return at once (drops them, logged, when full)."""
-        batch = tuple(dict.fromkeys(keys))
-        if not batch:
+        if not keys:
             return
-        try:
-            self._queue.put_nowait(batch)
-        except asyncio.QueueFull:
+        fresh = [key for key in dict.fromkeys(keys) if key not in self._pending]
+        if len(self._pending) + len(fresh) > self.max_keys:
             self.stats.dropped += 1
-            _log.warning("edge_purge_dropped", keys=list(batch), reason="queue full")
+            _log.warning("edge_purge_dropped", keys=fresh, reason="queue full")
             return
         self.stats.submitted += 1
+        if fresh:
+            self._pending.update(dict.fromkeys(fresh))
+            self._idle.clear()
+            self._wake.set()
 
     def start(self) -> None:
         """Start draining (on the node's loop)."""
@@ -159,19 +184,21 @@ class PurgeQueue:
         if self._task is None:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), 1.0)
+            await asyncio.wait_for(self._idle.wait(), 1.0)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
 
     async def wait_idle(self) -> None:
-        """Wait until every queued batch was handed to the purger (tests)."""
-        await self._queue.join()
+        """Wait until every waiting key was handed to the purger (tests)."""
+        await self._idle.wait()
 
     async def _drain(self) -> None:
         while True:
-            batch = await self._queue.get()
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = tuple(self._pending), {}
             try:
                 await self.purger.purge(batch)
                 self.stats.purged += 1
@@ -180,8 +207,10 @@ class PurgeQueue:
             except Exception as exc:
                 self.stats.failed += 1
                 _log.warning("edge_purge_failed", keys=list(batch), error=repr(exc))
-            finally:
-                self._queue.task_done()
+            if not self._pending:
+                self._idle.set()
+            if self.min_interval_s > 0:
+                await asyncio.sleep(self.min_interval_s)
 
 
 def make_purger(kind: str, purge_url: str | None) -> Purger:

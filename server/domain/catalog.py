@@ -43,10 +43,9 @@ import psycopg2.errors
 
 from server.adapters.cache import NS_PRODUCT, NS_PRODUCT_LIST, CachedLoader
 from server.adapters.db.router import ShardRouter
-from server.adapters.purge import LIST_KEY, product_key
 from server.common.errors import InvalidInput, NotFound
 from server.common.logs import get_logger
-from server.domain.events import Publish, StockChanged
+from server.domain.events import Publish, Purge, StockChanged, pages_changed
 from server.domain.inventory import (
     MAX_STOCK,
     OutOfStock,
@@ -69,9 +68,6 @@ __all__ = [
 ]
 
 _log = get_logger("finalmarket.catalog")
-
-# Tells the edge caches which pages changed (surrogate keys); see server/adapters/purge.py.
-Purge = Callable[[Sequence[str]], None]
 
 MAX_PRODUCT_ID = 2**63 - 1
 MAX_NAME_CHARS = 200
@@ -779,13 +775,7 @@ class CatalogService:
 
     def _purge_edge(self, product_id: int | None) -> None:
         """Tell the edge the pages of `product_id` (None: only list pages) changed."""
-        if self._purge is None:
-            return
-        keys = [LIST_KEY] if product_id is None else [product_key(product_id), LIST_KEY]
-        try:
-            self._purge(keys)
-        except Exception as exc:  # the write stands; the pages expire by their s-maxage
-            _log.warning("edge_purge_submit_failed", keys=keys, error=repr(exc))
+        pages_changed(self._purge, [] if product_id is None else [product_id])
 
     async def _bump(self, ns: str, key: str | None = None) -> None:
         """Invalidate after a commit. If Redis is down the write still stands: this node drops

@@ -47,7 +47,7 @@ from server.adapters.db.router import ShardRouter
 from server.common.errors import Conflict, InvalidInput, NotFound
 from server.common.logs import get_logger
 from server.domain.carts import load_cart
-from server.domain.events import CartChanged, Publish, StockChanged, announce
+from server.domain.events import CartChanged, Publish, Purge, StockChanged, announce, pages_changed
 from server.domain.inventory import OutOfStock
 from server.domain.notifications import NotificationService, insert_notification
 from server.domain.orders import order_dict
@@ -142,6 +142,19 @@ async def commit_reservations(router: ShardRouter, user_id: int, key: str) -> in
         return int(cur.rowcount)
 
 
+async def announce_stock(
+    publish: Publish | None, purge: Purge | None, stock: dict[int, int]
+) -> None:
+    """After stock moved (`{product_id: left}`): the new counts on the products' streams, and
+    the pages that show them purged from the edge (coalesced by the purge queue, so a product
+    selling fast is purged at most once per `FM_EDGE_PURGE_INTERVAL_S`)."""
+    if not stock:
+        return
+    pages_changed(purge, stock)
+    for product_id, left in stock.items():
+        await announce(publish, StockChanged(product_id, left))
+
+
 class CheckoutService:
     """Runs the checkout saga for one request; see the module docstring for the steps.
 
@@ -155,12 +168,14 @@ class CheckoutService:
         router: ShardRouter,
         publish: Publish | None = None,
         *,
+        purge: Purge | None = None,
         in_progress_wait_s: float = 3.0,
         poll_interval_s: float = 0.05,
         after_reserve: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.router = router
         self.publish = publish
+        self.purge = purge
         self.in_progress_wait_s = in_progress_wait_s
         self.poll_interval_s = poll_interval_s
         self.after_reserve = after_reserve
@@ -373,8 +388,7 @@ class CheckoutService:
             raise
         await self.confirm(user_id, key)
         await self.notifications.announce(user_id, notification)
-        for product_id, left in stock.items():
-            await announce(self.publish, StockChanged(product_id, left))
+        await self._publish_stock(stock)
         await announce(self.publish, CartChanged(user_id, cart))
         return CheckoutResult(201, {"order": order})
 
@@ -416,8 +430,7 @@ class CheckoutService:
             await self._abandon(user_id, key)
 
     async def _publish_stock(self, stock: dict[int, int]) -> None:
-        for product_id, left in stock.items():
-            await announce(self.publish, StockChanged(product_id, left))
+        await announce_stock(self.publish, self.purge, stock)
 
 
 @dataclass(slots=True)
@@ -446,12 +459,14 @@ class CheckoutSweeper:
         router: ShardRouter,
         publish: Publish | None = None,
         *,
+        purge: Purge | None = None,
         period_s: float = 30.0,
         stale_after_s: float = 60.0,
         batch_size: int = 500,
     ) -> None:
         self.router = router
         self.publish = publish
+        self.purge = purge
         self.period_s = period_s
         self.stale_after_s = stale_after_s
         self.batch_size = batch_size
@@ -513,8 +528,7 @@ class CheckoutSweeper:
                     report.released += 1
             except Exception as exc:  # one shard down must not stop the others
                 _log.warning("sweep_saga_failed", user_id=user_id, error=repr(exc))
-        for product_id, left in stock.items():
-            await announce(self.publish, StockChanged(product_id, left))
+        await announce_stock(self.publish, self.purge, stock)
         report.keys_removed = await self._remove_stale_keys()
         return report
 

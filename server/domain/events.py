@@ -8,15 +8,19 @@ A stream is a name (`inventory:product:42`); an event is a small typed object wh
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from server.adapters.purge import page_keys
 from server.common.logs import get_logger
 
 # What the domain is handed to announce an event: `publish(stream, message)` (the realtime
 # hub's, in a node); never a broker or a socket.
 Publish = Callable[[str, dict[str, Any]], Awaitable[Any]]
+# What the domain is handed to tell the edge caches which pages changed: `purge(keys)` with
+# the pages' surrogate keys (`server.adapters.purge`); fire-and-forget, never an HTTP client.
+Purge = Callable[[Sequence[str]], None]
 _log = get_logger("finalmarket.events")
 
 
@@ -114,3 +118,16 @@ async def announce(publish: Publish | None, event: Event) -> None:
         await publish(event.stream, event.to_message())
     except Exception as exc:  # the committed change stands either way
         _log.warning("publish_failed", stream=event.stream, error=repr(exc))
+
+
+def pages_changed(purge: Purge | None, product_ids: Iterable[int]) -> None:
+    """Tell the edge that the pages showing these products changed (their own and the list
+    pages); a failure is logged, never raised: the write stands, the pages expire by their
+    `s-maxage`."""
+    if purge is None:
+        return
+    keys = page_keys(product_ids)
+    try:
+        purge(keys)
+    except Exception as exc:
+        _log.warning("edge_purge_submit_failed", keys=keys, error=repr(exc))

@@ -125,6 +125,7 @@ class Services:
         purges = PurgeQueue(
             make_purger(settings.edge_purge, settings.edge_purge_url),
             settings.edge_purge_queue_limit,
+            min_interval_s=settings.edge_purge_interval_s,
         )
         catalog = CatalogService(
             router,
@@ -152,6 +153,7 @@ class Services:
             sweeper=CheckoutSweeper(
                 router,
                 cable.publish,
+                purge=purges.submit,
                 period_s=settings.checkout_sweep_period_s,
                 stale_after_s=settings.checkout_stale_after_s,
             ),
@@ -163,7 +165,7 @@ class Services:
             images=images,
             users=UserService(router),
             carts=CartService(router, cable.publish),
-            checkout=CheckoutService(router, cable.publish),
+            checkout=CheckoutService(router, cable.publish, purge=purges.submit),
             orders=OrderService(router),
             notifications=NotificationService(router, cable.publish),
             purges=purges,

@@ -687,8 +687,18 @@ class Settings(BaseSettings):
         1000,
         ge=1,
         le=1_000_000,
-        description="Purge batches queued for the background purger; beyond it they are "
-        "dropped (logged and counted; pages then expire by `s-maxage`).",
+        description="Surrogate keys waiting for the background purger; beyond it a write's "
+        "keys are dropped (logged and counted; its pages then expire by `s-maxage`).",
+        json_schema_extra=_group("storefront"),
+    )
+    edge_purge_interval_s: float = Field(
+        0.5,
+        ge=0,
+        le=60,
+        description="Rest between two purge batches: keys changed meanwhile go out together, "
+        "so a page that changes many times a second (every checkout changes a product's "
+        "count) is purged at most once per interval and stays cached between; a write reaches "
+        "the edge within this plus one purge round trip.",
         json_schema_extra=_group("storefront"),
     )
     cart_idempotency_ttl_s: int = Field(

@@ -4,6 +4,7 @@ once per product version, edge purges on writes, and the form posts with their C
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ from server.adapters.cache.fragments import STOCK_SLOT
 from server.adapters.purge import PurgeQueue
 from server.wiring.services import Services
 from server.wiring.settings import Settings
+from tests.helpers.commerce import buyer_with_cart
 from tests.helpers.storefront import (
     Browser,
     build_dist,
@@ -293,7 +295,9 @@ async def test_writes_purge_the_pages_that_show_them(
     queue.purger = recording
     lamp, chair = products
     await services.catalog.update_product(lamp, {"price_cents": 1500})
+    await queue.wait_idle()
     await services.catalog.change_stock(chair, delta=-1)
+    await queue.wait_idle()
     created = await services.catalog.create_product(name="Rug", price_cents=100)
     await queue.wait_idle()
     assert recording.batches == [
@@ -305,6 +309,43 @@ async def test_writes_purge_the_pages_that_show_them(
     metrics = (await fetch(http_client, base_url + "/metrics")).body.decode()
     assert 'fm_edge_purges_total{outcome="purged"} 3.0' in metrics
     assert created["id"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_checkout_purges_the_pages_of_what_it_sold(
+    products: list[int], services: Services
+) -> None:
+    """The count on a product's page moves with every sale, not only with an admin's change."""
+    recording = RecordingPurger()
+    services.purges.purger = recording
+    lamp, chair = products
+    user_id, _ = await buyer_with_cart(services, "buyer@example.com", chair, quantity=2)
+    result = await services.checkout.checkout(user_id, "purge-key-0001")
+    assert result.status == 201
+    await services.purges.wait_idle()
+    assert recording.batches == [(f"product-{chair}", "products")]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_page_changing_fast_is_purged_once_per_interval(
+    products: list[int], services: Services
+) -> None:
+    """A burst of stock changes is one purge at once and one per interval after, the last one
+    after the last change: the edge keeps the page between."""
+    assert services.settings.edge_purge_interval_s == 0.5  # the shipped default
+    services.purges.min_interval_s = interval = 1.0
+    recording = RecordingPurger()
+    services.purges.purger = recording
+    lamp, _ = products
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for _ in range(40):
+        await services.catalog.change_stock(lamp, delta=1)
+    took = loop.time() - started
+    await services.purges.wait_idle()
+    assert set(recording.batches) == {(f"product-{lamp}", "products")}
+    assert 2 <= len(recording.batches) <= 2 + int(took / interval), (took, recording.batches)
+    assert services.purges.stats.submitted == 40
 
 
 @pytest.mark.gen_test(timeout=30)
