@@ -318,7 +318,7 @@ async def test_a_checkout_purges_the_pages_of_what_it_sold(
     """The count on a product's page moves with every sale, not only with an admin's change."""
     recording = RecordingPurger()
     services.purges.purger = recording
-    lamp, chair = products
+    _, chair = products
     user_id, _ = await buyer_with_cart(services, "buyer@example.com", chair, quantity=2)
     result = await services.checkout.checkout(user_id, "purge-key-0001")
     assert result.status == 201
