@@ -249,10 +249,19 @@ class Shop:
         return user.id, await self.services.sessions.create(user.id, admin)
 
     async def api(
-        self, token: str, path: str, method: str = "GET", body: Any = None, base: str = ""
+        self,
+        token: str,
+        path: str,
+        method: str = "GET",
+        body: Any = None,
+        base: str = "",
+        key: str | None = None,
     ) -> Any:
-        """One REST call as `token` (on node A, or on `base`); the decoded answer."""
+        """One REST call as `token` (on node A, or on `base`; with `Idempotency-Key: key`);
+        the decoded answer."""
         headers = {"Authorization": f"Bearer {token}"}
+        if key is not None:
+            headers["Idempotency-Key"] = key
         if body is not None:
             headers["Content-Type"] = "application/json"
         data = None if body is None else json.dumps(body).encode()

@@ -3,11 +3,13 @@ the cart following the CartChannel across tabs, checkout through the form."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 from playwright.async_api import expect
 
+from server.domain.events import notification_stream
 from tests.browser.conftest import NewContext, Shop, sign_in, wait_until_live
 from tests.helpers.cable import ExtraNode
 
@@ -120,3 +122,31 @@ async def test_checkout_through_the_form_lists_the_order(
     orders = await shop.api(token, "/api/v1/orders")
     assert [o["total_cents"] for o in orders["items"]] == [2500]
     await expect(page.locator(".site-header [data-cart-target=count]")).to_have_text("0")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_order_placed_on_another_device_shows_as_a_toast(
+    shop: Shop, node_b: ExtraNode, new_context: NewContext
+) -> None:
+    """The NotificationsChannel's messages become toasts: an order placed through the API on
+    node B shows on the page a signed-in shopper has open on node A, and can be dismissed."""
+    lamp = shop.add_product("Desk Lamp", stock=5, price_cents=1250)
+    user_id, token = await shop.add_user("ada@example.com")
+    page = await (await new_context()).new_page()
+    await sign_in(page, shop, "ada@example.com")
+    stream = notification_stream(user_id)
+    deadline = time.monotonic() + 15
+    while shop.services.cable.hub.subscriber_count(stream) == 0:  # the page subscribed
+        assert time.monotonic() < deadline, "the page never subscribed to its notifications"
+        await asyncio.sleep(0.05)
+    other_device = f"http://127.0.0.1:{node_b.port}"
+    await shop.api(token, "/api/v1/cart/items", "POST", {"product_id": str(lamp), "quantity": 2})
+    placed = await shop.api(
+        token, "/api/v1/checkout", "POST", {}, base=other_device, key="toast-order-0001"
+    )
+    toast = page.locator(".toasts .toast")
+    await expect(toast).to_have_count(1)
+    await expect(toast.locator("strong")).to_have_text(f"Order {placed['order']['id']} confirmed")
+    await expect(toast.locator("p")).to_have_text("2 items, total 25.00 USD")
+    await toast.locator("button.toast-close").click()
+    await expect(toast).to_have_count(0)
