@@ -4,11 +4,8 @@ Ties the pieces together: connections (`realtime.connection`) send commands here
 (`realtime.channels`) authorise and give first messages; the hub (`realtime.hub`) fans out;
 the broker (`realtime.broker`) carries messages between nodes with offsets and history.
 
-Delivery order per stream: the node remembers the last offset it handed to the hub. A new
-subscriber is sent its snapshot or replay up to that offset and joins the hub in the same
-loop step, so it neither misses nor repeats a message. An envelope that skips offsets (lost
-while Redis was away) is preceded by the missing ones from history; when history cannot
-supply them, or the epoch changed, subscribers are sent a fresh snapshot.
+Delivery per stream (positions, first messages, gap filling and resync) is
+`realtime.delivery`'s; this module adds the connections, subscriptions, sessions and pings.
 
 Connections speaking AnyCable's extended protocol (`realtime.cable_sessions`) also get a
 session id, can come back with it (their subscriptions restored, not joined to the hub until
@@ -23,13 +20,12 @@ import socket
 import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Histogram
 
 from realtime import cable_codec
-from realtime.broker import DEFAULT_HISTORY_TTL_S, Envelope, RedisBroker
+from realtime.broker import DEFAULT_HISTORY_TTL_S, RedisBroker
 from realtime.cable_codec import CableCodec, CommandError, HistoryRequest, StreamMessage
 from realtime.cable_sessions import CableSession, CableSessions, new_sid
 from realtime.channels import Channel, Reject, Subscription, build_channels
@@ -39,20 +35,11 @@ from realtime.connection import (
     ExtendedState,
     parse_identifier,
 )
-from realtime.hub import Hub, stream_frame
+from realtime.delivery import StreamDelivery
+from realtime.hub import Hub, Subscriber
 from realtime.limits import CableLimits
 from realtime.presence import PRESENCE_TTL_S, Presence
-from realtime.recovery import (
-    HISTORY_CONFIRMED,
-    HISTORY_REJECTED,
-    Arrival,
-    Gap,
-    Step,
-    arrival,
-    gap_step,
-    plan_first_messages,
-    when_history_is_missing,
-)
+from realtime.recovery import HISTORY_CONFIRMED, HISTORY_REJECTED
 from realtime.watch import DEFAULT_MAX_PENDING, StreamWatch, WatchOverflow
 from server.adapters.db.router import ShardRouter
 from server.adapters.sessions import Session
@@ -74,12 +61,6 @@ RESTORE_HISTORY_WAIT_S = 5.0
 SESSION_LOAD_TIMEOUT_S = 2.0
 DEFAULT_SESSION_TTL_S = 300
 DEFAULT_PONG_TIMEOUT_S = 6.0
-
-
-@dataclass(slots=True)
-class _Position:
-    offset: int
-    epoch: str
 
 
 class CableServer:
@@ -112,15 +93,17 @@ class CableServer:
             registry=None,  # exported by realtime.metrics.CableStatsCollector
         )
         self.hub.observe_fanout = self.fanout_seconds.observe
+        self.delivery = StreamDelivery(self.hub, self._spawn, self._snapshot_of_group)
         self.broker = RedisBroker(
             redis,
             node_id,
-            self._on_envelope,
-            self._on_reconnect,
+            self.delivery.on_envelope,
+            self.delivery.on_reconnect,
             history_maxlen,
             sharded=sharded_pubsub,
             history_ttl_s=history_ttl_s,
         )
+        self.delivery.attach(self.broker)
         self.sessions = CableSessions(redis, session_ttl_s)
         self.pong_timeout_s = pong_timeout_s
         self.presence = Presence(redis, node_id, self.publish, presence_ttl_s)
@@ -129,10 +112,6 @@ class CableServer:
         )
         self.connections: dict[CableConnection, None] = {}
         self._per_ip: dict[str, int] = {}
-        self._positions: dict[str, _Position] = {}
-        # streams whose catch-up task runs -> what waits for it (None: compare with Redis)
-        self._catching_up: dict[str, list[Envelope | None]] = {}
-        self._following: dict[str, asyncio.Future[None]] = {}
         self._subscriptions: dict[tuple[str, str], Subscription] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pinger: asyncio.Task[None] | None = None
@@ -146,13 +125,25 @@ class CableServer:
         self._sessions_flush_scheduled = False
         self._pong_watch: dict[CableConnection, None] = {}  # extended clients sending pongs
         self.restored_sessions = 0
-        self.gaps_filled = 0  # live gaps filled from history (a lost message, a reconnect)
-        self.resyncs = 0  # live gaps history could not fill: fresh snapshots sent
         self.history_confirmed = 0
         self.history_rejected = 0
         self.refusals = 0
         self.commands = 0  # client frames carrying commands, refused or not (for metrics)
-        self.received = 0  # stream messages that arrived from Redis (for metrics)
+
+    @property
+    def gaps_filled(self) -> int:
+        """Live gaps filled from history (a lost message, a reconnect)."""
+        return self.delivery.gaps_filled
+
+    @property
+    def resyncs(self) -> int:
+        """Live gaps history could not fill: fresh snapshots sent."""
+        return self.delivery.resyncs
+
+    @property
+    def received(self) -> int:
+        """Stream messages that arrived from Redis."""
+        return self.delivery.received
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -535,20 +526,7 @@ class CableServer:
         return shared
 
     async def _follow(self, stream: str) -> None:
-        """Make this node receive `stream` and know its position; concurrent first
-        subscribers of one stream share one Redis round trip."""
-        if stream in self._positions:
-            return
-        pending = self._following.get(stream)
-        if pending is None:
-            pending = self._following[stream] = asyncio.ensure_future(self._start_following(stream))
-            pending.add_done_callback(lambda _f: self._following.pop(stream, None))
-        await asyncio.shield(pending)
-
-    async def _start_following(self, stream: str) -> None:
-        await self.broker.subscribe(stream)
-        offset, epoch = await self.broker.position(stream)
-        self._positions.setdefault(stream, _Position(offset, epoch))
+        await self.delivery.follow(stream)
 
     async def _first_messages(
         self,
@@ -558,37 +536,20 @@ class CableServer:
         user: Session | None,
         history: HistoryRequest | None = None,
     ) -> tuple[list[StreamMessage], str | None]:
-        """What a subscriber gets before live messages, up to the node's position, and the
-        answer to its extended `history` request (None when it made none), as
-        `realtime.recovery.plan_first_messages` decides from the positions: a replay from
-        history, the snapshot (also when history no longer reaches back), or nothing."""
-        while True:
-            position = self._positions.get(stream)
-            if position is None:  # the stream was released meanwhile; start over
-                offset, epoch = await self.broker.position(stream)
-                position = _Position(offset, epoch)
-            target, epoch = position.offset, position.epoch
-            plan = plan_first_messages(channel.recovery, stream, params, history, target, epoch)
-            replay: list[tuple[int, Any]] | None = None
-            if plan.step is Step.NOTHING:
-                replay = []
-            elif plan.step is Step.REPLAY:
-                replay = await self.broker.history_after(stream, plan.after, target)
-                if replay is None:
-                    plan = when_history_is_missing(plan)
-            if plan.step in (Step.SNAPSHOT, Step.SINCE):
-                snapshot = await channel.snapshot(params, user)
-                if snapshot is not None:
-                    replay = [(target, snapshot)]
-                elif plan.step is Step.SINCE and history and history.since is not None:
-                    replay = await self.broker.history_since(stream, history.since, target)
-            messages = [
-                StreamMessage(stream, payload, offset, epoch) for offset, payload in replay or ()
-            ]
-            now = self._positions.get(stream)
-            if now is None or (now.offset == target and now.epoch == epoch):
-                return messages, plan.outcome
-            # The stream moved while we read: recompute so nothing between is lost.
+        """What a subscriber gets before live messages, and the answer to its `history`
+        request (`StreamDelivery.first_messages`, with the channel's snapshot)."""
+        return await self.delivery.first_messages(
+            channel.recovery, stream, params, lambda: channel.snapshot(params, user), history
+        )
+
+    async def _snapshot_of_group(self, identifier: str, members: list[Subscriber]) -> Any:
+        """The current state for subscribers sharing `identifier` (for a resync)."""
+        for member in members:
+            if isinstance(member, CableConnection):
+                subscription = member.subscriptions.get(identifier)
+                if subscription is not None:
+                    return await subscription.channel.snapshot(subscription.params, member.user)
+        return None
 
     def unsubscribe(self, conn: CableConnection, identifier: str) -> None:
         """Handle `unsubscribe` (also used when a connection goes away)."""
@@ -624,10 +585,7 @@ class CableServer:
                 self._release_stream_if_unused(stream)
 
     def _release_stream_if_unused(self, stream: str) -> None:
-        if self.hub.subscriber_count(stream) == 0 and stream in self._positions:
-            del self._positions[stream]
-            self._catching_up.pop(stream, None)
-            self._spawn(self.broker.unsubscribe(stream))
+        self.delivery.release_if_unused(stream)
 
     def perform(self, conn: CableConnection, identifier: str, data: str) -> None:
         """Handle a `message` command: an action on one of the connection's subscriptions."""
@@ -669,136 +627,7 @@ class CableServer:
         """Publish a domain event (stock change, cart change) to every node's subscribers."""
         return await self.broker.publish(stream, message)
 
-    # --- delivery -----------------------------------------------------------------------------
-
-    def _on_envelope(self, envelope: Envelope) -> None:
-        self.received += 1
-        stream = envelope.stream
-        position = self._positions.get(stream)
-        if position is None:
-            return  # no local subscribers any more
-        waiting = self._catching_up.get(stream)
-        if waiting is not None:
-            waiting.append(envelope)
-            return
-        seen = arrival(envelope.offset, envelope.epoch, position.offset, position.epoch)
-        if seen is Arrival.DELIVERED:
-            return  # already delivered (replayed from history)
-        if seen is Arrival.NEXT:
-            position.offset = envelope.offset
-            self.hub.broadcast(
-                stream, StreamMessage(stream, envelope.payload, envelope.offset, envelope.epoch)
-            )
-            return
-        self._queue_catch_up(stream, envelope)
-
-    def _queue_catch_up(self, stream: str, item: Envelope | None) -> None:
-        """Hand `item` (an envelope past a gap, or None: compare with Redis' own position) to
-        the stream's catch-up task, starting one if none runs. One task per stream works
-        through its queue in order, so the fills of a lost message and of a reconnect can
-        never both send the same offsets; envelopes arriving meanwhile wait behind them."""
-        waiting = self._catching_up.get(stream)
-        if waiting is not None:
-            waiting.append(item)
-            return
-        self._catching_up[stream] = [item]
-        self._spawn(self._catch_up(stream))
-
-    async def _catch_up(self, stream: str) -> None:
-        """Work through the stream's queue: before an envelope past a gap, the missed messages
-        from history, or when history cannot supply them (or the epoch changed), a fresh
-        snapshot for every subscriber; then the envelope. A None item (after a Redis
-        reconnect) brings subscribers up to Redis' position the same way."""
-        try:
-            while (waiting := self._catching_up.get(stream)) and (
-                position := self._positions.get(stream)
-            ):
-                item = waiting.pop(0)
-                if item is None:
-                    offset, epoch = await self.broker.position(stream)
-                    position = self._positions.get(stream)
-                    if position is not None and (epoch, offset) != (
-                        position.epoch,
-                        position.offset,
-                    ):
-                        await self._fill(stream, position, offset, epoch)
-                    continue
-                seen = arrival(item.offset, item.epoch, position.offset, position.epoch)
-                if seen is Arrival.DELIVERED:
-                    continue
-                if seen is Arrival.GAP:
-                    await self._fill(stream, position, item.offset - 1, item.epoch)
-                current = self._positions.get(stream)
-                if current is not None and (
-                    arrival(item.offset, item.epoch, current.offset, current.epoch) is Arrival.NEXT
-                ):
-                    current.offset = item.offset
-                    self.hub.broadcast(
-                        stream, StreamMessage(stream, item.payload, item.offset, item.epoch)
-                    )
-        finally:
-            self._catching_up.pop(stream, None)
-
-    async def _fill(self, stream: str, position: _Position, until: int, epoch: str) -> None:
-        """Bring the stream's subscribers from `position` to offset `until` of `epoch`: the
-        messages in between from history, in order, or if history no longer holds them all
-        (or the epoch is another: Redis lost the stream's data) a fresh snapshot at `until`."""
-        step = gap_step(position.offset, position.epoch, until, epoch)
-        if step is Gap.NONE:
-            return
-        if step is Gap.FROM_HISTORY:
-            missed = await self.broker.history_after(stream, position.offset, until)
-            if self._positions.get(stream) is not position:
-                return  # released meanwhile
-            if missed is not None:
-                self.gaps_filled += 1
-                for offset, payload in missed:
-                    self.hub.broadcast(stream, StreamMessage(stream, payload, offset, epoch))
-                position.offset = until
-                return
-        await self._resync(stream, until + 1, epoch)
-
-    async def _resync(self, stream: str, offset: int, epoch: str) -> None:
-        """History cannot fill the gap: send every subscriber a fresh snapshot at `offset - 1`
-        (of `epoch`: on the extended protocol the frame's epoch tells the client its old
-        position means nothing any more)."""
-        position = self._positions.get(stream)
-        if position is None:
-            return
-        self.resyncs += 1
-        position.offset, position.epoch = offset - 1, epoch
-        _log.info("stream_resync", stream=stream, epoch=epoch, offset=offset - 1)
-        # Messages queued in the hub for this stream go out before the snapshots.
-        self.hub.flush()
-        for identifier, codec, members in self.hub.each_group(stream):
-            subscription = next(
-                (
-                    conn.subscriptions.get(identifier)
-                    for conn in members
-                    if isinstance(conn, CableConnection)
-                ),
-                None,
-            )
-            if subscription is None:
-                continue
-            # Snapshots of user streams depend only on the stream, so one per group serves all.
-            user = next((c.user for c in members if isinstance(c, CableConnection)), None)
-            snapshot = await subscription.channel.snapshot(subscription.params, user)
-            if snapshot is None:
-                continue
-            frame = stream_frame(
-                codec, identifier, StreamMessage(stream, snapshot, offset - 1, epoch)
-            )
-            for member in members:
-                if isinstance(member, CableConnection) and member.closing:
-                    continue
-                member.send(frame)
-
-    async def _on_reconnect(self) -> None:
-        """Redis came back (messages published meanwhile were lost): every followed stream's
-        catch-up compares its position with what this node delivered, in its queue's order."""
-        for stream in list(self._positions):
-            self._queue_catch_up(stream, None)
+    # --- liveness -----------------------------------------------------------------------------
 
     def pong_received(self, conn: CableConnection) -> None:
         """An extended client sent `pong`: from now on it must be heard from within the pong

@@ -1,0 +1,298 @@
+"""Stream delivery on one node: positions, first messages, live gap filling and resync.
+
+The node remembers, per stream it follows, the last offset it handed to the hub. A new
+subscriber is sent its snapshot or replay up to that offset and joins the hub in the same
+loop step, so it neither misses nor repeats a message. An envelope that skips offsets (lost
+while Redis was away, or dropped by pub/sub) is preceded by the missing ones from history;
+when history cannot supply them, or the epoch changed, every subscriber of the stream is sent
+a fresh snapshot (on the extended protocol the frame's epoch tells the client its old position
+means nothing any more).
+
+This module decides what to send and in which order; the hub frames and writes, the broker
+carries envelopes and history, and the channel's `snapshot` (reached through `SnapshotOf`)
+gives current state. It knows no connection type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from realtime.broker import Envelope
+from realtime.cable_codec import CableCodec, HistoryRequest, StreamMessage
+from realtime.hub import Hub, Subscriber, stream_frame
+from realtime.recovery import (
+    Arrival,
+    Gap,
+    Recovery,
+    Step,
+    arrival,
+    gap_step,
+    plan_first_messages,
+    when_history_is_missing,
+)
+from server.common.logs import get_logger
+
+_log = get_logger("finalmarket.cable")
+
+
+class StreamSource(Protocol):
+    """What delivery needs of the broker: following streams, positions and history."""
+
+    async def subscribe(self, stream: str) -> None: ...
+
+    async def unsubscribe(self, stream: str) -> None: ...
+
+    async def position(self, stream: str) -> tuple[int, str]: ...
+
+    async def history_after(
+        self, stream: str, after: int, until: int
+    ) -> list[tuple[int, Any]] | None: ...
+
+    async def history_since(
+        self, stream: str, since_s: int, until: int
+    ) -> list[tuple[int, Any]]: ...
+
+
+# A subscriber's current state for a stream: `snapshot(identifier, members)` -> the payload
+# for that group of subscribers (same identifier, so same channel and params), or None.
+SnapshotOf = Callable[[str, list[Subscriber]], Awaitable[Any | None]]
+Snapshot = Callable[[], Awaitable[Any | None]]
+Spawn = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+@dataclass(slots=True)
+class Position:
+    """The last offset of `epoch` this node handed to its hub for one stream."""
+
+    offset: int
+    epoch: str
+
+
+class StreamDelivery:
+    """Delivery state of every stream this node follows (one per node)."""
+
+    def __init__(self, hub: Hub, spawn: Spawn, snapshot_of: SnapshotOf) -> None:
+        self.hub = hub
+        self.spawn = spawn
+        self.snapshot_of = snapshot_of
+        self.source: StreamSource | None = None  # the broker, attached once it exists
+        self._positions: dict[str, Position] = {}
+        # streams whose catch-up task runs -> what waits for it (None: compare with Redis)
+        self._catching_up: dict[str, list[Envelope | None]] = {}
+        self._following: dict[str, asyncio.Future[None]] = {}
+        self.gaps_filled = 0  # live gaps filled from history (a lost message, a reconnect)
+        self.resyncs = 0  # live gaps history could not fill: fresh snapshots sent
+        self.received = 0  # stream messages that arrived from Redis (for metrics)
+
+    def attach(self, source: StreamSource) -> None:
+        """Use `source` (the broker, which calls `on_envelope` and `on_reconnect`)."""
+        self.source = source
+
+    def _source(self) -> StreamSource:
+        if self.source is None:
+            raise RuntimeError("StreamDelivery used before its broker was attached")
+        return self.source
+
+    # --- following ----------------------------------------------------------------------------
+
+    def follows(self, stream: str) -> bool:
+        """Whether this node follows `stream` now."""
+        return stream in self._positions
+
+    async def follow(self, stream: str) -> None:
+        """Make this node receive `stream` and know its position; concurrent first
+        subscribers of one stream share one Redis round trip."""
+        if stream in self._positions:
+            return
+        pending = self._following.get(stream)
+        if pending is None:
+            pending = self._following[stream] = asyncio.ensure_future(self._start_following(stream))
+            pending.add_done_callback(lambda _f: self._following.pop(stream, None))
+        await asyncio.shield(pending)
+
+    async def _start_following(self, stream: str) -> None:
+        source = self._source()
+        await source.subscribe(stream)
+        offset, epoch = await source.position(stream)
+        self._positions.setdefault(stream, Position(offset, epoch))
+
+    def release_if_unused(self, stream: str) -> None:
+        """Stop following `stream` once nothing on this node subscribes to it."""
+        if self.hub.subscriber_count(stream) == 0 and stream in self._positions:
+            del self._positions[stream]
+            self._catching_up.pop(stream, None)
+            self.spawn(self._source().unsubscribe(stream))
+
+    async def first_messages(
+        self,
+        recovery: Recovery,
+        stream: str,
+        params: dict[str, Any],
+        snapshot: Snapshot,
+        history: HistoryRequest | None = None,
+    ) -> tuple[list[StreamMessage], str | None]:
+        """What a subscriber gets before live messages, up to the node's position, and the
+        answer to its extended `history` request (None when it made none), as
+        `realtime.recovery.plan_first_messages` decides from the positions: a replay from
+        history, the snapshot (also when history no longer reaches back), or nothing."""
+        source = self._source()
+        while True:
+            position = self._positions.get(stream)
+            if position is None:  # the stream was released meanwhile; start over
+                offset, epoch = await source.position(stream)
+                position = Position(offset, epoch)
+            target, epoch = position.offset, position.epoch
+            plan = plan_first_messages(recovery, stream, params, history, target, epoch)
+            replay: list[tuple[int, Any]] | None = None
+            if plan.step is Step.NOTHING:
+                replay = []
+            elif plan.step is Step.REPLAY:
+                replay = await source.history_after(stream, plan.after, target)
+                if replay is None:
+                    plan = when_history_is_missing(plan)
+            if plan.step in (Step.SNAPSHOT, Step.SINCE):
+                state = await snapshot()
+                if state is not None:
+                    replay = [(target, state)]
+                elif plan.step is Step.SINCE and history and history.since is not None:
+                    replay = await source.history_since(stream, history.since, target)
+            messages = [
+                StreamMessage(stream, payload, offset, epoch) for offset, payload in replay or ()
+            ]
+            now = self._positions.get(stream)
+            if now is None or (now.offset == target and now.epoch == epoch):
+                return messages, plan.outcome
+            # The stream moved while we read: recompute so nothing between is lost.
+
+    # --- live ---------------------------------------------------------------------------------
+
+    def on_envelope(self, envelope: Envelope) -> None:
+        """A message arrived from the broker: hand it to the hub if it is the next one,
+        drop it if it was delivered already, or queue it behind a catch-up."""
+        self.received += 1
+        stream = envelope.stream
+        position = self._positions.get(stream)
+        if position is None:
+            return  # no local subscribers any more
+        waiting = self._catching_up.get(stream)
+        if waiting is not None:
+            waiting.append(envelope)
+            return
+        seen = arrival(envelope.offset, envelope.epoch, position.offset, position.epoch)
+        if seen is Arrival.DELIVERED:
+            return  # already delivered (replayed from history)
+        if seen is Arrival.NEXT:
+            position.offset = envelope.offset
+            self.hub.broadcast(
+                stream, StreamMessage(stream, envelope.payload, envelope.offset, envelope.epoch)
+            )
+            return
+        self._queue_catch_up(stream, envelope)
+
+    async def on_reconnect(self) -> None:
+        """Redis came back (messages published meanwhile were lost): every followed stream's
+        catch-up compares its position with what this node delivered, in its queue's order."""
+        for stream in list(self._positions):
+            self._queue_catch_up(stream, None)
+
+    def _queue_catch_up(self, stream: str, item: Envelope | None) -> None:
+        """Hand `item` (an envelope past a gap, or None: compare with Redis' own position) to
+        the stream's catch-up task, starting one if none runs. One task per stream works
+        through its queue in order, so the fills of a lost message and of a reconnect can
+        never both send the same offsets; envelopes arriving meanwhile wait behind them."""
+        waiting = self._catching_up.get(stream)
+        if waiting is not None:
+            waiting.append(item)
+            return
+        self._catching_up[stream] = [item]
+        self.spawn(self._catch_up(stream))
+
+    async def _catch_up(self, stream: str) -> None:
+        """Work through the stream's queue: before an envelope past a gap, the missed messages
+        from history, or when history cannot supply them (or the epoch changed), a fresh
+        snapshot for every subscriber; then the envelope. A None item (after a Redis
+        reconnect) brings subscribers up to Redis' position the same way."""
+        try:
+            while (waiting := self._catching_up.get(stream)) and (
+                position := self._positions.get(stream)
+            ):
+                item = waiting.pop(0)
+                if item is None:
+                    offset, epoch = await self._source().position(stream)
+                    position = self._positions.get(stream)
+                    if position is not None and (epoch, offset) != (
+                        position.epoch,
+                        position.offset,
+                    ):
+                        await self._fill(stream, position, offset, epoch)
+                    continue
+                seen = arrival(item.offset, item.epoch, position.offset, position.epoch)
+                if seen is Arrival.DELIVERED:
+                    continue
+                if seen is Arrival.GAP:
+                    await self._fill(stream, position, item.offset - 1, item.epoch)
+                current = self._positions.get(stream)
+                if current is not None and (
+                    arrival(item.offset, item.epoch, current.offset, current.epoch) is Arrival.NEXT
+                ):
+                    current.offset = item.offset
+                    self.hub.broadcast(
+                        stream, StreamMessage(stream, item.payload, item.offset, item.epoch)
+                    )
+        finally:
+            self._catching_up.pop(stream, None)
+
+    async def _fill(self, stream: str, position: Position, until: int, epoch: str) -> None:
+        """Bring the stream's subscribers from `position` to offset `until` of `epoch`: the
+        messages in between from history, in order, or if history no longer holds them all
+        (or the epoch is another: Redis lost the stream's data) a fresh snapshot at `until`."""
+        step = gap_step(position.offset, position.epoch, until, epoch)
+        if step is Gap.NONE:
+            return
+        if step is Gap.FROM_HISTORY:
+            missed = await self._source().history_after(stream, position.offset, until)
+            if self._positions.get(stream) is not position:
+                return  # released meanwhile
+            if missed is not None:
+                self.gaps_filled += 1
+                for offset, payload in missed:
+                    self.hub.broadcast(stream, StreamMessage(stream, payload, offset, epoch))
+                position.offset = until
+                return
+        await self._resync(stream, until + 1, epoch)
+
+    async def _resync(self, stream: str, offset: int, epoch: str) -> None:
+        """History cannot fill the gap: send every subscriber a fresh snapshot at `offset - 1`
+        (of `epoch`)."""
+        position = self._positions.get(stream)
+        if position is None:
+            return
+        self.resyncs += 1
+        position.offset, position.epoch = offset - 1, epoch
+        _log.info("stream_resync", stream=stream, epoch=epoch, offset=offset - 1)
+        # Messages queued in the hub for this stream go out before the snapshots.
+        self.hub.flush()
+        for identifier, codec, members in self.hub.each_group(stream):
+            # Snapshots depend only on the identifier's channel and params (and for user
+            # streams the stream is the user's), so one per group serves all its members.
+            snapshot = await self.snapshot_of(identifier, members)
+            if snapshot is not None:
+                self._send_group(codec, identifier, members, stream, snapshot, offset - 1, epoch)
+
+    @staticmethod
+    def _send_group(
+        codec: CableCodec,
+        identifier: str,
+        members: list[Subscriber],
+        stream: str,
+        payload: Any,
+        offset: int,
+        epoch: str,
+    ) -> None:
+        frame = stream_frame(codec, identifier, StreamMessage(stream, payload, offset, epoch))
+        for member in members:
+            if not getattr(member, "closing", False):
+                member.send(frame)
