@@ -28,7 +28,7 @@ from realtime import cable_codec
 from realtime.broker import DEFAULT_HISTORY_TTL_S, RedisBroker
 from realtime.cable_codec import CableCodec, CommandError, HistoryRequest, StreamMessage
 from realtime.cable_sessions import CableSession, CableSessions, new_sid
-from realtime.channels import Channel, Reject, Subscription, build_channels
+from realtime.channels import Channel, Reject, StateReaders, Subscription, build_channels
 from realtime.connection import (
     CLOSE_GOING_AWAY,
     CableConnection,
@@ -41,7 +41,6 @@ from realtime.limits import CableLimits
 from realtime.presence import PRESENCE_TTL_S, Presence
 from realtime.recovery import HISTORY_CONFIRMED, HISTORY_REJECTED
 from realtime.watch import DEFAULT_MAX_PENDING, StreamWatch, WatchOverflow
-from server.adapters.db.router import ShardRouter
 from server.adapters.sessions import Session
 from server.common import jsontext
 from server.common.logs import get_logger
@@ -68,7 +67,7 @@ class CableServer:
 
     def __init__(
         self,
-        router: ShardRouter,
+        readers: StateReaders,
         redis: Any,
         node_id: str,
         *,
@@ -108,7 +107,7 @@ class CableServer:
         self.pong_timeout_s = pong_timeout_s
         self.presence = Presence(redis, node_id, self.publish, presence_ttl_s)
         self.channels: dict[str, Channel] = build_channels(
-            router, self.presence, benchmark=benchmark_channel
+            readers, self.presence, benchmark=benchmark_channel
         )
         self.connections: dict[CableConnection, None] = {}
         self._per_ip: dict[str, int] = {}

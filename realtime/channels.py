@@ -9,14 +9,13 @@ per-connection state.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from realtime.presence import Presence
 from realtime.recovery import Recovery
-from server.adapters.db.router import ShardRouter
 from server.adapters.sessions import Session
-from server.domain.carts import cart_view
 from server.domain.events import (
     CartChanged,
     StockChanged,
@@ -24,9 +23,21 @@ from server.domain.events import (
     notification_stream,
     stock_stream,
 )
-from server.domain.inventory import current_stock
 
 MAX_PRODUCT_ID = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class StateReaders:
+    """The current state channels authorise by and send first, read through the domain.
+
+    Passed in by the wiring (`server.domain.inventory.current_stock`,
+    `server.domain.carts.cart_view` over the node's shard router), so the realtime layer
+    holds no database handle and a test can hand channels any reader it likes.
+    """
+
+    stock: Callable[[int], Awaitable[int | None]]  # a product's stock (None: no such product)
+    cart: Callable[[int], Awaitable[Mapping[str, Any]]]  # a user's cart, as the API shows it
 
 
 class Reject(Exception):
@@ -52,9 +63,6 @@ class Channel:
     # What a client that was away needs: every message it missed (replayed from history), or
     # for a stream whose newest state supersedes the rest, that state alone (`snapshot`).
     recovery: ClassVar[Recovery] = Recovery.EVERY_MESSAGE
-
-    def __init__(self, router: ShardRouter) -> None:
-        self.router = router
 
     async def stream_for(self, params: dict[str, Any], user: Session | None) -> str:
         """The stream this subscription follows; raise `Reject` to refuse it."""
@@ -105,8 +113,8 @@ class InventoryChannel(Channel):
     name = "InventoryChannel"
     recovery = Recovery.LATEST_VALUE
 
-    def __init__(self, router: ShardRouter, presence: Presence) -> None:
-        super().__init__(router)
+    def __init__(self, readers: StateReaders, presence: Presence) -> None:
+        self.readers = readers
         self.presence = presence
 
     def joined(self, params: dict[str, Any]) -> None:
@@ -121,13 +129,13 @@ class InventoryChannel(Channel):
 
     async def stream_for(self, params: dict[str, Any], user: Session | None) -> str:
         product_id = product_id_param(params)
-        if await current_stock(self.router, product_id) is None:
+        if await self.readers.stock(product_id) is None:
             raise Reject(f"no product {product_id}")
         return stock_stream(product_id)
 
     async def snapshot(self, params: dict[str, Any], user: Session | None) -> dict[str, Any] | None:
         product_id = product_id_param(params)
-        stock = await current_stock(self.router, product_id)
+        stock = await self.readers.stock(product_id)
         return StockChanged(product_id, stock or 0).to_message()
 
 
@@ -135,6 +143,9 @@ class CartChannel(Channel):
     """The caller's own cart: the cart first, then every change from any node or device."""
 
     name = "CartChannel"
+
+    def __init__(self, readers: StateReaders) -> None:
+        self.readers = readers
 
     async def stream_for(self, params: dict[str, Any], user: Session | None) -> str:
         if user is None:
@@ -145,7 +156,7 @@ class CartChannel(Channel):
 
     async def snapshot(self, params: dict[str, Any], user: Session | None) -> dict[str, Any] | None:
         assert user is not None  # stream_for refused anonymous callers
-        return CartChanged(user.user_id, await cart_view(self.router, user.user_id)).to_message()
+        return CartChanged(user.user_id, await self.readers.cart(user.user_id)).to_message()
 
 
 class NotificationsChannel(Channel):
@@ -179,14 +190,14 @@ class BenchmarkChannel(Channel):
 
 
 def build_channels(
-    router: ShardRouter, presence: Presence, *, benchmark: bool
+    readers: StateReaders, presence: Presence, *, benchmark: bool
 ) -> dict[str, Channel]:
     """The channels a node serves, by name."""
     channels: list[Channel] = [
-        InventoryChannel(router, presence),
-        CartChannel(router),
-        NotificationsChannel(router),
+        InventoryChannel(readers, presence),
+        CartChannel(readers),
+        NotificationsChannel(),
     ]
     if benchmark:
-        channels.append(BenchmarkChannel(router))
+        channels.append(BenchmarkChannel())
     return {channel.name: channel for channel in channels}

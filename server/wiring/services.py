@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from realtime.cable import CableLimits, CableServer
+from realtime.channels import StateReaders
 from realtime.graphql_socket import GraphQLWsLimits, GraphQLWsServer
 from realtime.metrics import CableStatsCollector
 from server.adapters.cache import CachedLoader, CacheInvalidationListener, CacheStatsCollector
@@ -18,10 +20,11 @@ from server.adapters.ratelimit import LeasedRateLimiter, Limit, RateLimiter
 from server.adapters.sessions import SessionStore
 from server.common.lifecycle import NodeState
 from server.common.logs import get_logger
-from server.domain.carts import CartService
+from server.domain.carts import CartService, cart_view
 from server.domain.catalog import STOCK_FRESH_S, CatalogService
 from server.domain.checkout import CheckoutService, CheckoutSweeper
 from server.domain.images import ImageService
+from server.domain.inventory import current_stock
 from server.domain.notifications import NotificationService
 from server.domain.orders import OrderService
 from server.domain.users import UserService
@@ -95,7 +98,7 @@ class Services:
         redis = open_redis(settings)
         router = ShardRouter.for_settings(db, settings)
         cable = CableServer(
-            router,
+            StateReaders(stock=partial(current_stock, router), cart=partial(cart_view, router)),
             redis,
             settings.node_id,
             limits=CableLimits(
