@@ -5,7 +5,8 @@ Ties the pieces together: connections (`realtime.connection`) send commands here
 the broker (`realtime.broker`) carries messages between nodes with offsets and history.
 
 Delivery per stream (positions, first messages, gap filling and resync) is
-`realtime.delivery`'s; this module adds the connections, subscriptions, sessions and pings.
+`realtime.delivery`'s, finding stuck connections `realtime.liveness`'s; this module adds the
+connections, subscriptions, sessions and pings.
 
 Connections speaking AnyCable's extended protocol (`realtime.cable_sessions`) also get a
 session id, can come back with it (their subscriptions restored, not joined to the hub until
@@ -38,6 +39,7 @@ from realtime.connection import (
 from realtime.delivery import StreamDelivery
 from realtime.hub import Hub, Subscriber
 from realtime.limits import CableLimits
+from realtime.liveness import SLOW_CONSUMER_SWEEP_S, Liveness
 from realtime.presence import PRESENCE_TTL_S, Presence
 from realtime.recovery import HISTORY_CONFIRMED, HISTORY_REJECTED
 from realtime.watch import DEFAULT_MAX_PENDING, StreamWatch, WatchOverflow
@@ -49,10 +51,6 @@ __all__ = ["CableLimits", "CableServer", "StreamWatch", "WatchOverflow"]
 
 _log = get_logger("finalmarket.cable")
 _SHARED_SUBSCRIPTIONS_MAX = 100_000
-SLOW_CONSUMER_SWEEP_S = 0.25
-# Past the hard bound, a connection is cut off once its backlog has not shrunk for this long
-# (several sweeps: a reader on a busy machine may miss one or two without being stuck).
-HARD_BOUND_STALL_S = 1.0
 FANOUT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # How long restored subscriptions wait for the client's `history` command before they join
 # their streams with a fresh snapshot (the AnyCable client sends it right after `welcome`).
@@ -82,7 +80,6 @@ class CableServer:
     ) -> None:
         self.limits = limits or CableLimits()
         self.full_allowance = float(self.limits.command_burst)
-        self.hard_bytes = self.limits.slow_consumer_hard_bytes
         self.hub = Hub()
         self.fanout_seconds = Histogram(
             "fm_cable_fanout_seconds",
@@ -105,6 +102,7 @@ class CableServer:
         self.delivery.attach(self.broker)
         self.sessions = CableSessions(redis, session_ttl_s)
         self.pong_timeout_s = pong_timeout_s
+        self.liveness = Liveness(self.limits, pong_timeout_s, self.log_refusal)
         self.presence = Presence(redis, node_id, self.publish, presence_ttl_s)
         self.channels: dict[str, Channel] = build_channels(
             readers, self.presence, benchmark=benchmark_channel
@@ -115,14 +113,9 @@ class CableServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pinger: asyncio.Task[None] | None = None
         self.slow_consumers = 0
-        # backlogged connection -> [cut-off deadline, unsent bytes at the previous sweep]
-        # Per backlogged connection: [grace deadline, unsent at the last sweep, since when its
-        # backlog has not shrunk past the hard bound (0: it has)].
-        self._paused: dict[CableConnection, list[float]] = {}
         # extended connections whose session must be written (or, once gone, its last state)
         self._dirty_sessions: dict[str, CableConnection | CableSession] = {}
         self._sessions_flush_scheduled = False
-        self._pong_watch: dict[CableConnection, None] = {}  # extended clients sending pongs
         self.restored_sessions = 0
         self.history_confirmed = 0
         self.history_rejected = 0
@@ -304,8 +297,7 @@ class CableServer:
 
     def forget(self, conn: CableConnection) -> None:
         """A connection is gone: drop its subscriptions (called from connection_lost)."""
-        self._paused.pop(conn, None)
-        self._pong_watch.pop(conn, None)
+        self.liveness.forget(conn)
         if conn.ext is not None and self.sessions.ttl_s > 0:
             # Its last state, with the TTL counted from now, before the subscriptions go.
             self._dirty_sessions[conn.ext.sid] = _session_of(conn)
@@ -328,34 +320,12 @@ class CableServer:
         )
 
     def writer_paused(self, conn: CableConnection) -> None:
-        """`conn` holds more unsent bytes than the soft bound: start its grace period."""
-        self._paused[conn] = [time.monotonic() + self.limits.slow_consumer_grace_s, 0.0, 0.0]
+        """`conn` holds more unsent bytes than the soft bound (see `realtime.liveness`)."""
+        self.liveness.writer_paused(conn)
 
     def writer_resumed(self, conn: CableConnection) -> None:
         """`conn` caught up."""
-        self._paused.pop(conn, None)
-
-    def _cut_off_slow_consumers(self) -> None:
-        """Cut off backlogged connections that are past the hard bound and not draining
-        (their backlog no smaller for `HARD_BOUND_STALL_S`), or past the soft bound for longer
-        than the grace period. Runs every `SLOW_CONSUMER_SWEEP_S`, so the fan-out path checks
-        nothing, and a reader working through a big burst is never mistaken for a stuck one."""
-        now = time.monotonic()
-        for conn, watch in list(self._paused.items()):
-            deadline, previous, stalled_since = watch
-            transport = conn.transport
-            unsent = transport.get_write_buffer_size() if transport is not None else 0
-            stalled = unsent > self.hard_bytes and unsent >= previous
-            if stalled and stalled_since and now - stalled_since >= HARD_BOUND_STALL_S:
-                reason = "unsent bytes over the hard bound and not draining"
-            elif deadline <= now:
-                reason = "over the soft bound for longer than the grace period"
-            else:
-                watch[1] = float(unsent)
-                watch[2] = (stalled_since or now) if stalled else 0.0
-                continue
-            del self._paused[conn]
-            conn.cut_off_slow(reason)
+        self.liveness.writer_resumed(conn)
 
     def metrics_slow_consumer(self) -> None:
         """Count a connection cut off as a slow consumer."""
@@ -629,23 +599,8 @@ class CableServer:
     # --- liveness -----------------------------------------------------------------------------
 
     def pong_received(self, conn: CableConnection) -> None:
-        """An extended client sent `pong`: from now on it must be heard from within the pong
-        timeout (`FM_CABLE_PONG_TIMEOUT_S`), or it is told `no_pong` and closed."""
-        ext = conn.ext
-        if ext is not None and not ext.pongs and self.pong_timeout_s > 0:
-            ext.pongs = True
-            self._pong_watch[conn] = None
-
-    def _cut_off_silent_clients(self) -> None:
-        """Disconnect pong-sending clients not heard from within the pong timeout (their
-        network is gone though the socket is not); they reconnect and restore."""
-        deadline = time.monotonic() - self.pong_timeout_s
-        for conn in list(self._pong_watch):
-            ext = conn.ext
-            if ext is not None and ext.heard_at < deadline:
-                del self._pong_watch[conn]
-                self.log_refusal(conn, "no_pong", f"silent for over {self.pong_timeout_s} s")
-                conn.disconnect("no_pong", reconnect=True)
+        """An extended client sent `pong` (see `realtime.liveness`)."""
+        self.liveness.pong_received(conn)
 
     def _refresh_sessions(self) -> None:
         """Rewrite every extended connection's session before its TTL runs out."""
@@ -658,9 +613,7 @@ class CableServer:
         next_session_refresh = time.monotonic() + session_refresh_s
         while True:
             await asyncio.sleep(min(SLOW_CONSUMER_SWEEP_S, self.limits.ping_interval_s))
-            self._cut_off_slow_consumers()
-            if self._pong_watch:
-                self._cut_off_silent_clients()
+            self.liveness.sweep()
             if time.monotonic() >= next_session_refresh:
                 next_session_refresh += session_refresh_s
                 self._refresh_sessions()
