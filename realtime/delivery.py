@@ -6,7 +6,7 @@ loop step, so it neither misses nor repeats a message. An envelope that skips of
 while Redis was away, or dropped by pub/sub) is preceded by the missing ones from history;
 when history cannot supply them, or the epoch changed, every subscriber of the stream is sent
 a fresh snapshot (on the extended protocol the frame's epoch tells the client its old position
-means nothing any more).
+means nothing any more), and in-process watches a `StreamReset`.
 
 This module decides what to send and in which order; the hub frames and writes, the broker
 carries envelopes and history, and the channel's `snapshot` (reached through `SnapshotOf`)
@@ -33,6 +33,7 @@ from realtime.recovery import (
     plan_first_messages,
     when_history_is_missing,
 )
+from realtime.watch import StreamReset
 from server.common.logs import get_logger
 
 _log = get_logger("finalmarket.cable")
@@ -275,6 +276,7 @@ class StreamDelivery:
         _log.info("stream_resync", stream=stream, epoch=epoch, offset=offset - 1)
         # Messages queued in the hub for this stream go out before the snapshots.
         self.hub.flush()
+        self.hub.tell_listeners(stream, StreamReset(stream, epoch, offset - 1))
         for identifier, codec, members in self.hub.each_group(stream):
             # Snapshots depend only on the identifier's channel and params (and for user
             # streams the stream is the user's), so one per group serves all its members.

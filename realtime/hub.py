@@ -136,6 +136,15 @@ class Hub:
         del self._streams[stream]
         return True
 
+    def tell_listeners(self, stream: str, item: Any) -> None:
+        """Call the stream's in-process listeners with `item` (not a stream message: a
+        marker such as `realtime.watch.StreamReset`), after the messages already queued."""
+        state = self._streams.get(stream)
+        if state is None:
+            return
+        for listener in list(state.listeners):
+            listener(item)
+
     def streams(self) -> list[str]:
         """Streams with local subscribers."""
         return list(self._streams)

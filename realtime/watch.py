@@ -4,15 +4,31 @@ GraphQL subscriptions (and anything else on the node that is not a cable connect
 streams through the same hub and broker as `/cable`, so a change published on any node
 reaches them. A consumer that falls `max_pending` messages behind is ended with
 `WatchOverflow` instead of letting its queue grow without bound.
+
+When the node loses messages of a stream that history cannot give back (see
+`realtime.delivery`), a watch yields a `StreamReset` where they would have been: what the
+consumer showed may be stale, so it reads the current state again, as cable subscribers are
+sent a fresh snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_MAX_PENDING = 256
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """Messages of `stream` before `offset` (of `epoch`) were lost and cannot be replayed:
+    read the current state again; the messages after it follow as usual."""
+
+    stream: str
+    epoch: str
+    offset: int
 
 
 class WatchOverflow(Exception):

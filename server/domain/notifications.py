@@ -63,6 +63,30 @@ class NotificationService:
         await self.announce(user_id, notification)
         return notification
 
+    async def newest_id(self, user_id: int) -> int:
+        """The id of the user's newest notification (0: none), read from the primary: where a
+        live follower starts, so it can ask for what it missed (`after`)."""
+        async with self.router.read(user_id, fresh=True) as cur:
+            await cur.execute(
+                "SELECT coalesce(max(id), 0) FROM notifications WHERE user_id = %s", (user_id,)
+            )
+            (newest,) = await cur.fetchone()
+        return int(newest)
+
+    async def after(
+        self, user_id: int, notification_id: int, limit: int = DEFAULT_PAGE
+    ) -> list[dict[str, Any]]:
+        """The user's notifications newer than `notification_id`, oldest first, at most
+        `limit` (the newest of them), read from the primary."""
+        async with self.router.read(user_id, fresh=True) as cur:
+            await cur.execute(
+                f"SELECT {_COLUMNS} FROM notifications WHERE user_id = %s AND id > %s "
+                "ORDER BY id DESC LIMIT %s",
+                (user_id, notification_id, limit),
+            )
+            rows = await cur.fetchall()
+        return [notification_dict(row) for row in reversed(rows)]
+
     async def page(
         self, user_id: int, first: int = DEFAULT_PAGE, after: str | None = None
     ) -> dict[str, Any]:

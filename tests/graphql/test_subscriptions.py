@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 
 from realtime.cable_codec import StreamMessage
+from server.domain.events import NotificationCreated, notification_stream
+from server.domain.notifications import insert_notification
 from server.wiring.services import Services
-from tests.helpers.cable import ExtraNode
+from tests.helpers.cable import ExtraNode, publish_unheard
 from tests.helpers.graphql import gql, result
 from tests.helpers.graphql_ws import LEGACY_WS, WsClient, js_client, js_events, stop
 
@@ -214,4 +216,44 @@ async def test_subscription_that_falls_behind_its_stream_ends_lagged_and_the_soc
     await ws.send({"id": "q", "type": "subscribe", "payload": {"query": query}})
     answer = await ws.read()
     assert answer is not None and answer["type"] == "next"
+    ws.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_notifications_lost_for_good_are_read_again_and_sent_once(
+    services: Services, node_b: ExtraNode, shopper: tuple[int, str]
+) -> None:
+    """A notification whose live message node B never heard, and history cannot give back, is
+    read from the shard and sent before the next one, each once (`StreamReset`)."""
+    user_id, token = shopper
+    ws = await WsClient.connect(node_b.url(f"/graphql?token={token}"))
+    await ws.init()
+    query = "subscription { notificationReceived { id title } }"
+    await ws.send({"id": "n", "type": "subscribe", "payload": {"query": query}})
+    stream = notification_stream(user_id)
+    deadline = asyncio.get_running_loop().time() + 10
+    while node_b.services.cable.hub.subscriber_count(stream) == 0:
+        assert asyncio.get_running_loop().time() < deadline, "never subscribed"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)  # the resolver has read where it starts
+    first = await services.notifications.create(user_id, "test", "first")
+    async with services.router.write(user_id) as cur:  # written, its message lost for good
+        lost = await insert_notification(cur, user_id, "test", "lost", "")
+    await publish_unheard(
+        services.redis, stream, NotificationCreated(user_id, lost).to_message(), history=False
+    )
+    newer = await services.notifications.create(user_id, "test", "newer")
+    received = []
+    for _ in range(3):
+        event = await ws.read(10.0)
+        assert event is not None and event["type"] == "next", event
+        received.append(event["payload"]["data"]["notificationReceived"])
+    assert received == [
+        {"id": first["id"], "title": "first"},
+        {"id": lost["id"], "title": "lost"},
+        {"id": newer["id"], "title": "newer"},
+    ]
+    with pytest.raises(TimeoutError):  # the newer one's own message is not sent again
+        await ws.read(0.5)
+    assert node_b.services.cable.resyncs == 1
     ws.close()

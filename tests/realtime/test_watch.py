@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from realtime.cable import WatchOverflow
+from realtime.watch import StreamReset
 from server.wiring.services import Services
 from server.wiring.settings import Settings
-from tests.helpers.cable import ExtraNode
+from tests.helpers.cable import ExtraNode, publish_unheard
 
 
 @pytest.fixture
@@ -65,3 +66,22 @@ async def test_watch_that_falls_behind_ends_with_overflow_and_others_go_on(
         assert [m["n"] for m in got] == [0, 1, 2, 3, 4]
         with pytest.raises(WatchOverflow):
             await asyncio.wait_for(slow.__anext__(), 5)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_watch_is_told_of_messages_lost_for_good_before_the_next_one(
+    services: Services, node_b: ExtraNode, clean_data: None
+) -> None:
+    """A message node B never heard that history cannot give back becomes a `StreamReset` at
+    its offset, then the next message follows as usual."""
+    stream = "test:watch:reset"
+    async with node_b.services.cable.watch(stream) as events:
+        first, epoch = await services.cable.publish(stream, {"n": 1})
+        assert (await asyncio.wait_for(events.__anext__(), 5))["n"] == 1
+        lost = await publish_unheard(services.redis, stream, {"n": 2}, history=False)
+        newer, _ = await services.cable.publish(stream, {"n": 3})
+        reset = await asyncio.wait_for(events.__anext__(), 5)
+        assert reset == StreamReset(stream, epoch, lost)
+        after = await asyncio.wait_for(events.__anext__(), 5)
+        assert (after["n"], after["offset"], after["epoch"]) == (3, newer, epoch)
+    assert (lost, newer) == (first + 1, first + 2)

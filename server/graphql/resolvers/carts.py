@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from realtime.watch import StreamReset
 from server.domain.carts import CartService
 from server.domain.events import cart_stream
 from server.graphql.compiled import direct, renamed
@@ -65,12 +66,15 @@ async def remove_from_cart(
 async def cart_updated(
     parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any
 ) -> AsyncIterator[dict[str, Any]]:
-    """`Subscription.cartUpdated`: the cart now, then after every change (any node)."""
+    """`Subscription.cartUpdated`: the cart now, then after every change (any node); after
+    changes the node lost for good (a `StreamReset`), the cart as it is then."""
     session = ctx.require_user()
     async with ctx.domain.watch(cart_stream(session.user_id)) as events:
         yield await _carts(ctx).get(session.user_id)
         async for message in events:
-            if message.get("event") == "cart":
+            if isinstance(message, StreamReset):
+                yield await _carts(ctx).get(session.user_id)
+            elif message.get("event") == "cart":
                 yield message["cart"]
 
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from realtime.watch import StreamReset
 from server.common.errors import NotFound
 from server.domain.catalog import encode_cursor
 from server.domain.events import stock_stream
@@ -99,7 +100,8 @@ async def stock_updated(
     """`Subscription.stockUpdated(productId)`: the count now, then each change from any node.
 
     The stream is followed before the count is read (from the primary), so no change between
-    the two is lost; one that raced the read may repeat the count it already showed.
+    the two is lost; one that raced the read may repeat the count it already showed. After
+    changes the node lost for good (a `StreamReset`), the count is read again.
     """
     product_id = parse_id(args["productId"])
     async with ctx.domain.watch(stock_stream(product_id)) as events:
@@ -108,7 +110,11 @@ async def stock_updated(
             raise NotFound(f"no product {product_id}", product_id=str(product_id))
         yield {"productId": str(product_id), "stock": now}
         async for message in events:
-            if message.get("event") == "stock":
+            if isinstance(message, StreamReset):  # changes were lost: the count now
+                now = await ctx.domain.catalog.current_stock(product_id)
+                if now is not None:
+                    yield {"productId": str(product_id), "stock": now}
+            elif message.get("event") == "stock":
                 yield {"productId": message["product_id"], "stock": message["stock"]}
 
 

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from realtime.watch import StreamReset
 from server.domain.events import notification_stream
 from server.domain.orders import encode_cursor
 from server.graphql.compiled import renamed
@@ -74,12 +75,25 @@ async def mark_read(parent: Any, args: dict[str, Any], ctx: RequestContext, info
 async def notification_received(
     parent: Any, args: dict[str, Any], ctx: RequestContext, info: Any
 ) -> AsyncIterator[dict[str, Any]]:
-    """`Subscription.notificationReceived`: each new notification, from any node."""
+    """`Subscription.notificationReceived`: each new notification, from any node, once.
+
+    When the node lost notification messages history could not give back (a `StreamReset`),
+    the ones written since the last one sent are read from the user's shard and sent first.
+    """
     session = ctx.require_user()
+    service = ctx.domain.notifications
     async with ctx.domain.watch(notification_stream(session.user_id)) as events:
+        last = await service.newest_id(session.user_id)
         async for message in events:
-            if message.get("event") == "notification":
-                yield message["notification"]
+            if isinstance(message, StreamReset):
+                for missed in await service.after(session.user_id, last):
+                    last = int(missed["id"])
+                    yield missed
+            elif message.get("event") == "notification":
+                notification = message["notification"]
+                if int(notification["id"]) > last:
+                    last = int(notification["id"])
+                    yield notification
 
 
 created_at = renamed("created_at")
