@@ -189,6 +189,16 @@ class BenchmarkChannel(Channel):
         return frozenset({"echo", "broadcast"})
 
 
+class BenchmarkHistoryChannel(BenchmarkChannel):
+    """`BenchmarkChannel` on a stream that keeps history (`benchmark:history`), so load tools
+    can measure recovery: the extended protocol's replay after a reconnect (the reconnect
+    storm in `scripts/bench/cable-storm`). Registered with `FM_BENCHMARK_CHANNEL=1` too."""
+
+    name = "BenchmarkHistoryChannel"
+    keeps_history = True
+    STREAM = "benchmark:history"
+
+
 def build_channels(
     readers: StateReaders, presence: Presence, *, benchmark: bool
 ) -> dict[str, Channel]:
@@ -199,5 +209,5 @@ def build_channels(
         NotificationsChannel(),
     ]
     if benchmark:
-        channels.append(BenchmarkChannel())
+        channels += [BenchmarkChannel(), BenchmarkHistoryChannel()]
     return {channel.name: channel for channel in channels}

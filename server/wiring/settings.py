@@ -348,7 +348,8 @@ class Settings(BaseSettings):
     # --- realtime -------------------------------------------------------------------------------
     benchmark_channel: bool = Field(
         False,
-        description="Enable `BenchmarkChannel` on /cable (load tools only).",
+        description="Enable `BenchmarkChannel` and `BenchmarkHistoryChannel` on /cable "
+        "(load tools only).",
         json_schema_extra=_group("realtime"),
     )
     cable_allowed_origins: list[str] = Field(
