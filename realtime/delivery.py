@@ -16,6 +16,7 @@ gives current state. It knows no connection type.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -62,6 +63,10 @@ class StreamSource(Protocol):
 SnapshotOf = Callable[[str, list[Subscriber]], Awaitable[Any | None]]
 Snapshot = Callable[[], Awaitable[Any | None]]
 Spawn = Callable[[Coroutine[Any, Any, Any]], Any]
+Run = list[tuple[int, Any]]
+# Replays kept: a run of offsets of one epoch never changes once written, so a reconnect
+# storm (thousands of clients that missed the same messages) costs one XRANGE, not thousands.
+HISTORY_RUNS_KEPT = 256
 
 
 @dataclass(slots=True)
@@ -84,6 +89,8 @@ class StreamDelivery:
         # streams whose catch-up task runs -> what waits for it (None: compare with Redis)
         self._catching_up: dict[str, list[Envelope | None]] = {}
         self._following: dict[str, asyncio.Future[None]] = {}
+        self._runs: OrderedDict[tuple[str, str, int, int], Run] = OrderedDict()
+        self._reading: dict[tuple[str, str, int, int], asyncio.Future[Run | None]] = {}
         self.gaps_filled = 0  # live gaps filled from history (a lost message, a reconnect)
         self.resyncs = 0  # live gaps history could not fill: fresh snapshots sent
         self.received = 0  # stream messages that arrived from Redis (for metrics)
@@ -151,7 +158,7 @@ class StreamDelivery:
             if plan.step is Step.NOTHING:
                 replay = []
             elif plan.step is Step.REPLAY:
-                replay = await source.history_after(stream, plan.after, target)
+                replay = await self._history_run(stream, epoch, plan.after, target)
                 if replay is None:
                     plan = when_history_is_missing(plan)
             if plan.step in (Step.SNAPSHOT, Step.SINCE):
@@ -167,6 +174,29 @@ class StreamDelivery:
             if now is None or (now.offset == target and now.epoch == epoch):
                 return messages, plan.outcome
             # The stream moved while we read: recompute so nothing between is lost.
+
+    async def _history_run(self, stream: str, epoch: str, after: int, until: int) -> Run | None:
+        """History's messages with offsets in (after, until] of `epoch` (None: no longer all
+        there), read once however many subscribers ask at the same time, and kept (a run of
+        one epoch never changes). The caller checks the epoch against the client's."""
+        key = (stream, epoch, after, until)
+        run = self._runs.get(key)
+        if run is not None:
+            self._runs.move_to_end(key)
+            return run
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = self._reading[key] = asyncio.ensure_future(
+                self._source().history_after(stream, after, until)
+            )
+            reading.add_done_callback(lambda _f: self._reading.pop(key, None))
+        found = await asyncio.shield(reading)
+        position = self._positions.get(stream)
+        if found is not None and position is not None and position.epoch == epoch:
+            self._runs[key] = found
+            while len(self._runs) > HISTORY_RUNS_KEPT:
+                self._runs.popitem(last=False)
+        return found
 
     # --- live ---------------------------------------------------------------------------------
 
