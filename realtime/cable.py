@@ -37,6 +37,7 @@ from realtime.connection import (
     parse_identifier,
 )
 from realtime.delivery import StreamDelivery
+from realtime.framed_socket import SocketRegistry
 from realtime.hub import Hub, Subscriber
 from realtime.limits import CableLimits
 from realtime.liveness import SLOW_CONSUMER_SWEEP_S, Liveness
@@ -107,8 +108,10 @@ class CableServer:
         self.channels: dict[str, Channel] = build_channels(
             readers, self.presence, benchmark=benchmark_channel
         )
-        self.connections: dict[CableConnection, None] = {}
-        self._per_ip: dict[str, int] = {}
+        self.registry: SocketRegistry[CableConnection] = SocketRegistry(
+            self.limits.max_connections_per_ip
+        )
+        self.connections = self.registry.sockets
         self._subscriptions: dict[tuple[str, str], Subscription] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pinger: asyncio.Task[None] | None = None
@@ -182,7 +185,7 @@ class CableServer:
 
     def may_accept(self, remote_ip: str) -> bool:
         """Whether another connection from `remote_ip` fits the per-IP bound."""
-        return self._per_ip.get(remote_ip, 0) < self.limits.max_connections_per_ip
+        return self.registry.may_accept(remote_ip)
 
     async def adopt(
         self,
@@ -204,8 +207,7 @@ class CableServer:
         loop = asyncio.get_running_loop()
         conn = CableConnection(self, codec, user, remote_ip)
         await loop.connect_accepted_socket(lambda: conn, sock=sock)
-        self.connections[conn] = None
-        self._per_ip[remote_ip] = self._per_ip.get(remote_ip, 0) + 1
+        self.registry.add(conn)
         if unauthorized:
             conn.send(handshake)
             self.log_refusal(conn, "unauthorized", "token unknown, expired or revoked")
@@ -302,12 +304,7 @@ class CableServer:
             # Its last state, with the TTL counted from now, before the subscriptions go.
             self._dirty_sessions[conn.ext.sid] = _session_of(conn)
             self._schedule_sessions_flush()
-        if self.connections.pop(conn, 0) is None:
-            left = self._per_ip.get(conn.remote_ip, 1) - 1
-            if left:
-                self._per_ip[conn.remote_ip] = left
-            else:
-                self._per_ip.pop(conn.remote_ip, None)
+        self.registry.remove(conn)
         for identifier in list(conn.subscriptions):
             self.unsubscribe(conn, identifier)
 

@@ -9,30 +9,22 @@ commands that need I/O (subscribe) run as tasks owned by the cable server.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
-from realtime import allowance, cable_codec
+from realtime import cable_codec
 from realtime.cable_codec import CableCodec, CommandError, HistoryRequest
+from realtime.framed_socket import CLOSE_NORMAL, FramedSocket
 from realtime.limits import CableLimits
-from realtime.wsframe import (
-    OP_CLOSE,
-    OP_PING,
-    OP_PONG,
-    FrameDecoder,
-    ProtocolError,
-    encode_close,
-    encode_frame,
-    parse_close,
-)
+from realtime.wsframe import encode_close
 from server.adapters.sessions import Session
 from server.common import jsontext
 
 if TYPE_CHECKING:
     from realtime.channels import Subscription
 
-CLOSE_NORMAL = 1000
+__all__ = ["CLOSE_GOING_AWAY", "CLOSE_NORMAL", "CLOSE_POLICY", "CableConnection"]
+
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 # Errors tolerated before the connection is cut off as abusive.
@@ -77,46 +69,30 @@ class ExtendedState:
         self.awaiting_history: dict[str, None] | None = None
 
 
-class CableConnection(asyncio.Protocol):
-    """A WebSocket speaking Action Cable after the HTTP upgrade."""
+class CableConnection(FramedSocket):
+    """A WebSocket speaking Action Cable after the HTTP upgrade (its frame loop, bucket and
+    closing are `realtime.framed_socket`'s, shared with the GraphQL sockets)."""
 
-    __slots__ = (
-        "_allowance",
-        "_decoder",
-        "_errors",
-        "_refilled_at",
-        "closing",
-        "codec",
-        "ext",
-        "remote_ip",
-        "server",
-        "subscriptions",
-        "transport",
-        "user",
-    )
+    __slots__ = ("_errors", "codec", "ext", "server", "subscriptions", "user")
 
     def __init__(
         self, server: ConnectionOwner, codec: CableCodec, user: Session | None, remote_ip: str
     ) -> None:
+        # `full_allowance`: one float object shared by every connection until its first use
+        super().__init__(remote_ip, server.full_allowance)
         self.server = server
         self.codec = codec
         self.user = user
-        self.remote_ip = sys.intern(remote_ip)  # shared by every connection from one address
-        self.transport: asyncio.Transport | None = None
-        self._decoder: FrameDecoder | None = None
         # identifier -> Subscription, or None while the subscribe command is being processed
         self.subscriptions: dict[str, Subscription | None] = {}
-        self.closing = False
         self.ext: ExtendedState | None = None  # set when the extended protocol's welcome goes
-        self._allowance = server.full_allowance  # one float object shared until first use
-        self._refilled_at = time.monotonic()
         self._errors = 0
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport, but have its interface
-        self.transport = cast(asyncio.Transport, transport)
+        super().connection_made(transport)
+        assert self.transport is not None
         self.transport.set_write_buffer_limits(high=self.server.limits.slow_consumer_bytes)
 
     def pause_writing(self) -> None:
@@ -132,40 +108,27 @@ class CableConnection(asyncio.Protocol):
         self.closing = True
         self.server.forget(self)
 
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return
-        decoder = self._decoder
-        if decoder is None:
-            decoder = self._decoder = FrameDecoder(self.server.limits.max_frame_bytes)
-        try:
-            messages = decoder.feed(data)
-        except ProtocolError as exc:
-            self.server.log_refusal(self, "protocol_error", str(exc))
-            self.close(exc.close_code, str(exc))
-            return
-        if not decoder.buffered:
-            self._decoder = None  # idle connections keep no decoder
+    # --- framed socket ------------------------------------------------------------------------
+
+    def frame_limit(self) -> int:
+        return self.server.limits.max_frame_bytes
+
+    def refused(self, kind: str, reason: str) -> None:
+        self.server.log_refusal(self, kind, reason)
+
+    def heard(self) -> None:
         if self.ext is not None:
             self.ext.heard_at = time.monotonic()  # any frame counts as a pong, as in AnyCable
-        for opcode, payload in messages:
-            if self.closing:
-                return
-            if opcode == OP_PING:
-                self.send(encode_frame(OP_PONG, payload))
-            elif opcode == OP_CLOSE:
-                code, _reason = parse_close(payload)
-                self.close(code or CLOSE_NORMAL, "")
-            elif opcode == OP_PONG:
-                continue
-            else:
-                self._command(opcode, payload)
+
+    def message_received(self, opcode: int, payload: bytes) -> None:
+        self._command(opcode, payload)
 
     # --- commands -----------------------------------------------------------------------------
 
     def _command(self, opcode: int, payload: bytes) -> None:
         self.server.commands += 1
-        if not self._take_allowance():
+        limits = self.server.limits
+        if not self.take_allowance(limits.commands_per_second, limits.command_burst):
             self.server.log_refusal(self, "command_flood", "too many commands")
             self.disconnect("too_many_commands", reconnect=False)
             return
@@ -187,15 +150,6 @@ class CableConnection(asyncio.Protocol):
             self.send_message(cable_codec.pong())
         else:  # "pong" (only extended codecs parse ping, pong and history)
             self.server.pong_received(self)
-
-    def _take_allowance(self) -> bool:
-        limits, now = self.server.limits, time.monotonic()
-        rate, burst = limits.commands_per_second, limits.command_burst
-        allowed, self._allowance = allowance.take(
-            self._allowance, self._refilled_at, now, rate, burst
-        )
-        self._refilled_at = now
-        return allowed
 
     def refuse(self, reason: str, identifier: str | None = None) -> None:
         """Answer a bad command with an error frame; cut off clients that keep sending them."""

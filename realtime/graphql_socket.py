@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from realtime import allowance
+from realtime.framed_socket import FramedSocket, SocketRegistry
 from realtime.graphql_ws import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
@@ -36,14 +34,11 @@ from realtime.graphql_ws import (
 )
 from realtime.wsframe import (
     OP_CLOSE,
-    OP_PING,
-    OP_PONG,
     OP_TEXT,
     FrameDecoder,
     ProtocolError,
     encode_close,
     encode_frame,
-    parse_close,
 )
 from server.adapters.sessions import Session
 from server.common.logs import get_logger
@@ -101,24 +96,19 @@ def token_of(payload: dict[str, Any] | None) -> str | None:
     return None
 
 
-class GraphQLWsConnection(asyncio.Protocol):
-    """One GraphQL WebSocket after the upgrade."""
+class GraphQLWsConnection(FramedSocket):
+    """One GraphQL WebSocket after the upgrade (its frame loop, bucket and closing are
+    `realtime.framed_socket`'s, shared with the cable)."""
 
     __slots__ = (
-        "_allowance",
         "_close_timer",
-        "_decoder",
         "_init_timer",
         "_pending",
         "_preparing",
-        "_refilled_at",
-        "closing",
         "machine",
-        "remote_ip",
         "server",
         "session",
         "tasks",
-        "transport",
         "url_session_invalid",
     )
 
@@ -130,17 +120,12 @@ class GraphQLWsConnection(asyncio.Protocol):
         url_session_invalid: bool,
         remote_ip: str,
     ) -> None:
+        super().__init__(remote_ip, float(server.limits.message_burst))
         self.server = server
         self.machine = machine_for(subprotocol, server.limits.max_operations)
         self.session = session
         self.url_session_invalid = url_session_invalid
-        self.remote_ip = sys.intern(remote_ip)
-        self.transport: asyncio.Transport | None = None
-        self._decoder: FrameDecoder | None = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.closing = False
-        self._allowance = float(server.limits.message_burst)
-        self._refilled_at = time.monotonic()
         self._pending: list[bytes] | None = None  # messages held while authenticating
         self._init_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
@@ -149,7 +134,7 @@ class GraphQLWsConnection(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        super().connection_made(transport)
         self._init_timer = asyncio.get_running_loop().call_later(
             self.server.limits.init_timeout_s, self._init_timed_out
         )
@@ -164,43 +149,34 @@ class GraphQLWsConnection(asyncio.Protocol):
             self._cancel(task)
         self.server.forget(self)
 
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
-            self._drain_until_close(data)
-            return
-        decoder = self._decoder
-        if decoder is None:
-            decoder = self._decoder = FrameDecoder(self.server.limits.max_message_bytes)
-        try:
-            messages = decoder.feed(data)
-        except ProtocolError as exc:
-            self.server.refused(self, "protocol_error", str(exc))
-            self.close(exc.close_code, str(exc))
-            return
-        if not decoder.buffered:
-            self._decoder = None
-        for opcode, payload in messages:
-            if self.closing:
-                return
-            if opcode == OP_PING:
-                self.send(encode_frame(OP_PONG, payload))
-            elif opcode == OP_CLOSE:
-                code, _reason = parse_close(payload)
-                self.close(code or 1000, "")
-                if self.transport is not None:
-                    self.transport.close()  # the client began the handshake: it is complete
-            elif opcode == OP_PONG:
-                continue
-            elif opcode != OP_TEXT:
-                self.server.refused(self, "binary_message", "")
-                self.close(CLOSE_INVALID_MESSAGE, "Messages must be text")
-            elif not self._take_allowance():
-                self.server.refused(self, "message_flood", "")
-                self._apply(self.machine.too_many_messages())
-            elif self._pending is not None:
-                self._pending.append(payload)  # bounded by the message bucket
-            else:
-                self._apply(self.machine.receive(payload))
+    # --- framed socket ------------------------------------------------------------------------
+
+    def frame_limit(self) -> int:
+        return self.server.limits.max_message_bytes
+
+    def refused(self, kind: str, reason: str) -> None:
+        self.server.refused(self, kind, reason)
+
+    def close_received(self, code: int | None) -> None:
+        self.close(code or 1000, "")
+        if self.transport is not None:
+            self.transport.close()  # the client began the handshake: it is complete
+
+    def data_while_closing(self, data: bytes) -> None:
+        self._drain_until_close(data)
+
+    def message_received(self, opcode: int, payload: bytes) -> None:
+        limits = self.server.limits
+        if opcode != OP_TEXT:
+            self.server.refused(self, "binary_message", "")
+            self.close(CLOSE_INVALID_MESSAGE, "Messages must be text")
+        elif not self.take_allowance(limits.messages_per_second, limits.message_burst):
+            self.server.refused(self, "message_flood", "")
+            self._apply(self.machine.too_many_messages())
+        elif self._pending is not None:
+            self._pending.append(payload)  # bounded by the message bucket
+        else:
+            self._apply(self.machine.receive(payload))
 
     # --- protocol actions ---------------------------------------------------------------------
 
@@ -310,15 +286,6 @@ class GraphQLWsConnection(asyncio.Protocol):
         if task not in self._preparing:
             task.cancel()
 
-    def _take_allowance(self) -> bool:
-        limits, now = self.server.limits, time.monotonic()
-        rate, burst = limits.messages_per_second, limits.message_burst
-        allowed, self._allowance = allowance.take(
-            self._allowance, self._refilled_at, now, rate, burst
-        )
-        self._refilled_at = now
-        return allowed
-
     # --- writing and closing ------------------------------------------------------------------
 
     def send_message(self, message: dict[str, Any]) -> None:
@@ -374,8 +341,10 @@ class GraphQLWsServer:
     def __init__(self, operations: Operations, limits: GraphQLWsLimits | None = None) -> None:
         self.operations = operations
         self.limits = limits or GraphQLWsLimits()
-        self.connections: dict[GraphQLWsConnection, None] = {}
-        self._per_ip: dict[str, int] = {}
+        self.registry: SocketRegistry[GraphQLWsConnection] = SocketRegistry(
+            self.limits.max_connections_per_ip
+        )
+        self.connections = self.registry.sockets
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keepalive: asyncio.Task[None] | None = None
         self.refusals = 0
@@ -399,7 +368,7 @@ class GraphQLWsServer:
 
     def may_accept(self, remote_ip: str) -> bool:
         """Whether another socket from `remote_ip` fits the per-address bound."""
-        return self._per_ip.get(remote_ip, 0) < self.limits.max_connections_per_ip
+        return self.registry.may_accept(remote_ip)
 
     async def adopt(
         self,
@@ -414,18 +383,12 @@ class GraphQLWsServer:
         loop = asyncio.get_running_loop()
         conn = GraphQLWsConnection(self, subprotocol, session, url_session_invalid, remote_ip)
         await loop.connect_accepted_socket(lambda: conn, sock=sock)
-        self.connections[conn] = None
-        self._per_ip[remote_ip] = self._per_ip.get(remote_ip, 0) + 1
+        self.registry.add(conn)
         conn.send(handshake)
 
     def forget(self, conn: GraphQLWsConnection) -> None:
         """A socket is gone (called from `connection_lost`)."""
-        if self.connections.pop(conn, 0) is None:
-            left = self._per_ip.get(conn.remote_ip, 1) - 1
-            if left:
-                self._per_ip[conn.remote_ip] = left
-            else:
-                self._per_ip.pop(conn.remote_ip, None)
+        self.registry.remove(conn)
 
     def spawn(self, work: Any) -> asyncio.Task[None]:
         """Run `work` as a task owned by the server (cancelled by `stop`)."""

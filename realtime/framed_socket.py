@@ -1,0 +1,155 @@
+"""What every WebSocket of the node shares after the upgrade, whatever it speaks.
+
+The cable (`realtime.connection`) and GraphQL (`realtime.graphql_socket`) sockets are both a
+lean `asyncio.Protocol` (`__slots__`, no task, no stream buffers) on the socket Tornado
+upgraded. `FramedSocket` is their common life: the frame loop (a decoder only while a partial
+frame waits, bounded by the socket's frame limit; pings answered, pongs dropped, a close
+frame answered, a protocol error refused and closed with its code), the message bucket, and
+the bookkeeping of open sockets per client address (`SocketRegistry`). What the messages mean
+is the subclass's: `message_received`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Generic, TypeVar, cast
+
+from realtime import allowance
+from realtime.wsframe import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    FrameDecoder,
+    ProtocolError,
+    encode_frame,
+    parse_close,
+)
+
+CLOSE_NORMAL = 1000
+
+
+class FramedSocket(asyncio.Protocol):
+    """A WebSocket's frames, delivered to `message_received` (text and binary data frames)."""
+
+    __slots__ = ("_allowance", "_decoder", "_refilled_at", "closing", "remote_ip", "transport")
+
+    def __init__(self, remote_ip: str, burst: float) -> None:
+        self.remote_ip = sys.intern(remote_ip)  # shared by every socket from one address
+        self.transport: asyncio.Transport | None = None
+        self._decoder: FrameDecoder | None = None
+        self.closing = False
+        self._allowance = burst  # a full bucket
+        self._refilled_at = time.monotonic()
+
+    # --- what a subclass defines --------------------------------------------------------------
+
+    def frame_limit(self) -> int:
+        """The largest message this socket accepts, in bytes."""
+        raise NotImplementedError
+
+    def message_received(self, opcode: int, payload: bytes) -> None:
+        """A complete text or binary message."""
+        raise NotImplementedError
+
+    def refused(self, kind: str, reason: str) -> None:
+        """Log (and count) something refused on this socket."""
+        raise NotImplementedError
+
+    def send(self, data: bytes) -> None:
+        """Write complete frames."""
+        raise NotImplementedError
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame and close."""
+        raise NotImplementedError
+
+    def heard(self) -> None:
+        """Called for every chunk of frames the client sends (liveness); nothing by default."""
+
+    def close_received(self, code: int | None) -> None:
+        """The client sent a close frame: answer it."""
+        self.close(code or CLOSE_NORMAL, "")
+
+    def data_while_closing(self, data: bytes) -> None:
+        """Bytes that arrive after this side began closing: dropped by default."""
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but have its interface
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            self.data_while_closing(data)
+            return
+        decoder = self._decoder
+        if decoder is None:
+            decoder = self._decoder = FrameDecoder(self.frame_limit())
+        try:
+            messages = decoder.feed(data)
+        except ProtocolError as exc:
+            self.refused("protocol_error", str(exc))
+            self.close(exc.close_code, str(exc))
+            return
+        if not decoder.buffered:
+            self._decoder = None  # idle sockets keep no decoder
+        self.heard()
+        for opcode, payload in messages:
+            if self.closing:
+                return
+            if opcode == OP_PING:
+                self.send(encode_frame(OP_PONG, payload))
+            elif opcode == OP_CLOSE:
+                code, _reason = parse_close(payload)
+                self.close_received(code)
+            elif opcode == OP_PONG:
+                continue
+            else:
+                self.message_received(opcode, payload)
+
+    # --- the message bucket -------------------------------------------------------------------
+
+    def take_allowance(self, rate: float, burst: float) -> bool:
+        """One message out of the socket's bucket (`rate` per second, up to `burst`)."""
+        now = time.monotonic()
+        allowed, self._allowance = allowance.take(
+            self._allowance, self._refilled_at, now, rate, burst
+        )
+        self._refilled_at = now
+        return allowed
+
+
+Socket = TypeVar("Socket", bound=FramedSocket)
+
+
+class SocketRegistry(Generic[Socket]):
+    """The open sockets of one server, and how many each client address holds."""
+
+    def __init__(self, max_per_address: int) -> None:
+        self.max_per_address = max_per_address
+        self.sockets: dict[Socket, None] = {}
+        self._per_address: dict[str, int] = {}
+
+    def may_accept(self, remote_ip: str) -> bool:
+        """Whether another socket from `remote_ip` fits the per-address bound."""
+        return self._per_address.get(remote_ip, 0) < self.max_per_address
+
+    def add(self, sock: Socket) -> None:
+        """`sock` is open."""
+        self.sockets[sock] = None
+        self._per_address[sock.remote_ip] = self._per_address.get(sock.remote_ip, 0) + 1
+
+    def remove(self, sock: Socket) -> None:
+        """`sock` is gone (a second call does nothing)."""
+        if self.sockets.pop(sock, 0) is None:
+            left = self._per_address.get(sock.remote_ip, 1) - 1
+            if left:
+                self._per_address[sock.remote_ip] = left
+            else:
+                self._per_address.pop(sock.remote_ip, None)
+
+    def __len__(self) -> int:
+        return len(self.sockets)
