@@ -28,7 +28,7 @@ import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -209,20 +209,30 @@ def _threadsafe(log: LogFn) -> LogFn:
 
 
 def _run_parallel(tasks: list[Callable[[], None]]) -> None:
-    """Run independent setup tasks concurrently; re-raise the first failure."""
+    """Run independent setup tasks concurrently; re-raise the first failure.
+
+    Interrupted (Ctrl-C) or not, every running task finishes before this returns, so a `down`
+    in the caller's cleanup never races a server that is still starting. The wait is on the
+    tasks' futures, not on the threads: Python 3.11's `Thread.join`, when a KeyboardInterrupt
+    lands in it, marks the thread stopped while it still runs (the bpo-45274 handling), and a
+    pool's `shutdown(wait=True)` then returns early.
+    """
     pool = ThreadPoolExecutor(max_workers=max(1, len(tasks)))
-    futures = [pool.submit(task) for task in tasks]
+    futures: list[Future[None]] = []
+    interrupted: KeyboardInterrupt | None = None
     try:
-        wait(futures)
-    finally:
-        # Interrupted (Ctrl-C) or not, let running tasks finish before the lock is released,
-        # so a `down` in the caller's cleanup does not race servers that are still starting.
-        while True:
-            try:
-                pool.shutdown(wait=True)
-                break
-            except KeyboardInterrupt:
-                continue
+        for task in tasks:
+            futures.append(pool.submit(task))
+    except KeyboardInterrupt as stop:
+        interrupted = stop
+    while not all(future.done() for future in futures):
+        try:
+            wait(futures)
+        except KeyboardInterrupt as stop:
+            interrupted = stop
+    pool.shutdown(wait=False)
+    if interrupted is not None:
+        raise interrupted
     errors = [exc for f in futures if (exc := f.exception()) is not None]
     if errors:
         raise errors[0]
