@@ -1,11 +1,16 @@
 """`ImageService`: an upload in, a product image out (variants stored, the catalog updated).
 
-    probe      type from magic bytes, size and pixel caps from the header (on a thread of
-               the node, so a refusal never waits behind other uploads' renders)
+    spool      the handler streams the file into a `SpooledUpload` (`spool()`), its digest
+               computed on the way: the node never holds the upload whole
+    probe      type from magic bytes, size and pixel caps from the header, read from the
+               spool file (on a thread of the node, so a refusal never waits behind other
+               uploads' renders)
     dedupe     the same bytes on the same product: the recorded image, no work
-    render     in the worker process: decode once, derive four sizes, twelve encodes and
-               the placeholder (or reuse the rendition of the same bytes on another product)
-    store      content-addressed files, then the manifest naming them
+    render     in the worker process, which reads the spool file by its path: decode once,
+               derive four sizes, twelve encodes and the placeholder (or reuse the rendition
+               of the same bytes on another product)
+    store      content-addressed files, concurrently and durably, then the manifest naming
+               them
     record     the catalog row; the product's cached pages are invalidated
 
 Nothing is written before every check has passed, so a refused upload leaves no file and no
@@ -16,12 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from server.adapters.images.intake import ImageProbe, IntakeLimits, probe
+from server.adapters.images.intake import ImageProbe, IntakeLimits, probe_file
 from server.adapters.images.pipeline import EXTENSIONS, SIZES, Encoding
+from server.adapters.images.spool import SpooledUpload, clear_stale
 from server.adapters.images.storage import ImageStorage, content_name, digest, manifest_name
 from server.adapters.images.workers import ImageWorkers, Slot
 from server.common.logs import get_logger
@@ -77,7 +85,10 @@ class ImageService:
         *,
         encoding: Encoding | None = None,
         url_prefix: str = "/images",
+        spool_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        """`spool_dir` holds upload bodies while they stream in (default: the system's
+        temporary directory); files a crashed node left there are removed now."""
         self.catalog = catalog
         self.storage = storage
         self.workers = workers
@@ -86,6 +97,8 @@ class ImageService:
         self.url_prefix = url_prefix.rstrip("/")
         self._fingerprint = f"v{PIPELINE_VERSION}|{SIZES}|{self.encoding}".encode()
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self.spool_dir = os.fspath(spool_dir) if spool_dir is not None else tempfile.gettempdir()
+        clear_stale(self.spool_dir)
 
     # --- uploads ----------------------------------------------------------------------------
 
@@ -94,28 +107,34 @@ class ImageService:
         reading the body, release it when the request ends."""
         return self.workers.admit()
 
+    def spool(self) -> SpooledUpload:
+        """A new spool file for an upload's body (the caller discards it when done)."""
+        return SpooledUpload(self.spool_dir)
+
     async def check_product(self, product_id: int) -> None:
         """`NotFound` unless the product exists (a cached read: cheap before a big body)."""
         await self.catalog.product_page(product_id)
 
     async def add_product_image(
-        self, product_id: int, data: bytes | bytearray, actor: int | None = None
+        self, product_id: int, upload: SpooledUpload, actor: int | None = None
     ) -> tuple[dict[str, Any], bool]:
-        """Turn an upload into a product image; returns the image and whether it is new.
+        """Turn a spooled upload into a product image; returns the image and whether it is
+        new. The spool file is the caller's to discard (it is read, never changed).
 
         Raises the `ImageRejected` errors (nothing written) or `NotFound`.
         """
-        header = await asyncio.to_thread(probe, data, self.limits)
-        content_hash = await asyncio.to_thread(digest, data)
+        upload.close()
+        header = await asyncio.to_thread(probe_file, upload.path, self.limits)
+        content_hash = upload.digest
         existing = await self.catalog.find_image(product_id, content_hash)
         if existing is not None:
             return existing, False
         key = digest(content_hash.encode() + b"|" + self._fingerprint)
         manifest = await self.manifest(key)
         if manifest is None:
-            manifest, files = await self._render(key, data, header)
-            files[manifest_name(key)] = manifest.to_json()  # last: after what it names
-            await self.storage.put_many(files)
+            manifest, files = await self._render(key, upload.path, header)
+            await self.storage.put_many(files)  # every variant durable before ...
+            await self.storage.put_many({manifest_name(key): manifest.to_json()})  # ... this
             self._remember(manifest)
         return await self.catalog.add_image(
             product_id,
@@ -132,9 +151,9 @@ class ImageService:
         )
 
     async def _render(
-        self, key: str, data: bytes | bytearray, header: ImageProbe
+        self, key: str, path: str, header: ImageProbe
     ) -> tuple[Manifest, dict[str, bytes]]:
-        rendition = await self.workers.render(data, header, self.encoding)
+        rendition = await self.workers.render(path, header, self.encoding)
         files: dict[str, bytes] = {}
         variants: dict[str, dict[str, str]] = {size: {} for size in SIZES}
         for size, fmt, output in rendition.variants:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +139,8 @@ class Services:
             open_storage(settings.image_storage, settings.image_storage_dir),
             ImageWorkers(settings.image_workers, settings.image_queue_limit),
             IntakeLimits(settings.image_max_upload_bytes, settings.image_max_pixels),
+            # Beside the variants: the same file system, never served (not a storage name).
+            spool_dir=os.path.join(settings.image_storage_dir, ".spool"),
         )
         services = cls(
             settings=settings,
