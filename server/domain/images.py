@@ -23,12 +23,13 @@ import asyncio
 import json
 import os
 import tempfile
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from server.adapters.images.intake import ImageProbe, IntakeLimits, probe_file
-from server.adapters.images.pipeline import EXTENSIONS, SIZES, Encoding
+from server.adapters.images.intake import IntakeLimits, probe_file
+from server.adapters.images.pipeline import EXTENSIONS, SIZES, Encoding, Rendition
 from server.adapters.images.spool import SpooledUpload, clear_stale
 from server.adapters.images.storage import ImageStorage, content_name, digest, manifest_name
 from server.adapters.images.workers import ImageWorkers, Slot
@@ -71,6 +72,19 @@ class Manifest:
         """Read the stored form."""
         raw = json.loads(data)
         return cls(raw["key"], raw["width"], raw["height"], raw["placeholder"], raw["variants"])
+
+
+class _Stopwatch:
+    """Milliseconds between laps, for the log line of a rendered upload."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round((now - self._last) * 1000, 1)
+        self._last = now
 
 
 class ImageService:
@@ -124,19 +138,31 @@ class ImageService:
         Raises the `ImageRejected` errors (nothing written) or `NotFound`.
         """
         upload.close()
+        clock = _Stopwatch()
         header = await asyncio.to_thread(probe_file, upload.path, self.limits)
         content_hash = upload.digest
         existing = await self.catalog.find_image(product_id, content_hash)
+        clock.lap("probe_ms")  # with the dedupe query
         if existing is not None:
             return existing, False
         key = digest(content_hash.encode() + b"|" + self._fingerprint)
         manifest = await self.manifest(key)
         if manifest is None:
-            manifest, files = await self._render(key, upload.path, header)
+            rendition = await self.workers.render(upload.path, header, self.encoding)
+            clock.lap("render_ms")
+            manifest, files = self._manifest_of(key, rendition)
             await self.storage.put_many(files)  # every variant durable before ...
             await self.storage.put_many({manifest_name(key): manifest.to_json()})  # ... this
+            clock.lap("store_ms")
             self._remember(manifest)
-        return await self.catalog.add_image(
+            rendered = {
+                "source": f"{header.type.name} {header.width}x{header.height}",
+                "upload_bytes": upload.size,
+                "bytes": sum(len(output) for output in files.values()),
+            }
+        else:
+            rendered = None  # the same bytes on another product: its rendition, no work
+        image, created = await self.catalog.add_image(
             product_id,
             content_hash=content_hash,
             placeholder=manifest.placeholder,
@@ -149,11 +175,14 @@ class ImageService:
             height=manifest.height,
             actor=actor,
         )
+        clock.lap("record_ms")  # the catalog row and the cache bumps
+        if rendered is not None:
+            _log.info("image_rendered", key=key, **rendered, **clock.laps)
+        return image, created
 
-    async def _render(
-        self, key: str, path: str, header: ImageProbe
-    ) -> tuple[Manifest, dict[str, bytes]]:
-        rendition = await self.workers.render(path, header, self.encoding)
+    @staticmethod
+    def _manifest_of(key: str, rendition: Rendition) -> tuple[Manifest, dict[str, bytes]]:
+        """The manifest of a rendition and its files by storage name."""
         files: dict[str, bytes] = {}
         variants: dict[str, dict[str, str]] = {size: {} for size in SIZES}
         for size, fmt, output in rendition.variants:
@@ -161,12 +190,6 @@ class ImageService:
             files[name] = output
             variants[size][fmt] = name
         manifest = Manifest(key, rendition.width, rendition.height, rendition.placeholder, variants)
-        _log.info(
-            "image_rendered",
-            key=key,
-            source=f"{header.type.name} {header.width}x{header.height}",
-            bytes=sum(len(output) for output in files.values()),
-        )
         return manifest, files
 
     # --- serving ----------------------------------------------------------------------------

@@ -137,7 +137,11 @@ class Services:
         images = ImageService(
             catalog,
             open_storage(settings.image_storage, settings.image_storage_dir),
-            ImageWorkers(settings.image_workers, settings.image_queue_limit),
+            ImageWorkers(
+                settings.image_workers,
+                settings.image_queue_limit,
+                low_priority=settings.image_worker_priority == "low",
+            ),
             IntakeLimits(settings.image_max_upload_bytes, settings.image_max_pixels),
             # Beside the variants: the same file system, never served (not a storage name).
             spool_dir=os.path.join(settings.image_storage_dir, ".spool"),
