@@ -3,8 +3,10 @@
 `POST /api/v1/products/{id}/images` (admins, `multipart/form-data`, the file in `file`)
 streams its body: everything that can be refused is refused before the body is read
 (Content-Length over the cap, not an admin, no such product, not multipart, no room in the
-image queue: 503 with `Retry-After`), and the file is cut off with a 413 problem as soon as
-it passes `FM_IMAGE_MAX_UPLOAD_BYTES`. The answer is 201 with the image (200 with the
+image queue: 503 with `Retry-After`), the file goes to a spool file as it arrives (the node
+never holds it whole; the worker process reads it by its path), and it is cut off with a 413
+problem as soon as it passes `FM_IMAGE_MAX_UPLOAD_BYTES`. The spool file is removed when the
+request ends. The answer is 201 with the image (200 with the
 existing one when the same file was already added to the product):
 `{id, placeholder, variants: {size: {jpeg, webp, avif}}, src: {size}, width, height}`.
 
@@ -39,6 +41,7 @@ from server.adapters.images import (
     UnsupportedImageType,
     UploadTooLarge,
 )
+from server.adapters.images.spool import SpooledUpload
 from server.adapters.images.workers import Slot
 from server.domain.images import ImageService
 
@@ -119,6 +122,7 @@ class ProductImagesHandler(ApiHandler):
     images: ImageService
     _form: FileField | None = None
     _slot: Slot | None = None
+    _upload: SpooledUpload | None = None
     _product_id = 0
     _received = 0
 
@@ -145,11 +149,16 @@ class ProductImagesHandler(ApiHandler):
         await self.images.check_product(self._product_id)
         boundary = boundary_of(self.request.headers.get("Content-Type", ""))
         max_file = self.images.limits.max_bytes
-        self._form = FileField(boundary, "file", max_file)
         try:
             self._slot = self.images.admit()
         except ImagesBusy as busy:
             raise busy_problem(busy) from None
+        try:
+            self._upload = self.images.spool()
+        except OSError as exc:
+            self._release()
+            raise _spool_problem(exc) from None
+        self._form = FileField(boundary, "file", max_file, self._upload.write)
 
     @override
     def data_received(self, chunk: bytes) -> None:
@@ -163,7 +172,10 @@ class ProductImagesHandler(ApiHandler):
                     "upload-too-large",
                     f"the body passes {self.max_body_bytes()} bytes, the most accepted",
                 )
-            self._form.feed(chunk)
+            try:
+                self._form.feed(chunk)
+            except OSError as exc:  # the spool's disk is full or failing
+                raise _spool_problem(exc) from None
         except ApiError as error:
             # Answer now; Tornado then closes the connection instead of reading the rest.
             self._release()
@@ -171,23 +183,26 @@ class ProductImagesHandler(ApiHandler):
 
     async def post(self, raw_id: str) -> None:
         session = self.require_admin()
-        assert self._form is not None  # set by prepare for every POST that gets here
-        data = self._form.finish()
-        self._form = None  # the handler keeps no second reference to the bytes
+        assert self._form is not None and self._upload is not None  # set by prepare
         try:
+            self._form.finish()
+            self._form = None
             image, created = await self.images.add_product_image(
-                self._product_id, data, actor=session.user_id
+                self._product_id, self._upload, actor=session.user_id
             )
         except ImageRejected as rejected:
             raise problem_of(rejected) from None
         except ImagesBusy as busy:
             raise busy_problem(busy) from None
         finally:
-            del data
             self._release()
         self.write_json(image, status=201 if created else 200)
 
     def _release(self) -> None:
+        """Give the upload's place back and remove its spool file (idempotent)."""
+        if self._upload is not None:
+            self._upload.discard()
+            self._upload = None
         if self._slot is not None:
             self._slot.release()
             self._slot = None
@@ -201,6 +216,16 @@ class ProductImagesHandler(ApiHandler):
     def on_connection_close(self) -> None:
         self._release()
         super().on_connection_close()
+
+
+def _spool_problem(exc: OSError) -> ApiError:
+    """503: the upload cannot be written to the spool (disk full or failing); retry later."""
+    return ApiError(
+        503,
+        "images-busy",
+        f"the upload cannot be stored now ({exc.strerror or exc}); retry later",
+        headers={"Retry-After": "30"},
+    )
 
 
 class _ImageHandler(BaseHandler):

@@ -1,12 +1,14 @@
 """Reading one file out of a `multipart/form-data` body as it streams in.
 
-The parsing is python-multipart's (the streaming parser Starlette uses); this module keeps
-the bytes of one field, bounds everything else, and turns malformed bodies into problems.
-Memory stays at the size of the file kept plus one chunk: other fields are counted, not kept.
+The parsing is python-multipart's (the streaming parser Starlette uses); this module passes
+the bytes of one field to a sink as they arrive (the image handler's is a spool file), bounds
+everything else, and turns malformed bodies into problems. Memory stays at one chunk: other
+fields are counted, not kept.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from python_multipart.exceptions import MultipartParseError
@@ -34,17 +36,21 @@ def boundary_of(content_type: str) -> bytes:
 
 
 class FileField:
-    """Collects the bytes of the form field `name` (at most `max_bytes`) from body chunks.
+    """Passes the bytes of the form field `name` (at most `max_bytes`) from body chunks to
+    `sink`, piece by piece in order.
 
-    `feed()` each chunk as it arrives, then `finish()` for the bytes. Both raise `ApiError`:
-    413 when the file passes `max_bytes` (as soon as it does), 400 for a malformed body, 422
-    when the field is missing or given twice.
+    `feed()` each chunk as it arrives, then `finish()`. Both raise `ApiError`: 413 when the
+    file passes `max_bytes` (as soon as it does), 400 for a malformed body, 422 when the field
+    is missing or given twice. `size` is the file's bytes so far.
     """
 
-    def __init__(self, boundary: bytes, name: str, max_bytes: int) -> None:
+    def __init__(
+        self, boundary: bytes, name: str, max_bytes: int, sink: Callable[[memoryview], object]
+    ) -> None:
         self.name = name.encode()
         self.max_bytes = max_bytes
-        self.data = bytearray()
+        self.sink = sink
+        self.size = 0
         self.filename: str | None = None
         self._found = 0
         self._parts = 0
@@ -72,8 +78,8 @@ class FileField:
                 400, "malformed-multipart", f"the form body is malformed: {exc}"
             ) from None
 
-    def finish(self) -> bytearray:
-        """The field's bytes, once the whole body has been fed."""
+    def finish(self) -> None:
+        """Check the end of the body, once it has all been fed."""
         try:
             self._parser.finalize()
         except MultipartParseError as exc:
@@ -84,7 +90,6 @@ class FileField:
             raise ApiError(
                 422, "missing-file", f"the form has no field `{self.name.decode()}` with a file"
             )
-        return self.data
 
     # --- parser callbacks -----------------------------------------------------------------------
 
@@ -121,14 +126,15 @@ class FileField:
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._in_field:
-            if len(self.data) + end - start > self.max_bytes:
+            if self.size + end - start > self.max_bytes:
                 raise ApiError(
                     413,
                     "upload-too-large",
                     f"the file passes {self.max_bytes} bytes, the most accepted",
                     max_bytes=self.max_bytes,
                 )
-            self.data += data[start:end]
+            self.size += end - start
+            self.sink(memoryview(data)[start:end])
         else:
             self._other_bytes += end - start
             if self._other_bytes > MAX_OTHER_FIELD_BYTES:

@@ -1,8 +1,10 @@
 """Plumbing shared by the benchmarks: embedded servers, a node process, users, machine facts.
 
 Each benchmark (`scripts/bench/*`) starts its own deployment in a temporary directory with
-`Deployment` (embedded PostgreSQL + Valkey, migrations, one `finalmarket serve` node with
-rate limits out of the way) and stops all of it at the end, also on Ctrl-C.
+`Deployment` (embedded PostgreSQL + Valkey, migrations, one `finalmarket serve` node) and
+stops all of it at the end, also on Ctrl-C. The node runs at its shipped defaults (logging
+included) except for what the benchmark asks for; `spawn_node` prints every setting it
+changes, and `Deployment.changed` keeps them for the benchmark's report.
 """
 
 from __future__ import annotations
@@ -91,6 +93,34 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank]
 
 
+# Raised by `spawn_node` unless told otherwise: one load generator is one IP and one user.
+RAISED_LIMITS = {
+    "FM_RATELIMIT_IP_PER_SECOND": "1000000",
+    "FM_RATELIMIT_IP_BURST": "1000000",
+    "FM_RATELIMIT_USER_PER_SECOND": "1000000",
+    "FM_RATELIMIT_USER_BURST": "1000000",
+}
+
+
+def describe_changes(changed: dict[str, str]) -> str:
+    """One line naming the settings a benchmark changed from the shipped defaults."""
+    servers = "embedded servers and a generated FM_SECRET_KEY"
+    if not changed:
+        return f"every setting at its shipped default ({servers})"
+    listed = ", ".join(f"{key}={value}" for key, value in sorted(changed.items()))
+    return f"changed from the shipped defaults: {listed}; everything else at defaults ({servers})"
+
+
+def _noteworthy(line: str) -> bool:
+    if not line.strip():
+        return False
+    try:
+        level = json.loads(line).get("level")
+    except (ValueError, AttributeError):
+        return True
+    return level not in ("debug", "info")
+
+
 def stop_process(proc: subprocess.Popen[bytes]) -> int:
     """SIGINT a process started in its own session (then SIGKILL); its exit code."""
     if proc.poll() is not None:
@@ -107,10 +137,12 @@ def stop_process(proc: subprocess.Popen[bytes]) -> int:
 class Deployment:
     """Embedded servers, migrations and one node process; `stop()` undoes all of it."""
 
-    def __init__(self, work: Path, python: str, pool_max_size: int) -> None:
+    def __init__(self, work: Path, python: str, pool_max_size: int | None = None) -> None:
+        """`pool_max_size`: `FM_POOL_MAX_SIZE` for the nodes (None: the shipped default)."""
         self.work = work
         self.python = python
         self.pool_max_size = pool_max_size
+        self.changed: dict[str, dict[str, str]] = {}  # node id -> settings not at defaults
         self.data_dir = work / "data"
         self.env: dict[str, str] = {}
         self.node: subprocess.Popen[bytes] | None = None
@@ -119,11 +151,11 @@ class Deployment:
         self.infra_started = False
 
     def child_env(self) -> dict[str, str]:
-        """Our environment without `FM_*`, plus the deployment's settings."""
+        """Our environment without `FM_*`, plus the deployment's servers and secret key
+        (every other setting at its shipped default)."""
         env = {key: value for key, value in os.environ.items() if not key.startswith("FM_")}
         env.update(self.env)
         env["FM_SECRET_KEY"] = self.secret
-        env["FM_LOG_LEVEL"] = "warning"
         return env
 
     def up(self) -> None:
@@ -156,8 +188,7 @@ class Deployment:
             raise RuntimeError(f"{' '.join(args)} failed: {run.stdout}{run.stderr}")
 
     def start_node(self, extra_env: dict[str, str] | None = None) -> None:
-        """`finalmarket serve` with rate limits out of the way (plus `extra_env`); waits for
-        /readyz."""
+        """`finalmarket serve` with rate limits raised (plus `extra_env`); waits for /readyz."""
         self.port = free_port()
         self.node = self.spawn_node(self.port, "bench", self.log_path, extra_env)
 
@@ -171,20 +202,18 @@ class Deployment:
         raise_limits: bool = True,
     ) -> subprocess.Popen[bytes]:
         """One more `finalmarket serve` process on `port`, ready when this returns; rate
-        limits raised unless `raise_limits` is False (`extra_env` wins over both)."""
-        env = self.child_env()
+        limits raised unless `raise_limits` is False (`extra_env` wins over both; "" unsets).
+        Prints the settings that differ from the shipped defaults."""
+        changed: dict[str, str] = {}
         if raise_limits:
-            env.update(
-                {
-                    "FM_RATELIMIT_IP_PER_SECOND": "1000000",
-                    "FM_RATELIMIT_IP_BURST": "1000000",
-                    "FM_RATELIMIT_USER_PER_SECOND": "1000000",
-                    "FM_RATELIMIT_USER_BURST": "1000000",
-                }
-            )
-        env["FM_POOL_MAX_SIZE"] = str(self.pool_max_size)
-        env.update(extra_env or {})
-        env = {key: value for key, value in env.items() if value != ""}  # "" unsets a setting
+            changed.update(RAISED_LIMITS)
+        if self.pool_max_size is not None:
+            changed["FM_POOL_MAX_SIZE"] = str(self.pool_max_size)
+        changed.update(extra_env or {})
+        changed = {key: value for key, value in changed.items() if value != ""}
+        self.changed[node_id] = changed
+        progress(f"node {node_id}: {describe_changes(changed)}")
+        env = self.child_env() | changed
         command = [self.python, "-m", "server", "serve", "--port", str(port)]
         command += ["--node-id", node_id]
         with log_path.open("wb") as log:
@@ -213,9 +242,10 @@ class Deployment:
         return None if proc is None else stop_process(proc)
 
     def node_log(self) -> list[str]:
-        """The node's log lines (at warning, every line is noteworthy)."""
+        """The node's noteworthy log lines: warnings and worse, and anything not a JSON line
+        (access and other `info` lines left out)."""
         with contextlib.suppress(OSError):
-            return [line for line in self.log_path.read_text().splitlines() if line.strip()]
+            return [line for line in self.log_path.read_text().splitlines() if _noteworthy(line)]
         return []
 
     def stop(self) -> None:

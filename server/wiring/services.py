@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -140,8 +141,14 @@ class Services:
         images = ImageService(
             catalog,
             open_storage(settings.image_storage, settings.image_storage_dir),
-            ImageWorkers(settings.image_workers, settings.image_queue_limit),
+            ImageWorkers(
+                settings.image_workers,
+                settings.image_queue_limit,
+                low_priority=settings.image_worker_priority == "low",
+            ),
             IntakeLimits(settings.image_max_upload_bytes, settings.image_max_pixels),
+            # Beside the variants: the same file system, never served (not a storage name).
+            spool_dir=os.path.join(settings.image_storage_dir, ".spool"),
         )
         services = cls(
             settings=settings,

@@ -597,6 +597,14 @@ class Settings(BaseSettings):
         "with `Retry-After` before their body is read.",
         json_schema_extra=_group("images"),
     )
+    image_worker_priority: Literal["low", "normal"] = Field(
+        "low",
+        description="CPU priority of the image worker process: `low` (its own autogroup at "
+        "nice 19: renders take the CPU the node and its neighbours leave, so broadcasts keep "
+        "their latency) or `normal` (the node's: uploads compete for the cores, e.g. on a "
+        "node that only takes uploads, or a benchmark of the pipeline on a shared machine).",
+        json_schema_extra=_group("images"),
+    )
 
     # --- storefront -----------------------------------------------------------------------------
     static_dir: str = Field(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import resource
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,13 +14,16 @@ from server.adapters.images.intake import (
     HEIF,
     JPEG,
     PNG,
+    SCAN_BLOCK_BYTES,
     WEBP,
+    ImageRejected,
     IntakeLimits,
     TooManyPixels,
     UnreadableImage,
     UnsupportedImageType,
     UploadTooLarge,
     probe,
+    probe_file,
     sniff,
 )
 from tests.helpers import image_samples as samples
@@ -104,3 +109,64 @@ def test_truncated_png_is_refused_before_decoding() -> None:
 def test_garbage_after_a_png_signature_is_unreadable() -> None:
     with pytest.raises(UnreadableImage):
         probe(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, LIMITS)
+
+
+def _outcome(judge: Any) -> object:
+    """What a probe says: its fields, or the kind of refusal and its fields."""
+    try:
+        found = judge()
+    except ImageRejected as refused:
+        return type(refused), refused.fields
+    return found.type, found.width, found.height, found.whole_decode
+
+
+FILE_SAMPLES = {
+    "jpeg": lambda: samples.in_format(photo("product", 640, 480), "jpeg"),
+    "progressive-jpeg": lambda: samples.in_format(photo("product", 640, 480), "progressive-jpeg"),
+    "png": lambda: samples.in_format(photo("product", 320, 240), "png"),
+    "webp": lambda: samples.in_format(photo("product", 320, 240), "webp"),
+    "avif": lambda: samples.in_format(photo("product", 320, 240), "avif"),
+    "gif": samples.animated_gif,
+    "text": lambda: samples.TEXT_NAMED_JPG,
+    "empty": lambda: b"",
+    "png-bomb": samples.png_bomb,
+    "truncated-jpeg": lambda: samples.truncated(
+        samples.in_format(photo("night", 800, 600), "jpeg")
+    ),
+    "truncated-png": lambda: samples.truncated(samples.in_format(photo("night", 800, 600), "png")),
+    "png-garbage": lambda: b"\x89PNG\r\n\x1a\n" + b"\x00" * 100,
+}
+
+
+@pytest.mark.parametrize("name", list(FILE_SAMPLES))
+def test_probing_a_spooled_file_says_what_probing_its_bytes_says(name: str, tmp_path: Path) -> None:
+    data = FILE_SAMPLES[name]()
+    path = tmp_path / "upload"
+    path.write_bytes(data)
+    assert _outcome(lambda: probe_file(str(path), LIMITS)) == _outcome(lambda: probe(data, LIMITS))
+
+
+def test_a_file_is_refused_by_its_size_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "upload"
+    path.write_bytes(b"\xff\xd8\xff" + bytes(2000))
+    with pytest.raises(UploadTooLarge):
+        probe_file(str(path), IntakeLimits(max_bytes=1024, max_pixels=10))
+
+
+@pytest.mark.parametrize("split", [0, 1], ids=["marker-at-block-end", "marker-across-blocks"])
+def test_the_end_marker_is_found_wherever_the_file_blocks_fall(split: int, tmp_path: Path) -> None:
+    """A JPEG grown with comment segments so its end-of-image marker lies at the end of the
+    first block the file is read in, or across the first two blocks."""
+    jpeg = samples.in_format(photo("product", 64, 48), "jpeg")
+    padding = SCAN_BLOCK_BYTES - len(jpeg) + split
+    sizes = [60_000] * ((padding - 4) // 60_000)
+    sizes.append(padding - sum(sizes))  # 4 .. 60,003 bytes: a whole segment
+    segments = [b"\xff\xfe" + (size - 2).to_bytes(2, "big") + bytes(size - 4) for size in sizes]
+    data = jpeg[:2] + b"".join(segments) + jpeg[2:]
+    assert data.rindex(b"\xff\xd9") == SCAN_BLOCK_BYTES - 2 + split
+    path = tmp_path / "upload"
+    path.write_bytes(data)
+    assert probe_file(str(path), LIMITS).type is JPEG
+    path.write_bytes(data[:-2])  # without its end marker
+    with pytest.raises(UnreadableImage, match="truncated"):
+        probe_file(str(path), LIMITS)

@@ -361,6 +361,42 @@ async def test_full_queue_answers_503_with_retry_after_before_reading_the_body(
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_an_unwritable_spool_answers_503_and_the_next_upload_succeeds(
+    http_client: Any,
+    base_url: str,
+    lamp: int,
+    admin: dict[str, str],
+    services: Services,
+    storage_root: Path,
+    infra_env: dict[str, str],
+    landscape_jpeg: bytes,
+) -> None:
+    """The spool directory cannot be made (a file is in its place): 503 with `Retry-After`,
+    nothing recorded, the place given back; once the path is free, uploads work again."""
+    spool = Path(services.images.spool_dir)
+    _put_file_at(spool)
+    refused = await upload(http_client, base_url, lamp, landscape_jpeg, admin)
+    assert refused.code == 503, refused.body
+    assert refused.headers["Retry-After"] == "30"
+    assert problem(refused)["type"] == "/problems/images-busy"
+    assert image_rows(infra_env["FM_CATALOG_DSN"]) == 0
+    assert services.images.workers.admitted == 0
+    _remove_file_at(spool)
+    after = await upload(http_client, base_url, lamp, landscape_jpeg, admin)
+    assert after.code == 201, after.body
+    assert stored_files(spool) == []  # the upload's spool file went with its request
+
+
+def _put_file_at(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not a directory")
+
+
+def _remove_file_at(path: Path) -> None:
+    path.unlink()
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_a_crashed_image_worker_is_replaced_and_the_node_keeps_serving(
     http_client: Any,
     base_url: str,

@@ -15,7 +15,9 @@ few scanlines, so they get half of the pixel allowance.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 # Must be set before libvips initialises (importing pyvips does): loaders marked untrusted
 # (ImageMagick, PDF, SVG, Matlab, ...) are then refused even if a build includes them.
@@ -35,6 +37,7 @@ __all__ = [
     "UnsupportedImageType",
     "UploadTooLarge",
     "probe",
+    "probe_file",
     "sniff",
     "vips_reason",
 ]
@@ -74,6 +77,10 @@ class UnreadableImage(ImageRejected):
     kind = "unreadable-image"
 
 
+Source = bytes | bytearray | str  # an upload's bytes, or the path of the file holding them
+SCAN_BLOCK_BYTES = 1024 * 1024  # read size when looking for markers in a file
+
+
 @dataclass(frozen=True, slots=True)
 class ImageType:
     """An accepted input type and the one libvips loader that opens it."""
@@ -86,6 +93,18 @@ class ImageType:
         """The image, lazily: its header is read, its pixels when first needed."""
         image: pyvips.Image = getattr(pyvips.Image, self.loader)(data, **options)
         return image
+
+    def open_file(self, path: str, **options: object) -> pyvips.Image:
+        """The image in the file at `path`, lazily, with this type's file loader."""
+        loader = self.loader.removesuffix("_buffer")
+        image: pyvips.Image = getattr(pyvips.Image, loader)(path, **options)
+        return image
+
+    def load(self, source: Source, **options: object) -> pyvips.Image:
+        """`open_file` for a path, `open` for bytes."""
+        if isinstance(source, str):
+            return self.open_file(source, **options)
+        return self.open(source, **options)
 
 
 JPEG = ImageType("jpeg", "image/jpeg", "jpegload_buffer")
@@ -166,9 +185,43 @@ def probe(data: bytes | bytearray, limits: IntakeLimits) -> ImageProbe:
             f"the upload has {len(data)} bytes; at most {limits.max_bytes} are accepted"
         )
     image_type = sniff(data)
-    _refuse_if_cut_short(image_type, data)
+    _refuse_if_cut_short(image_type, lambda needle, start: data.find(needle, start))
+    return _judge(image_type, data, limits)
+
+
+def probe_file(path: str, limits: IntakeLimits) -> ImageProbe:
+    """`probe` of the upload in the file at `path`, reading it in blocks (never whole)."""
+    size = os.stat(path).st_size
+    if size > limits.max_bytes:
+        raise UploadTooLarge(
+            f"the upload has {size} bytes; at most {limits.max_bytes} are accepted"
+        )
+    with open(path, "rb") as file:
+        image_type = sniff(file.read(SNIFF_BYTES))
+        _refuse_if_cut_short(image_type, lambda needle, start: _find_in_file(file, needle, start))
+    return _judge(image_type, path, limits)
+
+
+def _find_in_file(file: BinaryIO, needle: bytes, start: int) -> int:
+    """The offset of `needle` in `file` at or after `start`, or -1 (`bytes.find` on a file)."""
+    overlap = len(needle) - 1
+    offset = start
+    file.seek(offset)
+    while block := file.read(SCAN_BLOCK_BYTES):
+        found = block.find(needle)
+        if found >= 0:
+            return offset + found
+        if len(block) < SCAN_BLOCK_BYTES:
+            return -1
+        offset += len(block) - overlap
+        file.seek(offset)
+    return -1
+
+
+def _judge(image_type: ImageType, source: Source, limits: IntakeLimits) -> ImageProbe:
+    """The header's dimensions against the pixel allowance."""
     try:
-        header = image_type.open(data, access="sequential", fail_on=FAIL_ON)
+        header = image_type.load(source, access="sequential", fail_on=FAIL_ON)
         width, height = header.width, header.height
     except pyvips.Error as exc:
         raise UnreadableImage(
@@ -190,7 +243,7 @@ def probe(data: bytes | bytearray, limits: IntakeLimits) -> ImageProbe:
     return ImageProbe(image_type, width, height, whole)
 
 
-def _refuse_if_cut_short(image_type: ImageType, data: bytes | bytearray) -> None:
+def _refuse_if_cut_short(image_type: ImageType, find: Callable[[bytes, int], int]) -> None:
     """Refuse a JPEG or PNG whose end marker is missing, without decoding it.
 
     A valid JPEG has an end-of-image marker after its first scan and a valid PNG an IEND
@@ -198,14 +251,15 @@ def _refuse_if_cut_short(image_type: ImageType, data: bytes | bytearray) -> None
     by decoding up to where its data stops (tens of milliseconds for a photo). Files that
     pass (a truncated JPEG whose embedded EXIF thumbnail has its own end marker, say) are
     still caught by decoding with `fail_on`.
+    `find(needle, start)` searches the upload, as `bytes.find` does.
     """
     if image_type is JPEG:
-        first_scan = data.find(b"\xff\xda")
-        if first_scan < 0 or data.find(b"\xff\xd9", first_scan) < 0:
+        first_scan = find(b"\xff\xda", 0)
+        if first_scan < 0 or find(b"\xff\xd9", first_scan) < 0:
             raise UnreadableImage(
                 "the JPEG has no end-of-image marker after its image data: the upload is truncated"
             )
-    elif image_type is PNG and data.find(b"IEND", 8) < 0:
+    elif image_type is PNG and find(b"IEND", 8) < 0:
         raise UnreadableImage("the PNG has no IEND chunk: the upload is truncated")
 
 

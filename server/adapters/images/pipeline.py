@@ -31,6 +31,7 @@ from server.adapters.images.intake import (
     JPEG,
     WEBP,
     ImageProbe,
+    Source,
     UnreadableImage,
     vips_reason,
 )
@@ -78,12 +79,11 @@ class Rendition:
     variants: list[tuple[str, str, bytes]]
 
 
-def render(
-    data: bytes | bytearray, probe: ImageProbe, encoding: Encoding, threads: Executor
-) -> Rendition:
+def render(source: Source, probe: ImageProbe, encoding: Encoding, threads: Executor) -> Rendition:
     """Decode once, derive every size, then the 12 encodes and the placeholder on `threads`
-    (pyvips releases the GIL, so they run in parallel). Raises `UnreadableImage`."""
-    sizes = derive(decode(data, probe, SIZES["large"]))
+    (pyvips releases the GIL, so they run in parallel). `source` is the upload's bytes or
+    the path of its file (read as it decodes). Raises `UnreadableImage`."""
+    sizes = derive(decode(source, probe, SIZES["large"]))
     encodes = [threads.submit(encode, sizes[size], fmt, encoding) for size, fmt in ENCODE_ORDER]
     placeholder = threads.submit(placeholder_data_url, sizes["thumbnail"])
     variants = [
@@ -94,7 +94,7 @@ def render(
     return Rendition(large.width, large.height, placeholder.result(), variants)
 
 
-def decode(data: bytes | bytearray, probe: ImageProbe, box: int) -> pyvips.Image:
+def decode(source: Source, probe: ImageProbe, box: int) -> pyvips.Image:
     """The upload as an upright sRGB 8-bit image fitting inside `box` x `box`, in memory.
 
     Raises `UnreadableImage` if the pixels do not decode (truncated or corrupt data).
@@ -107,7 +107,7 @@ def decode(data: bytes | bytearray, probe: ImageProbe, box: int) -> pyvips.Image
     elif probe.type is WEBP and shrink > 1:
         options["scale"] = 1 / shrink
     try:
-        image = probe.type.open(data, **options)
+        image = probe.type.load(source, **options)
         image = to_srgb8(image)
         image = fit(image, box)
         image = image.copy_memory()  # the decode happens here, once

@@ -52,7 +52,8 @@ class ImageStorage(Protocol):
     """Stores and returns image files by name. Implementations must be safe to share."""
 
     async def put_many(self, files: Mapping[str, bytes]) -> None:
-        """Store every file; a name that already exists is left as it is."""
+        """Store every file, durably once this returns (in no particular order: a file that
+        names others is stored by a later call); a name that exists is left as it is."""
         ...
 
     async def get(self, name: str) -> bytes | None:
@@ -65,9 +66,11 @@ class ImageStorage(Protocol):
 
 
 class LocalImageStorage:
-    """Files under a directory, written atomically (temporary file, then rename).
+    """Files under a directory, written atomically and durably (temporary file, fsync,
+    rename, fsync of the directory).
 
-    File I/O runs in the default thread pool, off the event loop. The directory is created on
+    File I/O runs in the default thread pool, off the event loop; the files of one
+    `put_many` are written concurrently. The directory is created on
     first write, so a node that never stores an image leaves no trace.
     """
 
@@ -81,7 +84,10 @@ class LocalImageStorage:
         return self.root / name
 
     async def put_many(self, files: Mapping[str, bytes]) -> None:
-        await asyncio.to_thread(self._write_all, dict(files))
+        # Each file on a thread of its own, so their fsyncs overlap.
+        await asyncio.gather(
+            *(asyncio.to_thread(self._write_one, name, data) for name, data in files.items())
+        )
 
     async def get(self, name: str) -> bytes | None:
         if not valid_name(name):
@@ -91,20 +97,28 @@ class LocalImageStorage:
     async def aclose(self) -> None:
         return None
 
-    def _write_all(self, files: dict[str, bytes]) -> None:
-        for name, data in files.items():
-            path = self.path_of(name)
-            if path.exists():
-                continue  # content-addressed: the same name holds the same bytes
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                os.replace(temporary, path)
-            except BaseException:
-                Path(temporary).unlink(missing_ok=True)
-                raise
+    def _write_one(self, name: str, data: bytes) -> None:
+        """Write `name` durably: a temporary file, fsync, rename, fsync of the directory
+        (and of the root when the directory is new), so a crash never leaves a name that
+        holds partial bytes or loses a name already answered."""
+        path = self.path_of(name)
+        if path.exists():
+            return  # content-addressed: the same name holds the same bytes
+        directory = path.parent
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            _fsync_directory(directory.parent)
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".incoming-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        _fsync_directory(directory)
 
     @staticmethod
     def _read(path: Path) -> bytes | None:
@@ -112,6 +126,15 @@ class LocalImageStorage:
             return path.read_bytes()
         except FileNotFoundError:
             return None
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the names in `directory` durable (a rename is not, until its directory is)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_storage(kind: str, directory: str) -> ImageStorage:

@@ -15,7 +15,9 @@ the whole server: 0.7 s of CPU and tens of MB per worker), start at the node's p
 need helper threads in the node that hold the GIL while they pickle uploads. The child lowers
 its priority before importing anything, then reads jobs from its stdin and writes results to
 its stdout, each a length-prefixed pickle; the node's side is asyncio streams and one reader
-task. The child renders `concurrent` uploads at once (two overlap one's decode with the
+task. An upload's job names its spool file (server.adapters.images.spool), which the worker
+decodes from as it reads: the upload's bytes never cross the pipe, only the variants come back.
+The child renders `concurrent` uploads at once (two overlap one's decode with the
 other's encodes), each upload's twelve encodes and placeholder on `ENCODE_THREADS` threads.
 libvips inside is bounded: one thread per pipeline (`concurrency_set(1)`), no operation cache
 (uploads never repeat an operation; the cache would only keep decoded pixels alive), and
@@ -45,7 +47,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import pyvips
 
-from server.adapters.images.intake import ImageProbe
+from server.adapters.images.intake import ImageProbe, Source
 from server.adapters.images.pipeline import Encoding, Rendition, render
 from server.common.errors import DomainError
 from server.common.logs import get_logger
@@ -99,10 +101,10 @@ def configure_libvips() -> None:
 # --- inside the worker process ------------------------------------------------------------------
 
 
-def render_job(data: bytes | bytearray, probe: ImageProbe, encoding: Encoding) -> Rendition:
+def render_job(source: Source, probe: ImageProbe, encoding: Encoding) -> Rendition:
     """The job an upload is: runs in the worker process (see `worker_main`)."""
     assert _encode_threads is not None, "runs in the worker process only"
-    return render(data, probe, encoding, _encode_threads)
+    return render(source, probe, encoding, _encode_threads)
 
 
 # The worker process's encode threads, set once by `worker_main` (never in the node).
@@ -260,11 +262,13 @@ class ImageWorkers:
         self.admitted += 1
         return Slot(self)
 
-    async def render(
-        self, data: bytes | bytearray, probe: ImageProbe, encoding: Encoding
-    ) -> Rendition:
-        """Every variant and the placeholder of an upload, made in the worker process."""
-        return await self.run(render_job, data, probe, encoding)
+    async def render(self, source: Source, probe: ImageProbe, encoding: Encoding) -> Rendition:
+        """Every variant and the placeholder of an upload, made in the worker process.
+
+        `source` is best the path of the upload's file (spooled): the worker reads it as it
+        decodes, and only the path crosses the pipe; bytes are copied to the worker whole.
+        """
+        return await self.run(render_job, source, probe, encoding)
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         """`function(*args)` in the worker process (both must pickle: a module-level
