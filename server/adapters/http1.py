@@ -309,8 +309,16 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         keep_alive: bool,
     ) -> None:
         headers = httputil.HTTPHeaders()
-        for name, value in raw_headers:
-            headers.add(name.decode("latin1"), value.decode("latin1"))
+        try:
+            for name, value in raw_headers:
+                # Whitespace around a value is not part of it (RFC 9110, 5.5); llhttp keeps
+                # trailing whitespace, which Tornado's headers refuse.
+                headers.add(name.decode("latin1"), value.decode("latin1").strip(" \t"))
+        except httputil.HTTPInputError as error:
+            # A value that Tornado's headers refuse and llhttp let through (a control
+            # character): malformed, said as such instead of closing without an answer.
+            self._give_up(400, "malformed-request", f"not HTTP/1.1: {error}")
+            return
         start_line = httputil.RequestStartLine(method, url, version)
         self._request_start_line = start_line
         self._request_headers = headers

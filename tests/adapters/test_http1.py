@@ -403,3 +403,21 @@ async def test_closing_all_connections_does_not_wait_for_a_client_that_stopped_r
     await asyncio.wait_for(http_server.close_all_connections(), 3)
     assert not http_server.connections
     writer.close()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_header_values_with_trailing_space_or_control_characters(
+    http_server: Any, base_url: str
+) -> None:
+    """Found by schemathesis (tests/handlers/test_fuzz_openapi.py): `Authorization: Bearer `
+    closed our server's connection without an answer. Whitespace around a value is not part
+    of it; a control character inside one is a malformed request, answered as one."""
+    reader, writer = await connect(base_url)
+    writer.write(get("/echo", "X-Note: spaced   "))
+    assert (await read_response(reader)).status == 200
+    writer.close()
+    reader, writer = await connect(base_url)
+    writer.write(get("/echo", "X-Note: bell\x07inside"))
+    response = await read_response(reader)
+    assert response.status == 400 and response.json()["type"] == "/problems/malformed-request"
+    assert await closed_by_server(reader)
