@@ -6,7 +6,8 @@ What must hold for every generated request: no 5xx, a status the document lists 
 operation, the documented media type, and a body that matches the documented schema (the
 problem schema for errors, `Cart` for cart answers); and the node logs no error. It found
 that a header value with trailing whitespace (`Authorization: Bearer `) closed the
-connection without an answer (tests/adapters/test_http1.py). The number of examples is bounded
+connection without an answer (tests/adapters/test_http1.py). The node's whole log of the run
+must hold neither the callers' tokens nor the password. The number of examples is bounded
 (`EXAMPLES` per operation, caller and mode), so the run stays within a minute on the shared
 2-core machine; failures are collected over all operations and reported together.
 """
@@ -119,8 +120,13 @@ def node(
         assert child.proc.poll() is None, child.stderr()  # it kept serving throughout
         # Bad input is answered, never an unhandled error (the transport failure this suite
         # found closed connections without an answer and logged only this).
-        errors = [line for line in child.stderr().splitlines() if '"level":"error"' in line]
+        log = child.stderr()
+        errors = [line for line in log.splitlines() if '"level":"error"' in line]
         assert errors == [], errors[:3]
+        # Nothing secret reached the log of a whole run: not the tokens every request carried
+        # (headers, cookies and query strings alike), not the password that signed in.
+        for secret in (shopper["token"], session["token"], PASSWORD):
+            assert secret not in log
 
 
 def _fuzz(
