@@ -1,6 +1,7 @@
-"""A shard's PostgreSQL primary SIGKILLed (every process of it) while checkouts are mid-saga,
-then restarted, without a failover (no Patroni: its standby stays a standby), in a replicated
-topology of the test's own (a server per database, each with a streaming standby).
+"""PostgreSQL primaries SIGKILLed (every process of them) and restarted under traffic, without
+a failover (no Patroni: a standby stays a standby), in a replicated topology of the test's own
+(a server per database, each with a streaming standby): first a shard's primary while
+checkouts are mid-saga, then the catalog's.
 
 Checkouts of buyers on that shard are held between their stock reservation and their order
 (the saga's `after_reserve` hook) when the primary dies; answered once it is dead, they fail
@@ -33,6 +34,7 @@ from server.wiring.infra import PostgresServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
 from tests.helpers import commerce
+from tests.helpers.accounts import token_for
 from tests.helpers.catalog import add_product
 from tests.helpers.commerce import accounting, buyer_with_cart, commerce_settings
 from tests.helpers.deployment import migrate, quiet, run_in_private_loop
@@ -217,3 +219,73 @@ async def test_a_killed_shard_primary_fails_fast_loses_no_acknowledged_order_and
     except HTTPClientError as error:  # pragma: no cover - the message says why
         raise AssertionError(error.response.body if error.response else error) from None
     assert ready.code == 200
+
+
+@pytest.mark.gen_test(timeout=180)
+async def test_a_killed_catalog_primary_keeps_reads_and_carts_and_refuses_writes_fast(
+    client: Any, base_url: str, services: Services, topology: Topology
+) -> None:
+    """The catalog's primary SIGKILLed, then restarted: cached product reads keep answering
+    (their stock from the catalog's standby), a cart can still be read; a stock change and a
+    checkout (its reservation is a catalog write) fail fast with 503 and `Retry-After`, and
+    the cart is kept. After the restart the same checkout key completes, and the stock adds
+    up."""
+    env = topology.env
+    primary, standby = topology.servers("catalog")
+    await blocking(primary.psql, "ALTER SYSTEM SET synchronous_commit = on")
+    await blocking(primary.psql, "SELECT pg_reload_conf()")
+    product_id = add_product(env["FM_CATALOG_DSN"], stock=10)
+    admin = await token_for(services, "catalog-admin@example.com", admin=True)
+    buyer_id, buyer = await buyer_with_cart(services, "catalog-buyer@example.com", product_id, 2)
+    api = base_url + "/api/v1"
+    product_url = f"{api}/products/{product_id}"
+    before = await client.fetch(product_url)
+    await client.fetch(f"{api}/products?first=20")  # cached (a fill needs the primary)
+    await blocking(wait_caught_up, primary, standby)
+
+    async def call(url: str, method: str = "GET", body: Any = None, token: str = "") -> Any:
+        began = time.monotonic()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        response = await client.fetch(
+            url,
+            method=method,
+            body=None if body is None and method == "GET" else json.dumps(body or {}),
+            headers=headers,
+            raise_error=False,
+            request_timeout=30,
+        )
+        return response, time.monotonic() - began
+
+    await blocking(kill_hard, primary)
+    read, _ = await call(product_url)
+    assert read.code == 200 and json.loads(read.body) == json.loads(before.body)
+    listed, _ = await call(f"{api}/products?first=20")
+    assert listed.code == 200, listed.body
+    cart, _ = await call(f"{api}/cart", token=buyer)
+    assert cart.code == 200 and json.loads(cart.body)["items"][0]["quantity"] == 2
+    changed, seconds = await call(f"{product_url}/stock", "POST", {"delta": 5}, admin)
+    assert changed.code == 503 and changed.headers["Retry-After"], changed.body
+    assert seconds < FAIL_FAST_S
+    status, body, headers, seconds = await checkout(client, base_url, buyer, "catalog-1")
+    assert status == 503 and headers["Retry-After"] and seconds < FAIL_FAST_S, (status, body)
+    cart, _ = await call(f"{api}/cart", token=buyer)
+    assert json.loads(cart.body)["items"][0]["quantity"] == 2  # kept for the retry
+
+    await blocking(primary.start)
+    deadline = time.monotonic() + RECOVER_S
+    while (
+        changed := (await call(f"{product_url}/stock", "POST", {"delta": 5}, admin))[0]
+    ).code != 200:
+        assert changed.code == 503 and time.monotonic() < deadline, changed.body
+        await asyncio.sleep(0.3)
+    while True:
+        status, body, _, _ = await checkout(client, base_url, buyer, "catalog-1")
+        if status == 201:
+            break
+        assert status in (409, 503) and time.monotonic() < deadline, (status, body)
+        await asyncio.sleep(0.3)
+    assert orders_of(env, buyer_id) == [(body["order"]["id"], "catalog-1")]
+    stock, held, ordered = accounting(env, product_id)
+    assert (stock, held, ordered) == (10 + 5 - 2, 0, 2)
