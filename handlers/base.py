@@ -87,8 +87,14 @@ class BaseHandler(tornado.web.RequestHandler):
         self.gate = gate
 
     def prepare(self) -> Awaitable[None] | None:
-        """Adopt the caller's `X-Request-Id` when it is well formed, or make one."""
-        self.request_id = adopt_request_id(self.request.headers.get(REQUEST_ID_HEADER))
+        """Adopt the caller's `X-Request-Id` when it is well formed, or make one. A made one
+        is written into the request's headers too, so a refusal the HTTP layer makes after
+        this point (a streamed body passing its limit: `server.adapters.http1`) answers with
+        the id this request is logged under, not yet another one."""
+        offered = self.request.headers.get(REQUEST_ID_HEADER)
+        self.request_id = adopt_request_id(offered)
+        if self.request_id != offered:
+            self.request.headers[REQUEST_ID_HEADER] = self.request_id
         self.set_header(REQUEST_ID_HEADER, self.request_id)
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
         self.gate.lifecycle.request_started()

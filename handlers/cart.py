@@ -6,7 +6,7 @@ to merge; every change is also published to the caller's `CartChannel` on every 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -67,6 +67,36 @@ class SetQuantity(BaseModel):
     quantity: Quantity
 
 
+class CartLine(BaseModel):
+    """A line of the answered `Cart` (documentation of the answer: `server.domain.carts`)."""
+
+    product_id: str = Field(pattern=r"^[0-9]{1,19}$")
+    quantity: int = Field(ge=MIN_QUANTITY, le=MAX_QUANTITY)
+    unit_price_cents: int = Field(ge=0, description="the price when the line was last set")
+    available: int | None = Field(
+        ge=0, description="units in stock when read; null when the catalog could not be asked"
+    )
+
+
+class CartWarning(BaseModel):
+    """A line that wants more units than are in stock (it is kept; checkout would refuse it)."""
+
+    kind: Literal["over-stock"]
+    product_id: str
+    quantity: int
+    available: int = Field(ge=0)
+    detail: str
+
+
+class Cart(BaseModel):
+    """The answer of every cart operation: the whole cart, so a client never merges."""
+
+    items: list[CartLine]
+    total_cents: int = Field(ge=0)
+    version: int = Field(ge=0, description="grows by one with every change")
+    warnings: list[CartWarning]
+
+
 class _CartBase(IdempotentHandler):
     """Handlers of the caller's cart: they get the node's `CartService` and the store of cart
     idempotency keys."""
@@ -84,7 +114,7 @@ class CartHandler(_CartBase):
     """`GET /api/v1/cart`: the caller's cart."""
 
     openapi_path = "/api/v1/cart"
-    openapi = {"GET": Operation("The caller's cart", auth="user")}
+    openapi = {"GET": Operation("The caller's cart", auth="user", answer=Cart)}
 
     async def get(self) -> None:
         session = self.require_user()
@@ -97,11 +127,17 @@ class CartItemsHandler(_CartBase):
     openapi_path = "/api/v1/cart/items"
     openapi = {
         "POST": Operation(
-            "Add units of a product at its current price; answers the Cart",
+            "Add units of a product at its current price; answers the Cart (also past the "
+            "stock: the line's `available` and the cart's `warnings` say so)",
             body=AddItem,
             auth="user",
             headers=IDEMPOTENT_CHANGE,
-            problems={404: "unknown product", 409: "the same Idempotency-Key is in flight"},
+            answer=Cart,
+            problems={
+                404: "unknown product",
+                409: "the same Idempotency-Key is in flight",
+                422: "invalid body, or the line would pass 99 units",
+            },
         )
     }
 
@@ -124,12 +160,14 @@ class CartItemHandler(_CartBase):
             body=SetQuantity,
             auth="user",
             headers=IDEMPOTENT_CHANGE,
+            answer=Cart,
             problems={404: "the product is not in the cart"},
         ),
         "DELETE": Operation(
             "Remove a line; answers the Cart",
             auth="user",
             headers=IDEMPOTENT_CHANGE,
+            answer=Cart,
             problems={404: "the product is not in the cart"},
         ),
     }

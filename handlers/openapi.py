@@ -67,6 +67,7 @@ class Operation:
     problems: dict[int, str] = field(default_factory=dict)  # extra statuses -> when
     headers: dict[str, str] = field(default_factory=dict)  # request headers -> description
     upload: str | None = None  # the multipart/form-data field carrying a file, if any
+    answer: type[BaseModel] | None = None  # the success body's schema, where one is written
 
 
 class Documented:
@@ -115,6 +116,11 @@ def _operation(op: Operation, path: str, schemas: dict[str, Any]) -> dict[str, A
         if op.ok != 204
         else {"description": "success, no content"}
     }
+    if op.answer is not None:
+        name = _add_schema(op.answer, schemas)
+        responses[str(op.ok)]["content"]["application/json"] = {
+            "schema": {"$ref": f"#/components/schemas/{name}"}
+        }
     for status, text in sorted(problems.items()):
         responses[str(status)] = {
             "description": text,
@@ -147,6 +153,14 @@ def _operation(op: Operation, path: str, schemas: dict[str, Any]) -> dict[str, A
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
         }
     return document
+
+
+def _add_schema(model: type[BaseModel], schemas: dict[str, Any]) -> str:
+    """Put `model`'s JSON Schema (and the models it uses, as siblings) in `schemas`."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(schema.pop("$defs", {}))
+    schemas[model.__name__] = schema
+    return model.__name__
 
 
 def _path_params(path: str) -> list[str]:

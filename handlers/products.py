@@ -15,6 +15,7 @@ import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from handlers.api import ApiHandler
 from handlers.base import ApiError
@@ -61,6 +62,13 @@ StockDelta = Annotated[int, Field(ge=-MAX_STOCK, le=MAX_STOCK), BeforeValidator(
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
 
 
+def _without_null_defaults(schema: dict[str, Any]) -> None:
+    """Drop `default: null` from a model's properties: "absent" is not "null" there."""
+    for field in schema.get("properties", {}).values():
+        if field.get("default", ...) is None:
+            del field["default"]
+
+
 class ProductCreate(BaseModel):
     """`POST /api/v1/products` body."""
 
@@ -74,15 +82,20 @@ class ProductCreate(BaseModel):
 
 
 class ProductPatch(BaseModel):
-    """`PATCH /api/v1/products/{id}` body: any of the fields but stock (absent: unchanged)."""
+    """`PATCH /api/v1/products/{id}` body: any of the fields but stock (absent: unchanged).
 
-    model_config = ConfigDict(extra="forbid")
+    A field may be left out but not sent as null, and `stock` is refused here: the JSON Schema
+    says the same (no `null` branch, no `default: null`, no `stock` property, so
+    `additionalProperties: false` refuses it), so a client that follows the OpenAPI document
+    never meets a 422 it could not have known about."""
 
-    name: str | None = Field(None, min_length=1, max_length=MAX_NAME_CHARS)
-    description: str | None = Field(None, max_length=MAX_DESCRIPTION_CHARS)
-    price_cents: PriceCents | None = None
-    currency: Currency | None = None
-    stock: Any = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_without_null_defaults)
+
+    name: str | SkipJsonSchema[None] = Field(None, min_length=1, max_length=MAX_NAME_CHARS)
+    description: str | SkipJsonSchema[None] = Field(None, max_length=MAX_DESCRIPTION_CHARS)
+    price_cents: PriceCents | SkipJsonSchema[None] = None
+    currency: Currency | SkipJsonSchema[None] = None
+    stock: SkipJsonSchema[Any] = None
 
     @field_validator("name", "description", "price_cents", "currency", mode="before")
     @classmethod

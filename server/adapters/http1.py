@@ -41,6 +41,7 @@ from server.common.problems import (
     PROBLEM_CONTENT_TYPE,
     REQUEST_ID_HEADER,
     adopt_request_id,
+    new_request_id,
     problem,
     status_title,
 )
@@ -308,8 +309,16 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         keep_alive: bool,
     ) -> None:
         headers = httputil.HTTPHeaders()
-        for name, value in raw_headers:
-            headers.add(name.decode("latin1"), value.decode("latin1"))
+        try:
+            for name, value in raw_headers:
+                # Whitespace around a value is not part of it (RFC 9110, 5.5); llhttp keeps
+                # trailing whitespace, which Tornado's headers refuse.
+                headers.add(name.decode("latin1"), value.decode("latin1").strip(" \t"))
+        except httputil.HTTPInputError as error:
+            # A value that Tornado's headers refuse and llhttp let through (a control
+            # character): malformed, said as such instead of closing without an answer.
+            self._give_up(400, "malformed-request", f"not HTTP/1.1: {error}")
+            return
         start_line = httputil.RequestStartLine(method, url, version)
         self._request_start_line = start_line
         self._request_headers = headers
@@ -714,11 +723,48 @@ class HttptoolsServer:
             self._all_closed.set()
 
 
+# What Tornado's HTTP/1 connection writes, and all it writes, when it cannot read a request
+# (`HTTPInputError` in `HTTP1Connection._read_message_inner`: a malformed start line or
+# header, a bad chunk, a declared or chunked body past `max_body_size`); it then closes.
+_TORNADO_BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+_TORNADO_400_DETAIL = (
+    "the request could not be read as HTTP/1.1 (a malformed request line, header or chunk), "
+    "or its body passes FM_MAX_BODY_BYTES; with FM_HTTP_SERVER=tornado the node's log line "
+    "`Malformed HTTP message` says which"
+)
+
+
+class _ProblemAnsweringHTTPServer(TornadoHTTPServer):
+    """Tornado's `HTTPServer`, whose bare `400 Bad Request` for a request it cannot read is
+    sent as a 400 problem (`malformed-request`, the fields every problem has) instead.
+
+    Tornado writes that answer itself, from inside its connection's read loop, with no hook
+    to change it; the one place it passes through that we own is the connection's stream, so
+    each stream's `write` swaps that exact answer for the problem. Tornado gives no reason
+    with it, so unlike ours (`Http1Connection`) it cannot say 413 for a body past the limit;
+    and past `max_header_size` Tornado closes without any answer (its stream's read fails
+    before anything is parsed), which no hook reaches: both are noted in docs/decisions.md.
+    """
+
+    def handle_stream(self, stream: iostream.IOStream, address: tuple[Any, ...]) -> None:
+        write = stream.write
+
+        def write_problem_for_bare_400(data: bytes | memoryview) -> asyncio.Future[None]:
+            if data == _TORNADO_BARE_400:
+                data = _problem(400, "malformed-request", _TORNADO_400_DETAIL, new_request_id())
+                _log.info("http_refused", status=400, peer=str(address[0]) if address else "")
+            return write(data)
+
+        stream.write = write_problem_for_bare_400  # type: ignore[method-assign]
+        super().handle_stream(stream, address)
+
+
 class TornadoServer:
-    """Tornado's own `HTTPServer` behind the same small interface (`FM_HTTP_SERVER=tornado`)."""
+    """Tornado's own `HTTPServer` behind the same small interface (`FM_HTTP_SERVER=tornado`);
+    its bare 400s are problems (`_ProblemAnsweringHTTPServer`)."""
 
     def __init__(self, delegate: httputil.HTTPServerConnectionDelegate, **options: Any) -> None:
-        self.server = TornadoHTTPServer(delegate, **options)
+        self.server = _ProblemAnsweringHTTPServer(delegate, **options)
 
     async def listen_on(self, sockets: list[socket.socket]) -> None:
         self.server.add_sockets(sockets)

@@ -225,6 +225,10 @@ class _Lease:
     acquisition raised, which its waiters raise too (one Redis timeout, not one each).
     `direct_until`: after a refused acquisition (less than a lease left in Redis), requests
     are checked against Redis one by one until then, so the last units are counted exactly.
+    `refused`/`refused_until`: once such a check is refused, Redis would refuse the same cost
+    (or more) until its `retry_after_s` has passed (buckets refill at their rate and other
+    nodes only take from them), so until then the refusal is answered here, with no round
+    trip: a flooding client costs Redis one check per refill interval, not one per request.
     """
 
     units: int = 0
@@ -232,6 +236,9 @@ class _Lease:
     last: Decision | None = None  # the acquisition that granted the units (for headers)
     refill: asyncio.Future[BaseException | None] | None = None
     direct_until: float = 0.0
+    refused: Decision | None = None
+    refused_cost: int = 0
+    refused_until: float = 0.0
 
 
 class LeasedRateLimiter:
@@ -277,7 +284,7 @@ class LeasedRateLimiter:
                     return Decision(limit, True, remaining, 0.0, decision.reset_after_s)
                 return decision
             if cost >= size or (lease is not None and lease.direct_until > now):
-                return await self._limiter.check(limit, key, cost=cost)
+                return await self._direct(limit, key, cost, lease, now)
             if lease is not None and lease.refill is not None:
                 failure = await asyncio.shield(lease.refill)
                 if failure is not None:
@@ -288,6 +295,36 @@ class LeasedRateLimiter:
                     self._leases.clear()  # a bound, not a policy: busy keys lease again
                 lease = self._leases[lease_key] = _Lease()
             await self._refill(limit, key, lease, size)
+
+    async def _direct(
+        self, limit: Limit, key: str, cost: int, lease: _Lease | None, now: float
+    ) -> Decision:
+        """One check of `cost` against Redis, unless a refusal of at most `cost` is still
+        live here (then that refusal, with what is left of its wait)."""
+        refused = lease.refused if lease is not None else None
+        if (
+            lease is not None
+            and refused is not None
+            and now < lease.refused_until
+            and cost >= lease.refused_cost
+        ):
+            elapsed = lease.refused_until - refused.retry_after_s
+            return Decision(
+                limit,
+                False,
+                0,
+                lease.refused_until - now,
+                max(0.0, refused.reset_after_s - (now - elapsed)),
+            )
+        decision = await self._limiter.check(limit, key, cost=cost)
+        if not decision.allowed and math.isfinite(decision.retry_after_s):
+            if lease is None:  # small bursts and large costs hold no lease until refused
+                if len(self._leases) >= _MAX_LEASES:
+                    self._leases.clear()
+                lease = self._leases.setdefault((limit.name, key), _Lease())
+            lease.refused, lease.refused_cost = decision, cost
+            lease.refused_until = self._clock() + decision.retry_after_s
+        return decision
 
     async def _refill(self, limit: Limit, key: str, lease: _Lease, size: int) -> None:
         """Take `size` more units from Redis into `lease`, giving back leftovers that
@@ -320,6 +357,8 @@ class LeasedRateLimiter:
         """Give back `units` charged but not used: to this node's lease when it holds one
         (they were taken from Redis with it), else to the bucket in Redis."""
         lease = self._leases.get((limit.name, key))
+        if lease is not None:
+            lease.refused_until = 0.0  # the bucket may allow sooner now: ask Redis again
         if lease is not None and lease.last is not None and lease.expires_at > self._clock():
             lease.units += units
             return self._with_lease(limit, lease)

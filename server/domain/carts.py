@@ -5,6 +5,14 @@ order charges, even if an admin changes the product later (re-adding or updating
 takes the current price again). Why a version: clients on several devices (and CartChannel
 subscribers) can tell which cart state is newer; every change bumps it by one.
 
+A cart may hold more units than are in stock (docs/decisions.md, "Carts over stock"): adding
+or setting such a quantity answers the cart, not a refusal, as shops do, because stock moves
+on its own (another buyer, an admin) and only checkout takes it. Every cart answer says so:
+each line has `available` (the units in stock when the cart was read; null when the catalog
+could not be asked just then) and `warnings` lists each line that wants more than that
+(`{kind: "over-stock", product_id, quantity, available, detail}`). Checkout still refuses a
+line short of stock with its 409 `out-of-stock`.
+
 Every change runs in one transaction on the user's shard primary that first bumps the
 `carts` row (which also serialises concurrent changes of the same cart), then publishes
 `{event: "cart", cart}` on `cart:user:<id>` after the commit, through an injected
@@ -17,9 +25,11 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from server.adapters.db.router import ShardRouter
-from server.common.errors import InvalidInput, NotFound
+from server.adapters.faults import as_domain_error
+from server.common.errors import InvalidInput, NotFound, Unavailable
 from server.common.logs import get_logger
 from server.domain.events import CartChanged, Publish, announce
+from server.domain.inventory import stock_of
 
 """`publish(stream, message)`: delivers a domain event to cable subscribers on every node."""
 
@@ -62,10 +72,52 @@ async def load_cart(cur: _Cursor, user_id: int) -> dict[str, Any]:
     }
 
 
+OVER_STOCK = "over-stock"
+
+
+async def with_availability(
+    router: ShardRouter, user_id: int, cart: dict[str, Any]
+) -> dict[str, Any]:
+    """`cart` with each line's `available` (units in stock now) and the cart's `warnings`
+    (the lines that want more than that), read in one catalog statement (on the primary
+    while the user's own checkout's change may not have reached the replica).
+
+    The catalog being busy or down does not fail a cart answer (the cart lives on the
+    user's shard): `available` is then null and there are no warnings."""
+    ids = [int(item["product_id"]) for item in cart["items"]]
+    stock: dict[int, int] | None
+    try:
+        stock = await stock_of(router, ids, actor=user_id)
+    except Exception as error:
+        if not isinstance(as_domain_error(error), Unavailable):
+            raise
+        _log.warning("cart_stock_unknown", error=repr(error))
+        stock = None
+    warnings = []
+    for item, product_id in zip(cart["items"], ids, strict=True):
+        available = None if stock is None else stock.get(product_id, 0)
+        item["available"] = available
+        if available is not None and item["quantity"] > available:
+            warnings.append(
+                {
+                    "kind": OVER_STOCK,
+                    "product_id": item["product_id"],
+                    "quantity": item["quantity"],
+                    "available": available,
+                    "detail": f"the cart holds {item['quantity']} of product {product_id}; "
+                    f"{available} are in stock now, so checkout would refuse it",
+                }
+            )
+    cart["warnings"] = warnings
+    return cart
+
+
 async def cart_view(router: ShardRouter, user_id: int) -> dict[str, Any]:
-    """The contract's `Cart`: items with price snapshots, total and version."""
+    """The contract's `Cart`: items with price snapshots and availability, total, version
+    and warnings."""
     async with router.read(user_id) as cur:
-        return await load_cart(cur, user_id)
+        cart = await load_cart(cur, user_id)
+    return await with_availability(router, user_id, cart)
 
 
 def check_quantity(quantity: int) -> None:
@@ -94,6 +146,7 @@ class CartService:
         """Add `quantity` units (to what the cart holds already) at the current price.
 
         `NotFound` for an unknown product; `InvalidInput` when the line would pass 99 units.
+        More than is in stock is added, and the answer's `warnings` say so.
         """
         check_quantity(quantity)
         price_cents, currency = await self._price_of(product_id)
@@ -191,4 +244,6 @@ class CartService:
         return NotFound(f"product {product_id} is not in the cart", product_id=str(product_id))
 
     async def _announce(self, user_id: int, cart: dict[str, Any]) -> None:
+        """Add availability to the committed `cart` (it is the answer too), then publish it."""
+        await with_availability(self.router, user_id, cart)
         await announce(self.publish, CartChanged(user_id, cart))

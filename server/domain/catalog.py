@@ -22,7 +22,8 @@ function of exactly the bytes sent (the head's digest, and the only other part, 
 
 Cache fills read the catalog primary (`fresh=True`): a value stored under a freshly bumped
 version must not come from a replica that has not replayed the write yet, or it would stay
-stale for its whole TTL.
+stale for its whole TTL. Stock counts read the primary too, and its standby while the primary
+is unreachable (a count kept for `stock_fresh_s` only), so cached products keep answering.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ import psycopg2.errors
 
 from server.adapters.cache import NS_PRODUCT, NS_PRODUCT_LIST, CachedLoader
 from server.adapters.db.router import ShardRouter
-from server.common.errors import InvalidInput, NotFound
+from server.adapters.faults import as_domain_error
+from server.common.errors import InvalidInput, NotFound, Unavailable
 from server.common.logs import get_logger
 from server.domain.events import Publish, Purge, StockChanged, pages_changed
 from server.domain.inventory import (
@@ -135,6 +137,7 @@ class CatalogCounters:
     product_loads: int = 0  # statements loading one product (cache fills)
     list_loads: int = 0  # statements loading a list page (cache fills)
     stock_loads: int = 0  # statements reading stock counts (LiveStock misses)
+    standby_stock_loads: int = 0  # of those, read from the standby: the primary was down
 
 
 # --- cursors and validation ---------------------------------------------------------------
@@ -353,7 +356,17 @@ class LiveStock:
         ticket = self.ticket()
         try:
             self._counters.stock_loads += 1
-            counts = await stock_of(self._router, product_ids, fresh=True)
+            try:
+                counts = await stock_of(self._router, product_ids, fresh=True)
+            except Exception as error:
+                if not isinstance(as_domain_error(error), Unavailable):
+                    raise
+                # The primary is unreachable: the standby's count (behind by its replay lag
+                # at most, and kept for `fresh_s` only) serves the page instead of a 503; the
+                # cable carries the exact count. (Cache fills never do this: a stale value
+                # would stay for the entry's whole TTL.)
+                self._counters.standby_stock_loads += 1
+                counts = await stock_of(self._router, product_ids)
         finally:
             for product_id in product_ids:
                 if self._pending.get(product_id) is asyncio.current_task():

@@ -250,7 +250,8 @@ class CheckoutService:
         """Step 2: reserve every line in one catalog transaction; returns the new stock per
         product. `OutOfStock` (nothing stays reserved) when a line lacks stock."""
         stock: dict[int, int] = {}
-        async with self.router.catalog_write() as cur:
+        # As the buyer: their next catalog reads (the cart's `available`) see this change.
+        async with self.router.catalog_write(user_id) as cur:
             for line in lines:  # in product order: concurrent sagas lock rows in one order
                 await cur.execute(
                     "UPDATE inventory SET stock = stock - %s, updated_at = now() "

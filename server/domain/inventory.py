@@ -80,13 +80,18 @@ async def current_stock(router: ShardRouter, product_id: int) -> int | None:
 
 
 async def stock_of(
-    router: ShardRouter, product_ids: Iterable[int], *, fresh: bool = False
+    router: ShardRouter,
+    product_ids: Iterable[int],
+    *,
+    fresh: bool = False,
+    actor: int | None = None,
 ) -> dict[int, int]:
-    """Units in stock of each of `product_ids` that exists, in one statement."""
+    """Units in stock of each of `product_ids` that exists, in one statement (`actor`: whose
+    own recent catalog writes the answer must show)."""
     ids = list(product_ids)
     if not ids:
         return {}
-    async with router.catalog_read(fresh=fresh) as cur:
+    async with router.catalog_read(actor, fresh=fresh) as cur:
         await cur.execute(
             "SELECT product_id, stock FROM inventory WHERE product_id = ANY(%s::bigint[])", (ids,)
         )

@@ -319,3 +319,44 @@ async def test_concurrent_misses_share_the_failure_of_an_unreachable_redis(
         assert time.monotonic() - started < 3 * settings.redis_timeout_s + 5
     finally:
         await redis.aclose()
+
+
+class _CountingLimiter(RateLimiter):
+    """The real limiter, counting the checks that reach Redis."""
+
+    calls = 0
+
+    async def check(self, limit: Limit, key: str, cost: int = 1, returned: int = 0) -> Decision:
+        self.calls += 1
+        return await super().check(limit, key, cost=cost, returned=returned)
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.usefixtures("clean_data")
+async def test_a_flood_past_the_limit_is_refused_without_a_round_trip_each(
+    settings: Settings,
+) -> None:
+    """Found by scripts/bench/floods: every refused request of a flooding address was one
+    Redis check, so a flood kept Redis (and the node's connections to it) busy for everyone.
+    Once Redis refuses, Redis would refuse the same until the wait it named has passed: those
+    refusals are answered by the node, each with what is left of the wait; then Redis decides
+    again, and the address is allowed as its bucket refills."""
+    redis = open_redis(settings)
+    limiter = _CountingLimiter(redis)
+    node = LeasedRateLimiter(limiter)
+    # Leases of 1 (every unit checked); a unit each 4 s, so a loaded machine's slowness does
+    # not refill the bucket during the flood.
+    limit = Limit("flood", rate_per_s=0.25, burst=20)
+    try:
+        burst = [await node.check(limit, "ip:9") for _ in range(20)]
+        assert all(d.allowed for d in burst) and limiter.calls == 20
+        flood = [await node.check(limit, "ip:9") for _ in range(500)]
+        assert not any(d.allowed for d in flood)
+        assert limiter.calls <= 22, limiter.calls  # one refusal asked, the rest answered here
+        waits = [d.retry_after_s for d in flood]
+        assert all(0 < w <= 4.0 + 1e-3 for w in waits) and waits[-1] <= waits[1]
+        await asyncio.sleep(waits[-1] + 0.02)
+        assert (await node.check(limit, "ip:9")).allowed  # refilled: Redis allows again
+        assert (await node.check(limit, "ip:other")).allowed  # other addresses: untouched
+    finally:
+        await redis.aclose()

@@ -150,3 +150,29 @@ async def test_an_order_placed_on_another_device_shows_as_a_toast(
     await expect(toast.locator("p")).to_have_text("2 items, total 25.00 USD")
     await toast.locator("button.toast-close").click()
     await expect(toast).to_have_count(0)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_cart_line_short_of_stock_says_how_many_are_left(
+    shop: Shop, new_context: NewContext
+) -> None:
+    """docs/decisions.md, "Carts over stock": the product page lets a shopper add at most
+    the stock (its quantity's `max` follows the live count); when the stock then falls below
+    what the cart holds, the cart keeps the line, and the drawer and the cart page say how
+    many are left."""
+    chair = shop.add_product("Oak Chair", stock=3, price_cents=5000)
+    _user_id, admin = await shop.add_user("root@example.com", admin=True)
+    await shop.add_user("ada@example.com")
+    page = await (await new_context()).new_page()
+    await sign_in(page, shop, "ada@example.com")
+    await page.goto(f"{shop.url}/products/{chair}")
+    await page.fill(f"#qty-{chair}", "3")
+    await page.click(".product-page button[type=submit]")
+    await expect(page.locator(".site-header [data-cart-target=count]")).to_have_text("3")
+    await shop.api(admin, f"/api/v1/products/{chair}/stock", "POST", {"set": 1})
+    await page.reload()
+    await page.click(".site-header [data-cart-target=link]")
+    line = page.locator("#cart-drawer [data-cart-target=items] li")
+    await expect(line.locator(".stock-warning")).to_have_text("only 1 in stock")
+    await page.goto(f"{shop.url}/cart")
+    await expect(page.locator(".cart-lines .stock-warning")).to_have_text("only 1 in stock")

@@ -188,3 +188,27 @@ async def test_cookie_authenticated_mutations_need_the_csrf_header(
     assert refused.code == 403 and codes(json.loads(refused.body)) == ["CSRF"]
     accepted = await gql(client, base_url, ADD, add, Cookie=cookie, **{"X-CSRF-Token": "abc"})
     assert result(accepted)["data"]["addToCart"]["version"] == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_adding_more_than_in_stock_answers_the_cart_with_a_warning(
+    client: Any, base_url: str, products: list[int], shopper: tuple[int, str]
+) -> None:
+    """As REST does (docs/decisions.md, "Carts over stock"): 12 of a product with 10 in
+    stock are added; the line says 10 are available, and `warnings` names it; the same cart
+    read back says the same; checkout refuses it with OUT_OF_STOCK."""
+    add = """mutation($id: ID!, $n: Int!) { addToCart(productId: $id, quantity: $n) {
+        items { productId quantity available }
+        warnings { kind productId quantity available detail } } }"""
+    added = result(await gql(client, base_url, add, {"id": products[0], "n": 12}, token=shopper[1]))
+    cart = added["data"]["addToCart"]
+    assert cart["items"] == [{"productId": str(products[0]), "quantity": 12, "available": 10}]
+    [warning] = cart["warnings"]
+    assert warning["kind"] == "over-stock" and warning["productId"] == str(products[0])
+    assert (warning["quantity"], warning["available"]) == (12, 10) and warning["detail"]
+    read = "{ cart { warnings { productId available } } }"
+    again = result(await gql(client, base_url, read, token=shopper[1]))
+    assert again["data"]["cart"]["warnings"] == [{"productId": str(products[0]), "available": 10}]
+    checkout = 'mutation { checkout(idempotencyKey: "over-1") { id } }'
+    refused = result(await gql(client, base_url, checkout, token=shopper[1]))
+    assert codes(refused) == ["OUT_OF_STOCK"]

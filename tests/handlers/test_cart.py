@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg2
 import pytest
+from jsonschema import Draft202012Validator
 
 from server.wiring.services import Services
 from server.wiring.settings import Settings
@@ -33,6 +34,12 @@ def set_price(catalog_dsn: str, product_id: int, price_cents: int) -> None:
     conn.close()
 
 
+def set_stock(catalog_dsn: str, product_id: int, stock: int) -> None:
+    with psycopg2.connect(catalog_dsn) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE inventory SET stock = %s WHERE product_id = %s", (stock, product_id))
+    conn.close()
+
+
 # --- fixtures --------------------------------------------------------------------------------
 
 
@@ -51,14 +58,22 @@ async def test_add_update_remove_bump_the_version_and_keep_totals(
     _, token = await make_user(services, "ada@example.com")
     other = add_product(infra_env["FM_CATALOG_DSN"], stock=5)
     empty = ok(await call(client, base_url + "/api/v1/cart", token=token))
-    assert empty == {"items": [], "total_cents": 0, "version": 0}
+    assert empty == {"items": [], "total_cents": 0, "version": 0, "warnings": []}
 
     items = base_url + "/api/v1/cart/items"
     added = ok(await call(client, items, "POST", {"product_id": product_id, "quantity": 2}, token))
     assert added == {
-        "items": [{"product_id": str(product_id), "quantity": 2, "unit_price_cents": 1999}],
+        "items": [
+            {
+                "product_id": str(product_id),
+                "quantity": 2,
+                "unit_price_cents": 1999,
+                "available": 10,
+            }
+        ],
         "total_cents": 3998,
         "version": 1,
+        "warnings": [],
     }
     # ids as strings of digits work too; adding again adds to the line
     again = ok(await call(client, items, "POST", {"product_id": str(product_id)}, token))
@@ -70,7 +85,9 @@ async def test_add_update_remove_bump_the_version_and_keep_totals(
     patched = ok(await call(client, f"{items}/{product_id}", "PATCH", {"quantity": 7}, token))
     assert patched["items"][0]["quantity"] == 7 and patched["version"] == 4
     removed = ok(await call(client, f"{items}/{product_id}", "DELETE", token=token))
-    assert removed["items"] == [{"product_id": str(other), "quantity": 1, "unit_price_cents": 1999}]
+    assert removed["items"] == [
+        {"product_id": str(other), "quantity": 1, "unit_price_cents": 1999, "available": 5}
+    ]
     assert removed["version"] == 5 and removed["total_cents"] == 1999
     assert ok(await call(client, base_url + "/api/v1/cart", token=token)) == removed
 
@@ -174,3 +191,41 @@ async def test_a_change_on_node_a_reaches_a_cart_subscriber_on_node_b(
         cable.close()
     finally:
         await node_b.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_more_than_in_stock_is_added_with_a_warning_and_refused_at_checkout(
+    client: Any, base_url: str, services: Services, infra_env: dict[str, str]
+) -> None:
+    """Decided in docs/decisions.md ("Carts over stock"): 99 units of a product with 8 in
+    stock are added (200), and the answer says how many are available and warns; checkout
+    refuses the line (409 out-of-stock, available 8); a stock change later is seen on the
+    next read of the cart; bringing the line within stock clears the warning."""
+    _, token = await make_user(services, "ada@example.com")
+    scarce = add_product(infra_env["FM_CATALOG_DSN"], stock=8)
+    items = base_url + "/api/v1/cart/items"
+    added = ok(await call(client, items, "POST", {"product_id": scarce, "quantity": 99}, token))
+    assert added["items"][0]["quantity"] == 99 and added["items"][0]["available"] == 8
+    [warning] = added["warnings"]
+    assert {k: v for k, v in warning.items() if k != "detail"} == {
+        "kind": "over-stock",
+        "product_id": str(scarce),
+        "quantity": 99,
+        "available": 8,
+    }
+    assert "8 are in stock" in warning["detail"]
+    refused = await call(client, base_url + "/api/v1/checkout", "POST", token=token,
+                         **{"Idempotency-Key": "over-stock-1"})  # fmt: skip
+    assert problem(refused, 409, "out-of-stock")["available"] == 8
+    fitted = ok(await call(client, f"{items}/{scarce}", "PATCH", {"quantity": 8}, token))
+    assert fitted["warnings"] == [] and fitted["items"][0]["available"] == 8
+    set_stock(infra_env["FM_CATALOG_DSN"], scarce, 3)
+    later = ok(await call(client, base_url + "/api/v1/cart", token=token))
+    assert later["items"][0]["available"] == 3
+    assert [(w["product_id"], w["quantity"], w["available"]) for w in later["warnings"]] == [
+        (str(scarce), 8, 3)
+    ]
+    document = ok(await call(client, base_url + "/api/v1/openapi.json"))
+    cart_schema = Draft202012Validator({**document, "$ref": "#/components/schemas/Cart"})
+    for answer in (added, fitted, later):
+        cart_schema.validate(answer)  # the document's Cart is what the server answers

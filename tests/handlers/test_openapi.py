@@ -148,3 +148,30 @@ async def test_the_documents_bounds_are_the_ones_the_server_enforces(
             assert (response.code == 200) == valid, (path, n, response.code, response.body)
             if not valid:
                 assert response.code == 422 and problem(response)["field"] == "first"
+
+
+@pytest.mark.usefixtures("clean_data")
+@pytest.mark.gen_test(timeout=60)
+async def test_a_product_patch_refuses_exactly_what_its_schema_refuses(
+    http_client: Any, base_url: str, services: Services, infra_env: dict[str, str]
+) -> None:
+    """`ProductPatch`: each field may be left out but never sent as null, and `stock` is not
+    one of its fields. The served schema says so (no null branch, no null default, no
+    `stock`, no extra properties), and the server answers null or `stock` with a 422 naming
+    the field, a real value with 200."""
+    document = json.loads((await http_client.fetch(base_url + "/api/v1/openapi.json")).body)
+    schema = document["components"]["schemas"]["ProductPatch"]
+    assert schema["additionalProperties"] is False and "stock" not in schema["properties"]
+    nullable = [name for name, field in schema["properties"].items() if "null" in json.dumps(field)]
+    assert nullable == []
+    assert all("default" not in field for field in schema["properties"].values())
+    product = add_product(infra_env["FM_CATALOG_DSN"])
+    admin = {"Authorization": f"Bearer {await token_for(services, 'root@example.com', admin=True)}"}
+    url = f"{base_url}/api/v1/products/{product}"
+    for name in [*schema["properties"], "stock"]:
+        response = await call(http_client, url, "PATCH", {name: None}, **admin)
+        assert response.code == 422 and name in _fields_named(problem(response)), response.body
+    response = await call(http_client, url, "PATCH", {"stock": 3}, **admin)
+    assert response.code == 422 and "stock" in _fields_named(problem(response))
+    renamed = await call(http_client, url, "PATCH", {"name": "Renamed"}, **admin)
+    assert renamed.code == 200 and json.loads(renamed.body)["name"] == "Renamed"

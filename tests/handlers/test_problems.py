@@ -5,10 +5,12 @@ handler exists) refuses the request; a 405 names the allowed methods in `Allow`;
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+import tornado.web
 
+from handlers.base import BaseHandler
 from server.common.problems import status_title
 from tests.helpers.catalog import add_product
 from tests.helpers.raw_http import Response, closed_by_server, connect, read_response
@@ -131,3 +133,50 @@ async def test_an_offered_request_id_comes_back_and_a_malformed_one_is_replaced(
     assert checked_problem(kept, 404, "not-found")["request_id"] == "trace-7"
     replaced = await exchange(base_url, request("GET", "/nowhere", "X-Request-Id: a b{c}"))
     assert checked_problem(replaced, 404, "not-found")["request_id"] != "a b{c}"
+
+
+@tornado.web.stream_request_body
+class _StreamedProbe(BaseHandler):
+    """A streamed-body route (as image uploads are) that lets the HTTP layer enforce a small
+    body limit after `prepare()` has named the request; notes the id it was named by."""
+
+    named: ClassVar[list[str]] = []
+
+    def prepare(self) -> None:
+        super().prepare()
+        type(self).named.append(self.request_id)
+        self.request.connection.set_max_body_size(64)
+
+    def data_received(self, chunk: bytes) -> None:
+        """Take the body (the HTTP layer counts it)."""
+
+    def post(self) -> None:
+        self.write_json({"ok": True})
+
+
+@pytest.fixture
+def probe_server(http_server: Any, app: tornado.web.Application) -> Any:
+    """The node's app with `/probe` (a `_StreamedProbe` given the node's own gate)."""
+    gate = next(
+        rule.target_kwargs["gate"]
+        for rule in app.wildcard_router.rules
+        if "gate" in getattr(rule, "target_kwargs", {})
+    )
+    app.add_handlers(r".*", [(r"/probe", _StreamedProbe, {"gate": gate})])
+    _StreamedProbe.named.clear()
+    return http_server
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_413_after_prepare_carries_the_id_the_request_was_named_by(
+    probe_server: Any, base_url: str
+) -> None:
+    """No `X-Request-Id` offered: the handler makes one; the HTTP layer's refusal of the
+    streamed body past its limit answers with that one, not another (issue 16)."""
+    reader, writer = await connect(base_url)
+    writer.write(request("POST", "/probe", "Transfer-Encoding: chunked"))
+    writer.write(b"100\r\n" + b"x" * 256 + b"\r\n")
+    response = await read_response(reader)
+    writer.close()
+    found = checked_problem(response, 413, "body-too-large")
+    assert _StreamedProbe.named and found["request_id"] == _StreamedProbe.named[-1]

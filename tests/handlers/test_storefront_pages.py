@@ -529,3 +529,21 @@ def test_nginx_purger_names_every_cached_variant_of_the_pages() -> None:
         "/|",
     ]
     assert purger.cache_keys(["offline"]) == ["/offline|br", "/offline|gzip", "/offline|"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_cart_and_checkout_pages_say_when_a_line_wants_more_than_is_in_stock(
+    browser: Browser, products: list[int]
+) -> None:
+    """docs/decisions.md, "Carts over stock": the form adds 5 Oak Chairs with 3 in stock
+    (303 to /cart, as any add), and both pages say how many are in stock."""
+    await signed_up(browser)
+    added = await browser.post("/cart/items", {"product_id": products[1], "quantity": 5})
+    assert added.code == 303 and added.headers["Location"] == "/cart"
+    cart = (await browser.get("/cart")).body.decode()
+    assert '<strong class="stock-warning">only 3 in stock</strong>' in cart
+    checkout = (await browser.get("/checkout")).body.decode()
+    assert "only 3 in stock: lower the quantity" in checkout
+    await browser.post("/cart/items", {"product_id": products[0], "quantity": 1})
+    cart = (await browser.get("/cart")).body.decode()
+    assert cart.count("stock-warning") == 1  # the lamp (7 in stock) is not short

@@ -223,12 +223,17 @@ def own_valkey(directory: Path) -> Iterator[ValkeyServer]:
         server.stop()
 
 
-def restart_losing_data(server: ValkeyServer) -> None:
-    """Stop Redis, delete its persisted data, start it again: a restart that loses history."""
-    server.stop()
+def forget_data(server: ValkeyServer) -> None:
+    """Delete a stopped Redis's persisted data (its next start has lost everything)."""
     for path in server.data_dir.iterdir():
         if path.name.startswith("appendonly") or path.suffix == ".rdb":
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def restart_losing_data(server: ValkeyServer) -> None:
+    """Stop Redis, delete its persisted data, start it again: a restart that loses history."""
+    server.stop()
+    forget_data(server)
     server.start()
 
 

@@ -906,7 +906,7 @@ async def test_cart_channel_is_only_for_the_signed_in_owner(
         "identifier": own,
         "message": {
             "event": "cart",
-            "cart": {"items": [], "total_cents": 0, "version": 0},
+            "cart": {"items": [], "total_cents": 0, "version": 0, "warnings": []},
             "offset": 0,
             "epoch": first["message"]["epoch"],
         },

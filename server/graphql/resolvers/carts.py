@@ -108,5 +108,6 @@ RESOLVERS = {
     "CartItem.productId": item_product_id,
     "CartItem.unitPriceCents": item_unit_price,
     "CartItem.product": item_product,
+    "CartWarning.productId": item_product_id,
 }
 SUBSCRIPTIONS = {"Subscription.cartUpdated": cart_updated}

@@ -1,7 +1,8 @@
 // cart_controller.js — the header cart link and the cart drawer (two instances, one store).
 // After sign-in: GET /api/v1/cart, then one CartChannel subscription for the page; every cart
 // (from the API, the channel, or an add-to-cart answer) is applied only if it is not older
-// than the one shown (its `version`), and rendered into every instance: count, items, total.
+// than the one shown (its `version`), and rendered into every instance: count, items, total;
+// a line that wants more than is in stock (`available`) says how many are.
 // Clicking the header link opens the drawer; without JS (or signed out) it goes to /cart.
 import { Controller } from "@hotwired/stimulus";
 import { consumer } from "../consumer.js";
@@ -123,7 +124,15 @@ export default class extends Controller {
     remove.textContent = "Remove";
     remove.setAttribute("aria-label", `Remove product ${item.product_id} from cart`);
     remove.addEventListener("click", () => this.remove(item.product_id));
-    li.append(link, detail, remove);
+    li.append(link, detail);
+    if (typeof item.available === "number" && item.quantity > item.available) {
+      // More than is in stock now: kept in the cart (stock moves), but checkout would refuse it.
+      const short = document.createElement("strong");
+      short.className = "stock-warning";
+      short.textContent = `only ${item.available} in stock `;
+      li.append(short);
+    }
+    li.append(remove);
     return li;
   }
 

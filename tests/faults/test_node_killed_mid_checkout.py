@@ -24,6 +24,7 @@ from typing import Any
 import psycopg2
 import pytest
 
+from server.domain.inventory import OutOfStock
 from server.wiring.services import Services
 from server.wiring.settings import Settings
 from tests.helpers.catalog import add_product
@@ -104,7 +105,7 @@ def test_node_sigkilled_between_reserve_and_order_leaves_no_stock_reserved_after
 ) -> None:
     """Invariant: initial stock = stock left + held reservations + quantity ordered, with no
     reservation left held once the sweeper has run; every checkout answered 201 before the
-    kill has its order."""
+    kill has its order, and a retry with its key answers that order again."""
     catalog_dsn = infra_env["FM_CATALOG_DSN"]
     product_id = add_product(catalog_dsn, stock=STOCK)
     buyers: list[tuple[int, str]] = io_loop.run_sync(lambda: _gather_buyers(services, product_id))
@@ -163,8 +164,21 @@ def test_node_sigkilled_between_reserve_and_order_leaves_no_stock_reserved_after
         while held_reservations(catalog_dsn):
             assert time.monotonic() < deadline, "reservations still held after sweeping"
             io_loop.run_sync(lambda: asyncio.sleep(0.1))
+        # Every buyer retries with the key of the first attempt, on the surviving node: an
+        # answered checkout gets its first order again; the others were never half done.
+        first_orders = {
+            answers[f]: a[1]["order"]["id"]
+            for f in done
+            if (a := f.result()) is not None and a[0] == 201
+        }
+        retried = {
+            user_id: io_loop.run_sync(lambda u=user_id: _retry(survivor, u))
+            for user_id, _ in buyers
+        }
     finally:
         io_loop.run_sync(survivor.close)
+    for user_id, order_id in first_orders.items():
+        assert retried[user_id] == (True, order_id), "a retry did not answer the first order"
 
     stock, held, ordered = accounting(infra_env, product_id)
     assert held == 0
@@ -176,6 +190,16 @@ def test_node_sigkilled_between_reserve_and_order_leaves_no_stock_reserved_after
 
 async def _start(node: Services) -> None:
     node.start()
+
+
+async def _retry(node: Services, user_id: int) -> tuple[bool, str] | None:
+    """The buyer's checkout again with the first attempt's key: (replayed, order id), or
+    None when stock ran out meanwhile (the first attempt then ordered nothing either)."""
+    try:
+        result = await node.checkout.checkout(user_id, f"buy-{user_id}")
+    except OutOfStock:
+        return None
+    return result.replayed, str(result.body["order"]["id"])
 
 
 async def _gather_buyers(services: Services, product_id: int) -> list[tuple[int, str]]:
