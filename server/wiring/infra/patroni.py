@@ -344,6 +344,11 @@ class PatroniMember:
         role = str(self.status().get("role", ""))
         return "primary" if role in ("primary", "master") else role
 
+    def is_streaming(self) -> bool:
+        """True if this member is a replica streaming WAL from the primary."""
+        status = self.status()
+        return status.get("role") == "replica" and status.get("replication_state") == "streaming"
+
     def start(self) -> None:
         """Start Patroni (no-op if running); it starts (or bootstraps) PostgreSQL itself."""
         if self.is_running():
@@ -363,7 +368,11 @@ class PatroniMember:
                 make_owned_dir(self.root, self.os_user, 0o700)
         if not self.data_dir.exists():
             make_owned_dir(self.data_dir, self.os_user, 0o700)
-        for port in (self.spec.pg_port, self.spec.api_port):
+        # A PostgreSQL left running by a Patroni that died holds its port: Patroni adopts it.
+        ports = [self.spec.api_port]
+        if self.postmaster_pid() is None:
+            ports.append(self.spec.pg_port)
+        for port in ports:
             if not port_frees_up(port):
                 raise InfraError(
                     f"cannot start Patroni {self.spec.name}: port 127.0.0.1:{port} is in use"
@@ -410,3 +419,10 @@ def cluster_members(api_url: str) -> list[dict[str, Any]]:
     if not isinstance(body, dict):
         return []
     return [m for m in body.get("members", []) if isinstance(m, dict)]
+
+
+def write_ctl_config(path: Path, etcd: EtcdServer) -> None:
+    """Write the ``patronictl -c PATH`` configuration of every cluster of this etcd."""
+    config = {"namespace": NAMESPACE, "etcd3": {"hosts": [f"127.0.0.1:{etcd.client_port}"]}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2) + "\n")

@@ -15,7 +15,8 @@ Topologies (chosen at the first ``up``; a later ``up`` must use the same flags):
   standby; primary DSNs are multi-host URIs with ``target_session_attrs=read-write`` so clients
   follow a promoted standby.
 * ``ha=True``: catalog and each shard as a Patroni cluster of two members (primary + streaming
-  replica, ``patroni/<group>-a|b.yml``) coordinated by one local etcd (``etcd/``); Patroni
+  replica, ``patroni/<group>-a|b.yml``; see ``patronictl -c patroni/patronictl.yml list``)
+  coordinated by one local etcd (``etcd/``); Patroni
   promotes the replica when the primary dies and rejoins the old primary with ``pg_rewind``
   (:mod:`server.wiring.infra.patroni`). DSNs as with ``replicas=True``. ``synchronous_mode``
   makes Patroni keep the replica synchronous (no acknowledged commit lost on failover).
@@ -44,10 +45,17 @@ from server.wiring.infra.common import (
     LogFn,
     OsUser,
     default_pg_os_user,
+    log_tail_text,
     pick_free_port,
     wait_until,
 )
-from server.wiring.infra.patroni import EtcdServer, MemberSpec, PatroniMember, etcd_binary
+from server.wiring.infra.patroni import (
+    EtcdServer,
+    MemberSpec,
+    PatroniMember,
+    etcd_binary,
+    write_ctl_config,
+)
 from server.wiring.infra.postgres import PostgresServer
 from server.wiring.infra.valkey import CLUSTER_BUS_OFFSET, ValkeyServer, create_cluster
 
@@ -240,6 +248,21 @@ def etcd_of(data_dir: Path, state: InfraState, log: LogFn) -> EtcdServer:
     return EtcdServer(data_dir / "etcd", *state.etcd_ports, log=log)
 
 
+def patronictl_config(data_dir: Path) -> Path:
+    """The file for ``patronictl -c FILE list|switchover|...`` of an HA topology."""
+    return Path(data_dir).resolve() / "patroni" / "patronictl.yml"
+
+
+def ha_members(data_dir: Path) -> dict[str, tuple[PatroniMember, PatroniMember]]:
+    """{group ("catalog", "shard0", ...): (member a, member b)} of the HA topology made in
+    ``data_dir`` (running or not)."""
+    data_dir = Path(data_dir).resolve()
+    state = _load_state(data_dir)
+    if state is None or not state.ha:
+        raise InfraError(f"{data_dir} holds no HA topology (`infra up --ha`)")
+    return patroni_members(data_dir, state, lambda line: None, default_pg_os_user())
+
+
 def patroni_members(
     data_dir: Path, state: InfraState, log: LogFn, os_user: OsUser | None
 ) -> dict[str, tuple[PatroniMember, PatroniMember]]:
@@ -415,6 +438,12 @@ def _bring_up_patroni_group(group: PgGroup, a: PatroniMember, b: PatroniMember) 
     server = PostgresServer(leader.data_dir, leader.spec.pg_port, os_user=a.os_user, log=a.log)
     for db in group.databases:
         server.create_database(db)
+    replica = b if leader is a else a
+    if not wait_until(replica.is_streaming, timeout=HA_MEMBER_TIMEOUT_S, interval=0.2):
+        raise InfraError(
+            f"Patroni {replica.spec.name} does not stream from {leader.spec.name}"
+            + log_tail_text(replica.log_file)
+        )
 
 
 def _bring_up_valkey(nodes: list[ValkeyServer], cluster: bool, log: LogFn) -> None:
@@ -481,6 +510,7 @@ def up(
         started = time.monotonic()
         if servers.etcd is not None:
             servers.etcd.start()
+            write_ctl_config(patronictl_config(data_dir), servers.etcd)
         tasks: list[Callable[[], None]] = [partial(_bring_up_group, *entry) for entry in servers.pg]
         tasks += [partial(_bring_up_patroni_group, *entry) for entry in servers.patroni]
         tasks.append(partial(_bring_up_valkey, servers.valkey, state.redis_cluster, safe_log))
