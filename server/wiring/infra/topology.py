@@ -410,7 +410,7 @@ def _bring_up_group(
 
 
 #: How long one Patroni member may take to bootstrap, clone or start its PostgreSQL.
-HA_MEMBER_TIMEOUT_S = 180.0
+HA_MEMBER_TIMEOUT_S = 90.0
 
 
 def _bring_up_patroni_group(group: PgGroup, a: PatroniMember, b: PatroniMember) -> None:

@@ -11,6 +11,8 @@ nodes, while the tests kill things for real.
 * `patronictl switchover` during traffic: no operation fails beyond the documented retry
   (503/409 with `Retry-After`, same `Idempotency-Key`; a checkout cut between its steps stays
   409 until the sweeper resolves it, so the nodes here sweep after STALE_AFTER_S).
+* config/haproxy-postgres.cfg: its listeners reach Patroni's primary and replica, and a node
+  behind PgBouncer (transaction mode) behind HAProxy sells through a switchover.
 * `down`/`up` keeps data and settings; without etcd `up --ha` names what is missing.
 
 One topology for the module (eleven processes plus a Valkey); each test uses its own shard.
@@ -20,10 +22,14 @@ Needs Debian's etcd-server (scripts/test installs it; without it these tests fai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import shutil
+import socket
+import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,8 +42,11 @@ import pytest
 from tornado.web import Application
 
 from server.wiring import infra
+from server.wiring.balancer import haproxy_binary
 from server.wiring.infra import InfraError
-from server.wiring.infra.common import wait_until
+from server.wiring.infra.common import pick_free_port, wait_until
+from server.wiring.infra.pgbouncer import front
+from server.wiring.infra.pgproxy import haproxy_postgres_config, settings_through_haproxy
 from server.wiring.services import Services
 from server.wiring.settings import Settings
 from tests.helpers import commerce
@@ -50,6 +59,7 @@ from tests.helpers.replicas import blocking
 pytestmark = pytest.mark.slow
 
 SHARDS = 4
+GROUPS = ("catalog", *(f"shard{i}" for i in range(SHARDS)))
 # Patroni's ttl is 20 s; a killed primary postgres fails over in a few seconds. The issue's
 # bound for writes to resume through a node:
 FAILOVER_BOUND_S = 30.0
@@ -58,14 +68,18 @@ client = commerce.client
 
 
 @pytest.fixture(scope="module")
-def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HaTopology]:
+def topology() -> Iterator[HaTopology]:
     """The HA topology, migrated; always stopped."""
     if shutil.which("etcd") is None:
         pytest.fail(
             "etcd is not installed: these tests need Debian's etcd-server "
             "(`apt-get install -y etcd-server`; scripts/test installs it when run as root)"
         )
-    data_dir = tmp_path_factory.mktemp("ha")
+    # Not under pytest's tmp dir: each pytest session that starts on this machine (other test
+    # runs included) chmods /tmp/pytest-of-<user> back to 0700, and Patroni, running as the
+    # PostgreSQL user, reaches its files by absolute path all along (a plain PostgreSQL or
+    # PgBouncer, once started, keeps working from its own directory).
+    data_dir = Path(tempfile.mkdtemp(prefix="fm-ha-"))
     try:
         env = infra.up(data_dir, ha=True, log=quiet)
         run_in_private_loop(migrate(env))
@@ -75,6 +89,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HaTopology]:
         yield topology
     finally:
         infra.down(data_dir, log=quiet)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 # A checkout cut between its steps by the failover (its shard unreachable even for the
@@ -88,7 +103,12 @@ RETRY_FOR_S = 60.0
 @pytest.fixture
 def settings(topology: HaTopology) -> Settings:
     """Commerce settings on the HA topology, sweeping abandoned checkouts after 12 s."""
-    return commerce_settings(topology.env).model_copy(
+    return node_settings(topology.env)
+
+
+def node_settings(env: dict[str, str]) -> Settings:
+    """Commerce settings for `env`, sweeping abandoned checkouts after STALE_AFTER_S."""
+    return commerce_settings(env).model_copy(
         update={"checkout_stale_after_s": STALE_AFTER_S, "checkout_sweep_period_s": 1.0}
     )
 
@@ -373,6 +393,135 @@ async def test_patronictl_switchover_during_traffic_fails_no_operation_beyond_th
         )
     await check_keys_replay(client, movers, keys_per_shopper=1)
     await blocking(wait_rejoined, old)
+
+
+# --- HAProxy (config/haproxy-postgres.cfg) and PgBouncer in front ----------------------------
+
+
+def accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:`port`."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return True
+    return False
+
+
+@pytest.fixture
+def haproxy(topology: HaTopology, tmp_path: Path) -> Iterator[dict[str, tuple[int, int]]]:
+    """HAProxy running config/haproxy-postgres.cfg for the topology: {group: (write, read)}."""
+    used: set[int] = set()
+    listen: dict[str, tuple[int, int]] = {}
+    for group in GROUPS:
+        ports = (pick_free_port(exclude=used), 0)
+        used.add(ports[0])
+        ports = (ports[0], pick_free_port(exclude=used))
+        used.add(ports[1])
+        listen[group] = ports
+    config = tmp_path / "haproxy-postgres.cfg"
+    config.write_text(haproxy_postgres_config(topology.data_dir, listen=listen, directory=tmp_path))
+    binary = haproxy_binary()
+    checked = subprocess.run(
+        [binary, "-c", "-q", "-f", str(config)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    with (tmp_path / "haproxy.log").open("wb") as log:
+        proc = subprocess.Popen([binary, "-f", str(config), "-db"], stdout=log, stderr=log)
+    try:
+        assert wait_until(lambda: all(accepts(p) for ps in listen.values() for p in ps), timeout=10)
+        yield listen
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def server_of(port: int, dbname: str) -> tuple[int, bool]:
+    """(server port, in recovery?) of the PostgreSQL a connection to 127.0.0.1:`port` reaches."""
+    dsn = f"postgresql://postgres@127.0.0.1:{port}/{dbname}"
+    conn = psycopg2.connect(dsn, connect_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT inet_server_port(), pg_is_in_recovery()")
+            port_, recovery = cur.fetchone()
+            return int(port_), bool(recovery)
+    finally:
+        conn.close()
+
+
+def routed_to(listen: tuple[int, int], dbname: str, primary: int, replica: int) -> bool:
+    """Whether the write listener reaches server `primary` (read-write) and the read listener
+    server `replica` (in recovery); False while HAProxy has no server for one of them."""
+    try:
+        return server_of(listen[0], dbname) == (primary, False) and server_of(
+            listen[1], dbname
+        ) == (replica, True)
+    except psycopg2.OperationalError:
+        return False
+
+
+@pytest.mark.gen_test(timeout=150)
+async def test_haproxy_listeners_follow_patroni_and_a_node_behind_pgbouncer_survives_switchover(
+    client: Any,
+    base_url: str,
+    services: Services,
+    topology: HaTopology,
+    haproxy: dict[str, tuple[int, int]],
+) -> None:
+    """Each group's write listener reaches its Patroni primary and its read listener the
+    replica. A node whose DSNs name PgBouncer (transaction mode) in front of those listeners
+    (single hosts, no target_session_attrs) keeps selling through `patronictl switchover` of
+    shard 0: no operation fails beyond the documented retry, and its orders are on the new
+    primary."""
+    for group in GROUPS:
+        database = "fm_catalog" if group == "catalog" else f"fm_shard_{group[-1]}"
+        leader = topology.leader(group)
+        replica = topology.other(group, leader)
+
+        check = partial(
+            routed_to, haproxy[group], database, leader.spec.pg_port, replica.spec.pg_port
+        )
+        assert await blocking(partial(wait_until, check, timeout=15.0)), group
+    through = settings_through_haproxy(topology.env, haproxy)
+    directory = topology.data_dir / f"pgbouncer-{uuid.uuid4().hex[:6]}"  # see `topology`
+    bouncer, fronted = front(through, directory, statement_timeout_ms=5000, log=quiet)
+    try:
+        node = await commerce.start_node(node_settings(fronted), node_id="node-pgbouncer")
+        try:
+            nodes = [f"http://127.0.0.1:{node.port}"]
+            users = await users_on(services, {0: 2})
+            shoppers = [Shopper(*u, nodes, RETRY_FOR_S) for u in users[0]]
+            product_id = await new_product(client, base_url, services, topology, 100_000)
+            old = topology.leader("shard0")
+            candidate = topology.other("shard0", old)
+            stop = asyncio.Event()
+            tasks = [asyncio.ensure_future(s.shop(client, product_id, stop)) for s in shoppers]
+            try:
+                await each_ordered(shoppers, 0.0, 30.0, tasks)
+                await blocking(
+                    topology.patronictl,
+                    "switchover",
+                    "fm-shard0",
+                    "--leader",
+                    old.spec.name,
+                    "--candidate",
+                    candidate.spec.name,
+                    "--force",
+                )
+                await each_ordered(shoppers, time.monotonic(), FAILOVER_BOUND_S, tasks)
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+        finally:
+            await node.stop()
+    finally:
+        bouncer.stop()
+    for s in shoppers:
+        assert s.failed == [], s.failed
+        assert {code for _, _, code, _ in s.not_ok()} <= {503, 409}, s.not_ok()
+        assert set(s.acknowledged.values()) <= await blocking(
+            orders_on, topology, "shard0", 0, [s.user_id]
+        )
+    assert (await blocking(topology.leader, "shard0")).spec.name == candidate.spec.name
+    write, _ = haproxy["shard0"]
+    assert await blocking(server_of, write, "fm_shard_0") == (candidate.spec.pg_port, False)
 
 
 # --- down / up (last: it restarts everything) ---------------------------------------------------
