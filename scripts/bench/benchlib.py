@@ -107,8 +107,9 @@ def stop_process(proc: subprocess.Popen[bytes]) -> int:
 class Deployment:
     """Embedded servers, migrations and one node process; `stop()` undoes all of it."""
 
-    def __init__(self, work: Path, python: str, pool_max_size: int) -> None:
+    def __init__(self, work: Path, python: str, pool_max_size: int, *, ha: bool = False) -> None:
         self.work = work
+        self.ha = ha  # `infra up --ha`: Patroni clusters over etcd
         self.python = python
         self.pool_max_size = pool_max_size
         self.data_dir = work / "data"
@@ -130,7 +131,7 @@ class Deployment:
         """Start the servers and migrate."""
         self.secret = secrets.token_urlsafe(48)
         self.infra_started = True
-        self.env = infra.up(self.data_dir, log=progress)
+        self.env = infra.up(self.data_dir, ha=self.ha, log=progress)
         run = subprocess.run(
             [self.python, "-m", "server", "migrate"],
             cwd=ROOT,

@@ -185,8 +185,10 @@ class EtcdServer:
             cwd=self.root,
         )
         if not wait_until(self.is_healthy, timeout=timeout, interval=0.1, failed=self._died):
+            what = "exited at start" if self._died() else f"not healthy within {timeout:.0f}s"
             raise InfraError(
-                f"etcd did not become healthy within {timeout:.0f}s" + log_tail_text(self.log_file)
+                f"etcd ({binary}, 127.0.0.1:{self.client_port}) {what}"
+                + log_tail_text(self.log_file)
             )
 
     def _died(self) -> bool:
