@@ -351,6 +351,14 @@ class PatroniMember:
         status = self.status()
         return status.get("role") == "replica" and status.get("replication_state") == "streaming"
 
+    def has_sync_standby(self) -> bool:
+        """True if this member is the primary and a replica is its synchronous standby."""
+        status = self.status()
+        replication = status.get("replication") or []
+        return status.get("role") == "primary" and any(
+            isinstance(r, dict) and r.get("sync_state") in ("sync", "quorum") for r in replication
+        )
+
     def start(self) -> None:
         """Start Patroni (no-op if running); it starts (or bootstraps) PostgreSQL itself."""
         if self.is_running():

@@ -444,6 +444,15 @@ def _bring_up_patroni_group(group: PgGroup, a: PatroniMember, b: PatroniMember) 
             f"Patroni {replica.spec.name} does not stream from {leader.spec.name}"
             + log_tail_text(replica.log_file)
         )
+    # In synchronous mode, return only once commits wait for the replica (Patroni names it in
+    # synchronous_standby_names a loop or two after it streams).
+    if leader.synchronous_mode and not wait_until(
+        leader.has_sync_standby, timeout=HA_MEMBER_TIMEOUT_S, interval=0.2
+    ):
+        raise InfraError(
+            f"Patroni {leader.spec.name} named no synchronous standby"
+            + log_tail_text(leader.log_file)
+        )
 
 
 def _bring_up_valkey(nodes: list[ValkeyServer], cluster: bool, log: LogFn) -> None:

@@ -209,6 +209,24 @@ def test_ha_topology_prints_the_same_settings_with_multi_host_primaries(
     assert "primary_start_timeout: 0" in config and "synchronous_mode: false" in config
 
 
+def test_synchronous_mode_makes_the_replica_a_synchronous_standby() -> None:
+    """`up(ha=True, synchronous_mode=True)`: Patroni's dynamic configuration has
+    synchronous_mode on and every primary commits through its replica as synchronous standby
+    (`up` returns once it is named); a second `up` asking for the other topology is refused."""
+    data_dir = Path(tempfile.mkdtemp(prefix="fm-ha-sync-"))  # see `topology`
+    try:
+        infra.up(data_dir, ha=True, synchronous_mode=True, log=quiet)
+        topology = HaTopology(data_dir, {})
+        for group in GROUPS:
+            assert topology.leader(group).has_sync_standby(), group
+        assert "synchronous_mode: true" in topology.patronictl("show-config", "fm-shard2")
+        with pytest.raises(InfraError, match="topologies are never mixed"):
+            infra.up(data_dir, replicas=True, log=quiet)
+    finally:
+        infra.down(data_dir, log=quiet)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
 def test_ha_up_without_etcd_names_the_missing_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
