@@ -93,10 +93,10 @@ def sigkill(pid: int | None, what: str) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def wait_rejoined(member: PatroniMember, timeout: float = 90.0) -> None:
-    """Wait until `member` (a failed old primary) streams again as a replica."""
-    assert wait_until(member.is_streaming, timeout=timeout, interval=0.2), (
-        f"{member} did not rejoin as a replica: {member.status()}"
+def wait_rejoined(member: PatroniMember, leader: PatroniMember, timeout: float = 90.0) -> None:
+    """Wait until `member` (a failed old primary) streams from `leader` on its timeline."""
+    assert wait_until(lambda: member.follows(leader), timeout=timeout, interval=0.2), (
+        f"{member} did not rejoin as a replica of {leader}: {member.status()}"
     )
 
 

@@ -40,10 +40,12 @@ from server.wiring.infra.common import (
     ensure_traversable,
     log_tail_text,
     make_owned_dir,
+    pg_bin,
     pg_bin_dir,
     pid_alive,
     port_frees_up,
     read_pidfile,
+    run,
     touch_owned_file,
     wait_until,
 )
@@ -417,10 +419,32 @@ class PatroniMember:
         return not self.is_running()
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop Patroni with SIGTERM: it stops its PostgreSQL (fast) and then exits."""
+        """Stop Patroni with SIGTERM: it stops its PostgreSQL (fast) and then exits. A
+        PostgreSQL left running by a Patroni that died is stopped with ``pg_ctl``."""
         if self.is_running():
             self.log(f"patroni {self.spec.name}: stop")
             _stop_pid(read_pidfile(self.pid_file), b"patroni", timeout)
+        if self.postmaster_pid() is not None:
+            self.log(f"postgres {self.spec.name}: stop (its Patroni was gone)")
+            run(
+                [pg_bin("pg_ctl"), "stop", "-D", self.data_dir, "-m", "fast", "-w"],
+                as_user=self.os_user,
+                timeout=timeout,
+                check=False,
+                what=f"pg_ctl stop ({self.spec.name})",
+            )
+
+    def follows(self, leader: PatroniMember) -> bool:
+        """True if this member is a replica streaming from ``leader`` on its timeline (a
+        demoted primary streams briefly on its old timeline before Patroni rewinds it)."""
+        mine, theirs = self.status(), leader.status()
+        return (
+            mine.get("role") == "replica"
+            and mine.get("replication_state") == "streaming"
+            and theirs.get("role") in ("primary", "master")
+            and mine.get("timeline") is not None
+            and mine.get("timeline") == theirs.get("timeline")
+        )
 
 
 def cluster_members(api_url: str) -> list[dict[str, Any]]:

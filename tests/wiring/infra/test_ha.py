@@ -308,7 +308,7 @@ async def test_sigkill_of_a_primary_postgres_fails_over_and_loses_no_acknowledge
     assert stock + held + ordered == initial_stock, (stock, held, ordered)
     assert ordered >= sum(len(s.acknowledged) for s in shoppers)
     # The old primary is rewound and streams from the new one.
-    await blocking(wait_rejoined, old)
+    await blocking(wait_rejoined, old, new)
     print(
         f"writes resumed {first_ok - killed:.2f}s after SIGKILL; orders "
         f"{[len(s.acknowledged) for s in shoppers]}; "
@@ -410,7 +410,7 @@ async def test_patronictl_switchover_during_traffic_fails_no_operation_beyond_th
             orders_on, topology, group, shard, [s.user_id]
         )
     await check_keys_replay(client, movers, keys_per_shopper=1)
-    await blocking(wait_rejoined, old)
+    await blocking(wait_rejoined, old, candidate)
 
 
 # --- HAProxy (config/haproxy-postgres.cfg) and PgBouncer in front ----------------------------
@@ -546,13 +546,18 @@ async def test_haproxy_listeners_follow_patroni_and_a_node_behind_pgbouncer_surv
 
 
 def test_down_and_up_keep_the_data_and_the_settings(topology: HaTopology) -> None:
-    """After `down` every process is gone; `up` brings back the same settings and the data."""
+    """After `down` every process is gone (also the PostgreSQL of a Patroni that was killed);
+    `up` brings back the same settings and the data."""
     marker = uuid.uuid4().hex
     with psycopg2.connect(topology.env["FM_CATALOG_DSN"]) as conn, conn.cursor() as cur:
         cur.execute("CREATE TABLE IF NOT EXISTS fm_ha_marker (v text)")
         cur.execute("INSERT INTO fm_ha_marker VALUES (%s)", (marker,))
     conn.close()
     members = [m for pair in infra.ha_members(topology.data_dir).values() for m in pair]
+    orphaned = members[-1]  # a Patroni that died leaves its PostgreSQL running: down stops it
+    sigkill(orphaned.patroni_pid(), f"{orphaned} Patroni")
+    assert wait_until(lambda: not orphaned.is_running(), timeout=10)
+    assert orphaned.postmaster_pid() is not None
     infra.down(topology.data_dir, log=quiet)
     assert not infra.is_up(topology.data_dir)
     assert not any(m.is_running() or m.postmaster_pid() for m in members)
