@@ -542,6 +542,62 @@ async def test_haproxy_listeners_follow_patroni_and_a_node_behind_pgbouncer_surv
     assert await blocking(server_of, write, "fm_shard_0") == (candidate.spec.pg_port, False)
 
 
+@pytest.mark.gen_test(timeout=180)
+async def test_a_primary_patroni_dead_past_ttl_is_replaced_and_haproxy_fences_its_postgres(
+    client: Any, base_url: str, services: Services, topology: HaTopology, haproxy: Any
+) -> None:
+    """Shard 2's leader's Patroni is SIGKILLed and stays dead. Its PostgreSQL keeps running as
+    a primary, but HAProxy's check of its REST API fails, so the write listener cuts its
+    sessions and sends nothing there; once the leader key expires (ttl) the replica promotes
+    and a node using the listeners writes again, with no operation failed beyond the retry and
+    every acknowledged order on the new primary; nothing was written to the orphaned
+    PostgreSQL after the cut. Restarted, the old Patroni demotes it and it rejoins."""
+    shard, group = 2, "shard2"
+    node = await commerce.start_node(
+        node_settings(settings_through_haproxy(topology.env, haproxy)), node_id="node-haproxy"
+    )
+    try:
+        nodes = [f"http://127.0.0.1:{node.port}"]
+        users = await users_on(services, {shard: 2})
+        shoppers = [Shopper(*u, nodes, RETRY_FOR_S) for u in users[shard]]
+        product_id = await new_product(client, base_url, services, topology, 100_000)
+        old = topology.leader(group)
+        new = topology.other(group, old)
+        ids = ",".join(str(user_id) for user_id, _ in users[shard])
+        count = f"SELECT count(*) FROM orders WHERE user_id IN ({ids})"
+        stop = asyncio.Event()
+        tasks = [asyncio.ensure_future(s.shop(client, product_id, stop)) for s in shoppers]
+        orphan_orders: list[int] = []
+        try:
+            await each_ordered(shoppers, 0.0, 30.0, tasks)
+            killed = time.monotonic()
+            sigkill(old.patroni_pid(), f"{old} Patroni")
+            await asyncio.sleep(5.0)  # HAProxy: two failed checks, 1 s apart, then the cut
+            orphan_orders.append(
+                (await blocking(topology.query, old, f"fm_shard_{shard}", count))[0][0]
+            )
+            await each_ordered(shoppers, time.monotonic(), 60.0, tasks)
+            resumed = time.monotonic()
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+    finally:
+        await node.stop()
+    assert (await blocking(topology.leader, group)).spec.name == new.spec.name
+    assert old.postmaster_pid() is not None  # the orphan still ran as a primary...
+    orphan_orders.append((await blocking(topology.query, old, f"fm_shard_{shard}", count))[0][0])
+    assert orphan_orders[0] == orphan_orders[1]  # ...but took no write after the cut
+    assert resumed - killed >= 15.0  # the leader key had to expire first (ttl 20 s)
+    for s in shoppers:
+        assert s.failed == [], s.failed
+        assert {code for _, _, code, _ in s.not_ok()} <= {503, 409}, s.not_ok()
+        assert set(s.acknowledged.values()) <= await blocking(
+            orders_on, topology, group, shard, [s.user_id]
+        )
+    await blocking(old.start)
+    await blocking(wait_rejoined, old, new)
+
+
 # --- down / up (last: it restarts everything) ---------------------------------------------------
 
 
