@@ -137,9 +137,13 @@ def stop_process(proc: subprocess.Popen[bytes]) -> int:
 class Deployment:
     """Embedded servers, migrations and one node process; `stop()` undoes all of it."""
 
-    def __init__(self, work: Path, python: str, pool_max_size: int | None = None) -> None:
-        """`pool_max_size`: `FM_POOL_MAX_SIZE` for the nodes (None: the shipped default)."""
+    def __init__(
+        self, work: Path, python: str, pool_max_size: int | None = None, *, ha: bool = False
+    ) -> None:
+        """`pool_max_size`: `FM_POOL_MAX_SIZE` for the nodes (None: the shipped default);
+        `ha`: the Patroni topology (`infra up --ha`)."""
         self.work = work
+        self.ha = ha  # `infra up --ha`: Patroni clusters over etcd
         self.python = python
         self.pool_max_size = pool_max_size
         self.changed: dict[str, dict[str, str]] = {}  # node id -> settings not at defaults
@@ -162,7 +166,7 @@ class Deployment:
         """Start the servers and migrate."""
         self.secret = secrets.token_urlsafe(48)
         self.infra_started = True
-        self.env = infra.up(self.data_dir, log=progress)
+        self.env = infra.up(self.data_dir, ha=self.ha, log=progress)
         run = subprocess.run(
             [self.python, "-m", "server", "migrate"],
             cwd=ROOT,

@@ -89,7 +89,12 @@ def cmd_infra_up(args: argparse.Namespace) -> int:
 
     data_dir = _data_dir(args.data_dir)
     settings = infra.up(
-        data_dir, replicas=args.replicas, redis_cluster=args.redis_cluster, log=_err
+        data_dir,
+        replicas=args.replicas,
+        redis_cluster=args.redis_cluster,
+        ha=args.ha,
+        synchronous_mode=args.synchronous_mode,
+        log=_err,
     )
     dev_secret_key(data_dir)  # for the commands that find this topology by themselves
     print("\n".join(infra.env_lines(settings)))
@@ -349,6 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-cluster",
         action="store_true",
         help="a Valkey cluster of 3 masters and 3 replicas instead of one Valkey",
+    )
+    up.add_argument(
+        "--ha",
+        action="store_true",
+        help="catalog and each shard as a two-member Patroni cluster over a local etcd "
+        "(automatic failover; needs Debian's etcd-server)",
+    )
+    up.add_argument(
+        "--synchronous-mode",
+        action="store_true",
+        help="with --ha: Patroni's synchronous_mode (a failover loses no acknowledged commit; "
+        "writes wait for the replica). Fixed at the first `up`",
     )
     down = _command(infra_sub, "down", "stop them (their data is kept)", cmd_infra_down)
     _data_dir_option(down)

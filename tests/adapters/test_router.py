@@ -198,6 +198,27 @@ async def test_without_replica_reads_use_the_primary(topology: Topology) -> None
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_a_write_that_reaches_a_standby_fails_as_primary_unavailable(
+    topology: Topology,
+) -> None:
+    """A single-host primary DSN through a proxy (HAProxy, PgBouncer) can reach a server
+    demoted a moment ago, until the proxy's checks notice: BEGIN READ WRITE is refused on both
+    attempts, and the write fails as PrimaryUnavailable (a 503 at the API), not as the
+    driver's FeatureNotSupported (a 500)."""
+    db = await Database.open(topology.settings())
+    standby = db.catalog.replica
+    assert standby is not None
+    router = ShardRouter(Database(catalog=RolePools("catalog", standby, None), shards=db.shards))
+    try:
+        with pytest.raises(PrimaryUnavailable, match="read-only server"):
+            async with router.catalog_write() as cur:
+                await cur.execute("SELECT 1")
+        assert router.counters["catalog"].write_retries == 1
+    finally:
+        await db.close()
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_lagging_replica_is_skipped_until_it_catches_up(topology: Topology) -> None:
     writer, other = 2, 6
     interval = 0.2

@@ -656,6 +656,13 @@ class ShardRouter:
                 if not retryable:
                     raise
                 self._primary_failed(role, exc)
+                if attempt and _is_read_only_error(exc):
+                    # Still a standby: a proxy in front (HAProxy, PgBouncer) routes a single-host
+                    # DSN to a server demoted a moment ago until its checks notice. Mid-failover.
+                    raise PrimaryUnavailable(
+                        f"{role.name}: the primary DSN reaches a read-only server: "
+                        f"{_first_line(exc)}"
+                    ) from exc
                 if attempt:
                     raise
                 counters.write_retries += 1

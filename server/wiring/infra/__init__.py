@@ -12,11 +12,14 @@ Typical use::
 """
 
 from server.wiring.infra.common import InfraError
+from server.wiring.infra.patroni import PatroniMember
 from server.wiring.infra.postgres import PostgresServer
 from server.wiring.infra.topology import (
     down,
     env_lines,
+    ha_members,
     is_up,
+    patronictl_config,
     settings_for,
     settings_of,
     up,
@@ -25,12 +28,15 @@ from server.wiring.infra.valkey import ValkeyServer, create_cluster
 
 __all__ = [
     "InfraError",
+    "PatroniMember",
     "PostgresServer",
     "ValkeyServer",
     "create_cluster",
     "down",
     "env_lines",
+    "ha_members",
     "is_up",
+    "patronictl_config",
     "settings_for",
     "settings_of",
     "up",
