@@ -329,14 +329,28 @@ def _threadsafe(log: LogFn) -> LogFn:
     return locked_log
 
 
-def _run_parallel(tasks: list[Callable[[], None]]) -> None:
+class _Cancelled(Exception):
+    """A setup task stopped between two steps because the command was interrupted."""
+
+
+def _go_on(cancelled: threading.Event | None) -> None:
+    """Between two setup steps: stop here if the command was interrupted (Ctrl-C)."""
+    if cancelled is not None and cancelled.is_set():
+        raise _Cancelled
+
+
+def _run_parallel(
+    tasks: list[Callable[[], None]], cancelled: threading.Event | None = None
+) -> None:
     """Run independent setup tasks concurrently; re-raise the first failure.
 
     Interrupted (Ctrl-C) or not, every running task finishes before this returns, so a `down`
-    in the caller's cleanup never races a server that is still starting. The wait is on the
-    tasks' futures, not on the threads: Python 3.11's `Thread.join`, when a KeyboardInterrupt
-    lands in it, marks the thread stopped while it still runs (the bpo-45274 handling), and a
-    pool's `shutdown(wait=True)` then returns early.
+    in the caller's cleanup never races a server that is still starting; interrupted, it sets
+    `cancelled`, so tasks that check it between their steps (`_go_on`) end after the step
+    they are in (an initdb cannot be cut short) instead of starting everything first. The wait
+    is on the tasks' futures, not on the threads: Python 3.11's `Thread.join`, when a
+    KeyboardInterrupt lands in it, marks the thread stopped while it still runs (the
+    bpo-45274 handling), and a pool's `shutdown(wait=True)` then returns early.
     """
     pool = ThreadPoolExecutor(max_workers=max(1, len(tasks)))
     futures: list[Future[None]] = []
@@ -351,10 +365,16 @@ def _run_parallel(tasks: list[Callable[[], None]]) -> None:
             wait(futures)
         except KeyboardInterrupt as stop:
             interrupted = stop
+            if cancelled is not None:
+                cancelled.set()
     pool.shutdown(wait=False)
     if interrupted is not None:
         raise interrupted
-    errors = [exc for f in futures if (exc := f.exception()) is not None]
+    errors = [
+        exc
+        for f in futures
+        if (exc := f.exception()) is not None and not isinstance(exc, _Cancelled)
+    ]
     if errors:
         raise errors[0]
 
@@ -408,14 +428,21 @@ def env_lines(settings: dict[str, str]) -> list[str]:
 
 
 def _bring_up_group(
-    group: PgGroup, primary: PostgresServer, replica: PostgresServer | None
+    cancelled: threading.Event,
+    group: PgGroup,
+    primary: PostgresServer,
+    replica: PostgresServer | None,
 ) -> None:
     primary.init()
+    _go_on(cancelled)
     primary.start()
     for db in group.databases:
+        _go_on(cancelled)
         primary.create_database(db)
     if replica is not None:
+        _go_on(cancelled)
         primary.make_replica(replica.data_dir, replica.port)
+        _go_on(cancelled)
         replica.start()
 
 
@@ -423,7 +450,9 @@ def _bring_up_group(
 HA_MEMBER_TIMEOUT_S = 90.0
 
 
-def _bring_up_patroni_group(group: PgGroup, a: PatroniMember, b: PatroniMember) -> None:
+def _bring_up_patroni_group(
+    cancelled: threading.Event, group: PgGroup, a: PatroniMember, b: PatroniMember
+) -> None:
     """Start a group's two members, create its databases on the leader, wait for the replica.
 
     A new group starts member a alone first, so it is a that runs initdb and b that clones it;
@@ -433,6 +462,7 @@ def _bring_up_patroni_group(group: PgGroup, a: PatroniMember, b: PatroniMember) 
     a.start()
     if new:
         a.wait_running(HA_MEMBER_TIMEOUT_S)
+    _go_on(cancelled)
     b.start()
     a.wait_running(HA_MEMBER_TIMEOUT_S)
     b.wait_running(HA_MEMBER_TIMEOUT_S)
@@ -447,6 +477,7 @@ def _bring_up_patroni_group(group: PgGroup, a: PatroniMember, b: PatroniMember) 
         raise InfraError(f"Patroni cluster {group.name} elected no leader")
     server = PostgresServer(leader.data_dir, leader.spec.pg_port, os_user=a.os_user, log=a.log)
     for db in group.databases:
+        _go_on(cancelled)
         server.create_database(db)
     replica = b if leader is a else a
     if not wait_until(replica.is_streaming, timeout=HA_MEMBER_TIMEOUT_S, interval=0.2):
@@ -465,9 +496,13 @@ def _bring_up_patroni_group(group: PgGroup, a: PatroniMember, b: PatroniMember) 
         )
 
 
-def _bring_up_valkey(nodes: list[ValkeyServer], cluster: bool, log: LogFn) -> None:
+def _bring_up_valkey(
+    cancelled: threading.Event, nodes: list[ValkeyServer], cluster: bool, log: LogFn
+) -> None:
     for node in nodes:
+        _go_on(cancelled)
         node.start()
+    _go_on(cancelled)
     if cluster:
         create_cluster(nodes, replicas=1, log=log)
 
@@ -530,10 +565,15 @@ def up(
         if servers.etcd is not None:
             servers.etcd.start()
             write_ctl_config(patronictl_config(data_dir), servers.etcd)
-        tasks: list[Callable[[], None]] = [partial(_bring_up_group, *entry) for entry in servers.pg]
-        tasks += [partial(_bring_up_patroni_group, *entry) for entry in servers.patroni]
-        tasks.append(partial(_bring_up_valkey, servers.valkey, state.redis_cluster, safe_log))
-        _run_parallel(tasks)
+        cancelled = threading.Event()
+        tasks: list[Callable[[], None]] = [
+            partial(_bring_up_group, cancelled, *entry) for entry in servers.pg
+        ]
+        tasks += [partial(_bring_up_patroni_group, cancelled, *entry) for entry in servers.patroni]
+        tasks.append(
+            partial(_bring_up_valkey, cancelled, servers.valkey, state.redis_cluster, safe_log)
+        )
+        _run_parallel(tasks, cancelled)
         log(f"infra: up in {time.monotonic() - started:.1f}s")
         return settings_for(state)
 
