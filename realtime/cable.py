@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Histogram
+from redis.crc import key_slot
 
 from realtime import cable_codec
-from realtime.broker import DEFAULT_HISTORY_TTL_S, Envelope, RedisBroker
+from realtime.broker import DEFAULT_HISTORY_TTL_S, Envelope, RedisBroker, stream_keys
 from realtime.cable_codec import CableCodec, CommandError, HistoryRequest, StreamMessage
 from realtime.cable_sessions import CableSession, CableSessions, new_sid
 from realtime.channels import Channel, Reject, Subscription, build_channels
@@ -148,6 +149,9 @@ class CableServer:
         self.restored_sessions = 0
         self.gaps_filled = 0  # live gaps filled from history (a lost message, a reconnect)
         self.resyncs = 0  # live gaps history could not fill: fresh snapshots sent
+        self.epochs_rotated = 0  # streams given a new epoch after Redis lost writes of them
+        # streams to rotate at their next catch-up -> the epoch whose writes were lost
+        self._lost_writes: dict[str, str] = {}
         self.history_confirmed = 0
         self.history_rejected = 0
         self.refusals = 0
@@ -716,7 +720,20 @@ class CableServer:
                 item = waiting.pop(0)
                 if item is None:
                     offset, epoch = await self.broker.position(stream)
+                    lost_in = self._lost_writes.pop(stream, None)  # kept if that failed
                     position = self._positions.get(stream)
+                    if (
+                        position is not None
+                        and epoch == position.epoch
+                        and (offset < position.offset or lost_in == epoch)
+                    ):
+                        # Redis is behind what this node delivered in the same epoch (or its
+                        # master failed over unplanned): writes were lost, and their offsets
+                        # would be handed out again. A new epoch, and a fresh state for all.
+                        epoch = await self.broker.rotate_epoch(stream, epoch)
+                        self.epochs_rotated += 1
+                        _log.warning("stream_epoch_rotated", stream=stream, offset=offset)
+                        position = self._positions.get(stream)
                     if position is not None and (epoch, offset) != (
                         position.epoch,
                         position.offset,
@@ -793,6 +810,16 @@ class CableServer:
                 if isinstance(member, CableConnection) and member.closing:
                     continue
                 member.send(frame)
+
+    async def redis_lost_writes(self, slots: frozenset[int]) -> None:
+        """Redis lost the last writes of `slots` (their master failed over unplanned): every
+        followed stream hashed there gets a new epoch and its subscribers a fresh state, since
+        the promoted master would hand the lost offsets out again for other messages."""
+        for stream in list(self._positions):
+            position = self._positions.get(stream)
+            if position is not None and key_slot(stream_keys(stream)[0].encode()) in slots:
+                self._lost_writes[stream] = position.epoch
+                self._queue_catch_up(stream, None)
 
     async def _on_reconnect(self) -> None:
         """Redis came back (messages published meanwhile were lost): every followed stream's

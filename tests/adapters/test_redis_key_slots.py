@@ -435,6 +435,9 @@ async def test_every_script_runs_on_a_cluster_with_its_keys_in_one_slot(
         )
         assert (await broker.position("inventory:product:7"))[0] == offsets[0][0]
         assert await broker.history_after("inventory:product:7", 0, offsets[0][0]) is not None
+        rotated = await broker.rotate_epoch("inventory:product:7", offsets[0][1])
+        assert rotated != offsets[0][1]
+        assert await broker.rotate_epoch("inventory:product:7", offsets[0][1]) == rotated
         sessions = SessionStore(redis)
         token = await sessions.create(3)
         assert (await sessions.resolve(token)) is not None

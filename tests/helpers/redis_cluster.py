@@ -35,6 +35,13 @@ def valkey_cluster(
         for node in nodes:
             node.start()
         create_cluster(nodes, replicas=replicas, log=lambda _: None)
+        # A replica that never finished its first sync refuses to take over ("disconnected
+        # from primary for longer than allowed"): wait until every one has.
+        wait_until(
+            lambda: sum(replicating(node) for node in nodes) == masters * replicas,
+            60.0,
+            "every replica's first sync",
+        )
         yield nodes
     finally:
         for node in nodes:
@@ -69,6 +76,14 @@ def replica_of(nodes: list[ValkeyServer], master: ValkeyServer) -> ValkeyServer:
     raise AssertionError(f"no replica of {master.port}")
 
 
+def replicating(node: ValkeyServer) -> bool:
+    """Whether `node` is a replica whose link to its master is up (synced)."""
+    with contextlib.suppress(OSError, Exception):
+        info = parse_info(str(node.command("INFO", "replication")))
+        return info.get("role") == "slave" and info.get("master_link_status") == "up"
+    return False
+
+
 def promoted(node: ValkeyServer) -> bool:
     """Whether `node` is a master now."""
     with contextlib.suppress(OSError, Exception):
@@ -97,6 +112,14 @@ def sigkill(node: ValkeyServer) -> None:
     assert pid is not None, f"{node} has no pid"
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not node.is_running(), 10.0, f"{node} to die")
+
+
+def pause(node: ValkeyServer, paused: bool = True) -> None:
+    """SIGSTOP (or SIGCONT) `node`'s process: a replica that stops taking its master's
+    stream for a while, so the master's last writes exist nowhere else."""
+    pid = read_pidfile(node.pid_file)
+    assert pid is not None, f"{node} has no pid"
+    os.kill(pid, signal.SIGSTOP if paused else signal.SIGCONT)
 
 
 def node_id(node: ValkeyServer) -> str:

@@ -30,6 +30,8 @@ import hashlib
 import re
 import zlib
 
+from redis.crc import key_slot
+
 BUMP_CHANNEL = "{cache}:bumps"
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _MAX_PLAIN_ID = 120
@@ -60,6 +62,11 @@ def bucket(ident: str) -> int:
 def bucket_prefix(ns: str, number: int) -> str:
     """`{cache:<ns>:<number>}:`, the start of every key of bucket `number` of `ns`."""
     return f"{{cache:{ns}:{number}}}:"
+
+
+def bucket_slot(ns: str, number: int) -> int:
+    """The Redis Cluster slot of bucket `number` of `ns`."""
+    return int(key_slot(bucket_prefix(ns, number).encode()))
 
 
 def prefix(ns: str, ident: str) -> str:
