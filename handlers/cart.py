@@ -146,7 +146,7 @@ class CartItemsHandler(_CartBase):
         body = self.json_body(AddItem)
         await self.run_idempotent(
             session.user_id,
-            lambda: self.carts.add_item(session.user_id, body.product_id, body.quantity),
+            lambda once: self.carts.add_item(session.user_id, body.product_id, body.quantity, once),
         )
 
 
@@ -177,13 +177,16 @@ class CartItemHandler(_CartBase):
         body = self.json_body(SetQuantity)
         await self.run_idempotent(
             session.user_id,
-            lambda: self.carts.set_quantity(session.user_id, int(product_id), body.quantity),
+            lambda once: self.carts.set_quantity(
+                session.user_id, int(product_id), body.quantity, once
+            ),
         )
 
     async def delete(self, product_id: str) -> None:
         session = self.require_user()
         await self.run_idempotent(
-            session.user_id, lambda: self.carts.remove_item(session.user_id, int(product_id))
+            session.user_id,
+            lambda once: self.carts.remove_item(session.user_id, int(product_id), once),
         )
 
 

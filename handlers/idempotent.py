@@ -1,15 +1,21 @@
 """`Idempotency-Key` on the cart's change endpoints (see `server.adapters.idempotency`).
 
-A handler runs its change through `await self.run_idempotent(work)` after validating the
-request: without the header `work()` just runs; with it the key is claimed first, a replay is
-answered with the stored answer (and `Idempotent-Replayed: true`) without running `work`, and
-a fresh claim runs `work()`, stores its answer under the key and sends it. A `work()` that
-fails releases the key, so the client's retry runs again.
+A handler runs its change through `await self.run_idempotent(user_id, work)` after validating
+the request: without the header `work(None)` just runs; with it the key is claimed in Redis
+first, a replay is answered with the stored answer (and `Idempotent-Replayed: true`) without
+running `work`, and a fresh claim runs `work(once)`, stores its answer under the key and sends
+it. A `work` that fails releases the key, so the client's retry runs again.
+
+Redis answers fast, but it is not what makes a change apply once: `once` carries the key into
+the change's own shard transaction (`server.domain.carts.Once`), so when Redis lost the key (a
+master died before its replica had it) the shard still knows the change ran and the replay is
+answered with the answer it stored there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +29,7 @@ from server.adapters.idempotency import (
     KeyReused,
     fingerprint,
 )
+from server.domain.carts import ChangeAlreadyApplied, Once
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -52,12 +59,12 @@ class IdempotentHandler(ApiHandler):
         return key
 
     async def run_idempotent(
-        self, user_id: int, work: Callable[[], Awaitable[Any]], status: int = 200
+        self, user_id: int, work: Callable[[Once | None], Awaitable[Any]], status: int = 200
     ) -> None:
-        """Answer with `await work()` as JSON, applying it at most once per key."""
+        """Answer with `await work(once)` as JSON, applying it at most once per key."""
         key = self.idempotency_key()
         if key is None:
-            self.write_json(await work(), status=status)
+            self.write_json(await work(None), status=status)
             return
         store = self.idempotency
         request_fingerprint = fingerprint(
@@ -83,8 +90,14 @@ class IdempotentHandler(ApiHandler):
             self.set_header(REPLAYED_HEADER, "true")
             self.write_json(stored.body, status=stored.status)
             return
+        once = Once("cart:" + hashlib.sha256(key.encode()).hexdigest(), request_fingerprint)
         try:
-            body = await work()
+            body = await work(once)
+        except ChangeAlreadyApplied as applied:  # Redis had lost the key; the shard had not
+            await store.store(user_id, key, request_fingerprint, status, applied.answer)
+            self.set_header(REPLAYED_HEADER, "true")
+            self.write_json(applied.answer, status=status)
+            return
         except BaseException:
             with contextlib.suppress(Exception):
                 await store.release(user_id, key)

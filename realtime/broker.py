@@ -12,7 +12,10 @@ each message on the shard that owns its stream.
 
 The epoch is a random string stored beside the offset; when Redis loses the stream's data
 (restart without persistence, eviction) the epoch is made anew, so clients holding the old one
-know their offsets mean nothing any more and take a fresh snapshot.
+know their offsets mean nothing any more and take a fresh snapshot. When Redis loses only the
+last writes (a master dies before its replica got them: the promoted replica has the epoch but
+an older offset, and would hand the lost offsets out again for other messages), the node that
+notices rotates the epoch (`rotate_epoch`): see `realtime.cable`, "lost writes".
 
 A node subscribes to a stream's channel while it has local subscribers. The subscription
 (`server.adapters.pubsub.ResilientSubscription`, or
@@ -73,6 +76,20 @@ if not epoch then
   redis.call('SET', KEYS[2], epoch)
 end
 return {tonumber(redis.call('GET', KEYS[1]) or '0'), epoch}
+"""
+
+
+# A new epoch for a stream whose writes were lost (an unplanned failover of its master): set
+# only if the epoch is still the one the caller knew (or none), so nodes noticing the same
+# loss agree on one new epoch. KEYS: epoch. ARGV: the epoch known, the new one. Returns the
+# stream's epoch now.
+_ROTATE_EPOCH = """
+local epoch = redis.call('GET', KEYS[1])
+if (not epoch) or epoch == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return ARGV[2]
+end
+return epoch
 """
 
 
@@ -139,6 +156,7 @@ class RedisBroker:
         self._outbox: list[tuple[tuple[list[str], list[Any]], asyncio.Future[Any]]] = []
         self._drainer: asyncio.Task[None] | None = None
         self._position = redis.register_script(_POSITION)
+        self._rotate_epoch = redis.register_script(_ROTATE_EPOCH)
         subscription = ShardedSubscription if sharded else ResilientSubscription
         self._subscription = subscription(redis, self._on_message, self._reconnected, "broker")
 
@@ -250,6 +268,12 @@ class RedisBroker:
         offset_key, _history, epoch_key, _channel = stream_keys(stream)
         offset, epoch = await self._position(keys=[offset_key, epoch_key], args=[_new_epoch()])
         return int(offset), epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+
+    async def rotate_epoch(self, stream: str, known: str) -> str:
+        """Start a new epoch for `stream` if its epoch is still `known` (Redis lost writes of
+        it: offsets clients hold may be reused for other messages); returns the epoch now."""
+        epoch = await self._rotate_epoch(keys=[stream_keys(stream)[2]], args=[known, _new_epoch()])
+        return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
 
     async def history_after(
         self, stream: str, after: int, until: int

@@ -136,6 +136,11 @@ class CableServer:
         return self.delivery.resyncs
 
     @property
+    def epochs_rotated(self) -> int:
+        """Streams given a new epoch after Redis lost writes of them."""
+        return self.delivery.epochs_rotated
+
+    @property
     def received(self) -> int:
         """Stream messages that arrived from Redis."""
         return self.delivery.received
@@ -592,6 +597,11 @@ class CableServer:
     async def publish(self, stream: str, message: dict[str, Any]) -> tuple[int, str]:
         """Publish a domain event (stock change, cart change) to every node's subscribers."""
         return await self.broker.publish(stream, message)
+
+    async def redis_lost_writes(self, slots: frozenset[int]) -> None:
+        """Redis lost the last writes of `slots` (their master failed over unplanned); see
+        `StreamDelivery.redis_lost_writes`."""
+        await self.delivery.redis_lost_writes(slots)
 
     # --- liveness -----------------------------------------------------------------------------
 

@@ -21,7 +21,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from realtime.broker import Envelope
+from redis.crc import key_slot
+
+from realtime.broker import Envelope, stream_keys
 from realtime.cable_codec import CableCodec, HistoryRequest, StreamMessage
 from realtime.hub import Hub, Subscriber, stream_frame
 from realtime.recovery import (
@@ -56,6 +58,8 @@ class StreamSource(Protocol):
     async def history_since(
         self, stream: str, since_s: int, until: int
     ) -> list[tuple[int, Any]]: ...
+
+    async def rotate_epoch(self, stream: str, epoch: str) -> str: ...
 
 
 # A subscriber's current state for a stream: `snapshot(identifier, members)` -> the payload
@@ -93,6 +97,9 @@ class StreamDelivery:
         self._reading: dict[tuple[str, str, int, int], asyncio.Future[Run | None]] = {}
         self.gaps_filled = 0  # live gaps filled from history (a lost message, a reconnect)
         self.resyncs = 0  # live gaps history could not fill: fresh snapshots sent
+        self.epochs_rotated = 0  # streams given a new epoch after Redis lost writes of them
+        # streams to rotate at their next catch-up -> the epoch whose writes were lost
+        self._lost_writes: dict[str, str] = {}
         self.received = 0  # stream messages that arrived from Redis (for metrics)
 
     def attach(self, source: StreamSource) -> None:
@@ -223,6 +230,16 @@ class StreamDelivery:
             return
         self._queue_catch_up(stream, envelope)
 
+    async def redis_lost_writes(self, slots: frozenset[int]) -> None:
+        """Redis lost the last writes of `slots` (their master failed over unplanned): every
+        followed stream hashed there gets a new epoch and its subscribers a fresh state, since
+        the promoted master would hand the lost offsets out again for other messages."""
+        for stream in list(self._positions):
+            position = self._positions.get(stream)
+            if position is not None and key_slot(stream_keys(stream)[0].encode()) in slots:
+                self._lost_writes[stream] = position.epoch
+                self._queue_catch_up(stream, None)
+
     async def on_reconnect(self) -> None:
         """Redis came back (messages published meanwhile were lost): every followed stream's
         catch-up compares its position with what this node delivered, in its queue's order."""
@@ -253,7 +270,20 @@ class StreamDelivery:
                 item = waiting.pop(0)
                 if item is None:
                     offset, epoch = await self._source().position(stream)
+                    lost_in = self._lost_writes.pop(stream, None)  # kept if that failed
                     position = self._positions.get(stream)
+                    if (
+                        position is not None
+                        and epoch == position.epoch
+                        and (offset < position.offset or lost_in == epoch)
+                    ):
+                        # Redis is behind what this node delivered in the same epoch (or its
+                        # master failed over unplanned): writes were lost, and their offsets
+                        # would be handed out again. A new epoch, and a fresh state for all.
+                        epoch = await self._source().rotate_epoch(stream, epoch)
+                        self.epochs_rotated += 1
+                        _log.warning("stream_epoch_rotated", stream=stream, offset=offset)
+                        position = self._positions.get(stream)
                     if position is not None and (epoch, offset) != (
                         position.epoch,
                         position.offset,

@@ -85,6 +85,13 @@ class CableStatsCollector(Collector):
         gaps.add_metric(["filled"], cable.gaps_filled)
         gaps.add_metric(["resynced"], cable.resyncs)
         yield gaps
+        yield CounterMetricFamily(
+            "fm_cable_epochs_rotated",
+            "Followed streams given a new epoch because Redis lost writes of them (a master "
+            "failed over unplanned, or Redis is behind what this node delivered); their "
+            "subscribers got a fresh state.",
+            value=cable.epochs_rotated,
+        )
         answers = CounterMetricFamily(
             "fm_cable_history_answers",
             "Extended-protocol history requests answered, by answer (`confirm_history` with the "

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import time
+import zlib
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -51,6 +52,7 @@ local lkey = ARGV[1] .. 'lock:v' .. version .. ':' .. ARGV[2]
 local locked = redis.call('SET', lkey, ARGV[3], 'NX', 'PX', ARGV[4])
 return {version, false, 0, locked and 1 or 0}
 """
+CACHE_BUCKETS = 64  # server/adapters/cache/keys.py BUCKETS
 NS_PRODUCT = "product"
 NS_PRODUCT_LIST = "product_list"
 STOCK_FRESH_S = 1.0
@@ -70,7 +72,8 @@ class Peer:
 
     async def cached(self, ns: str, ident: str) -> Any:
         """The value Final Market stored for `ident` in `ns`, or None."""
-        prefix = f"{{cache:{ns}}}:"
+        bucket = zlib.crc32(ident.encode()) % CACHE_BUCKETS  # as keys.bucket
+        prefix = f"{{cache:{ns}:{bucket}}}:"
         _version, raw, _pttl, _locked = await self.read(
             keys=[prefix + "version", f"{prefix}ev:{ident}"],
             args=[prefix, ident, "fastapi-peer", LOCK_MS],

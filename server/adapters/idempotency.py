@@ -15,7 +15,10 @@ that answer back without running again.
   runs again: only answers that changed the cart are remembered.
 
 Keys live per user (`{idem}:cart:<user>:<sha256 of the key>`), so one user cannot see or
-block another's answers. (Checkout has its own, durable idempotency in the user's shard.)
+block another's answers. Redis is the fast path, not the guarantee: a master's death can lose
+a key it acknowledged, so each cart change also records its key in its own shard transaction
+(`server.domain.carts.Once`) and a replay Redis forgot is answered from there. (Checkout has
+its own, durable idempotency in the user's shard.)
 """
 
 from __future__ import annotations

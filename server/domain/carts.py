@@ -14,7 +14,8 @@ could not be asked just then) and `warnings` lists each line that wants more tha
 line short of stock with its 409 `out-of-stock`.
 
 Every change runs in one transaction on the user's shard primary that first bumps the
-`carts` row (which also serialises concurrent changes of the same cart), then publishes
+`carts` row (which also serialises concurrent changes of the same cart), records its
+`Idempotency-Key` if the request had one (`Once`), then publishes
 `{event: "cart", cart}` on `cart:user:<id>` after the commit, through an injected
 `publish(stream, message)` callable (the node passes `CableServer.publish`), so this module
 knows nothing of Tornado or Redis.
@@ -22,6 +23,8 @@ knows nothing of Tornado or Redis.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from server.adapters.db.router import ShardRouter
@@ -131,6 +134,36 @@ def check_quantity(quantity: int) -> None:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Once:
+    """A change sent with an `Idempotency-Key`: `key` names it in the shard's
+    `idempotency_keys` (the handler passes `cart:` and the key's SHA-256, so it cannot meet a
+    checkout's key), `fingerprint` what makes a replay the same request.
+
+    The key is written in the change's own transaction, so PostgreSQL, not Redis, decides
+    that a change applies once: Redis (`server.adapters.idempotency`) answers replays and
+    in-flight copies fast, but a master's death may lose a key it acknowledged, and a replay
+    of `add_item` would then add the units twice."""
+
+    key: str
+    fingerprint: str
+
+
+class ChangeAlreadyApplied(Exception):
+    """The shard already holds this `Once` key: the change ran before; `answer` is the cart
+    it answered then (a replay, not an error)."""
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        super().__init__("change already applied")
+        self.answer = answer
+
+
+class IdempotencyKeyReused(InvalidInput):
+    """The key was first used for a different change."""
+
+    kind = "idempotency-key-reused"
+
+
 class CartService:
     """Changes to a user's cart, each one versioned and published after commit."""
 
@@ -142,16 +175,20 @@ class CartService:
         """The user's cart (read-your-writes: the router reads the primary after a change)."""
         return await cart_view(self.router, user_id)
 
-    async def add_item(self, user_id: int, product_id: int, quantity: int) -> dict[str, Any]:
+    async def add_item(
+        self, user_id: int, product_id: int, quantity: int, once: Once | None = None
+    ) -> dict[str, Any]:
         """Add `quantity` units (to what the cart holds already) at the current price.
 
-        `NotFound` for an unknown product; `InvalidInput` when the line would pass 99 units.
+        `NotFound` for an unknown product; `InvalidInput` when the line would pass 99 units;
+        with `once`, `ChangeAlreadyApplied` / `IdempotencyKeyReused` for a key seen before.
         More than is in stock is added, and the answer's `warnings` say so.
         """
         check_quantity(quantity)
         price_cents, currency = await self._price_of(product_id)
         async with self.router.write(user_id) as cur:
             await self._bump(cur, user_id)
+            await self._claim(cur, user_id, once)
             await cur.execute(
                 "INSERT INTO cart_items "
                 "(user_id, product_id, quantity, unit_price_cents, currency) "
@@ -172,15 +209,19 @@ class CartService:
                     maximum=MAX_QUANTITY,
                 )
             cart = await load_cart(cur, user_id)
+            await self._remember(cur, user_id, once, cart)
         await self._announce(user_id, cart)
         return cart
 
-    async def set_quantity(self, user_id: int, product_id: int, quantity: int) -> dict[str, Any]:
+    async def set_quantity(
+        self, user_id: int, product_id: int, quantity: int, once: Once | None = None
+    ) -> dict[str, Any]:
         """Set an item's quantity, taking the current price; `NotFound` if it is not there."""
         check_quantity(quantity)
         price_cents, currency = await self._price_of(product_id)
         async with self.router.write(user_id) as cur:
             await self._bump(cur, user_id)
+            await self._claim(cur, user_id, once)
             await cur.execute(
                 "UPDATE cart_items SET quantity = %s, unit_price_cents = %s, currency = %s "
                 "WHERE user_id = %s AND product_id = %s",
@@ -189,13 +230,17 @@ class CartService:
             if cur.rowcount == 0:
                 raise self._not_in_cart(product_id)
             cart = await load_cart(cur, user_id)
+            await self._remember(cur, user_id, once, cart)
         await self._announce(user_id, cart)
         return cart
 
-    async def remove_item(self, user_id: int, product_id: int) -> dict[str, Any]:
+    async def remove_item(
+        self, user_id: int, product_id: int, once: Once | None = None
+    ) -> dict[str, Any]:
         """Remove an item; `NotFound` if the cart does not hold it."""
         async with self.router.write(user_id) as cur:
             await self._bump(cur, user_id)
+            await self._claim(cur, user_id, once)
             await cur.execute(
                 "DELETE FROM cart_items WHERE user_id = %s AND product_id = %s",
                 (user_id, product_id),
@@ -203,6 +248,7 @@ class CartService:
             if cur.rowcount == 0:
                 raise self._not_in_cart(product_id)
             cart = await load_cart(cur, user_id)
+            await self._remember(cur, user_id, once, cart)
         await self._announce(user_id, cart)
         return cart
 
@@ -238,6 +284,41 @@ class CartService:
             "SET version = carts.version + 1, updated_at = now()",
             (user_id,),
         )
+
+    @staticmethod
+    async def _claim(cur: Any, user_id: int, once: Once | None) -> None:
+        """Record `once` in this change's transaction, or raise if the shard has it already
+        (raising rolls the change back: it ran before)."""
+        if once is None:
+            return
+        await cur.execute(
+            "INSERT INTO idempotency_keys (user_id, key, request_hash, state, status_code) "
+            "VALUES (%s, %s, %s, 'completed', 200) ON CONFLICT (user_id, key) DO NOTHING "
+            "RETURNING 1",
+            (user_id, once.key, once.fingerprint),
+        )
+        if await cur.fetchone() is not None:
+            return
+        await cur.execute(
+            "SELECT request_hash, response FROM idempotency_keys WHERE user_id = %s AND key = %s",
+            (user_id, once.key),
+        )
+        stored_hash, response = await cur.fetchone()
+        if stored_hash != once.fingerprint:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was used for a different request", field="Idempotency-Key"
+            )
+        raise ChangeAlreadyApplied(dict(response or {}))
+
+    @staticmethod
+    async def _remember(cur: Any, user_id: int, once: Once | None, cart: dict[str, Any]) -> None:
+        """Store the answer of a `once` change beside its key."""
+        if once is not None:
+            await cur.execute(
+                "UPDATE idempotency_keys SET response = %s::jsonb, updated_at = now() "
+                "WHERE user_id = %s AND key = %s",
+                (json.dumps(cart), user_id, once.key),
+            )
 
     @staticmethod
     def _not_in_cart(product_id: int) -> NotFound:

@@ -49,7 +49,10 @@ def make_app(services: Services) -> tornado.web.Application:
     health = NodeHealth(
         node_id=services.settings.node_id,
         unready_reasons=lambda: unready_reasons(
-            services.router, services.redis, services.settings.readiness_timeout_s
+            services.router,
+            services.redis,
+            services.settings.readiness_timeout_s,
+            services.cluster_health,
         ),
         record_ready=lambda ready: metrics.ready.set(1 if ready else 0),
         render_metrics=metrics.render,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.adapters.cluster_health import ClusterHealth
 from server.common.logs import lines_buffered, lines_dropped
 
 # Buckets in seconds: from a cached read on loopback (~0.5 ms) to a slow checkout.
@@ -66,4 +67,57 @@ class LogStatsCollector(Collector):
             "fm_log_lines_buffered",
             "Log lines waiting for the background writer.",
             value=lines_buffered(),
+        )
+
+
+class RedisStatsCollector(Collector):
+    """Redis as the node sees it: pub/sub resubscriptions by subscription and, on a Redis
+    Cluster, unreachable slots, failovers and slot moves (`server.adapters.cluster_health`)."""
+
+    def __init__(
+        self, resubscriptions: dict[str, Callable[[], int]], cluster: ClusterHealth | None
+    ) -> None:
+        self._resubscriptions = resubscriptions
+        self._cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        """The current figures (called by the registry on each scrape)."""
+        resubscribed = CounterMetricFamily(
+            "fm_redis_resubscriptions",
+            "Times a pub/sub subscription was rebuilt after losing its connection, a failover "
+            "or a slot move (`broker`: stream messages, gaps then filled from history or "
+            "resynced; `cache_invalidations`: every local cache entry then dropped).",
+            labels=["subscription"],
+        )
+        for name, count in sorted(self._resubscriptions.items()):
+            resubscribed.add_metric([name], count())
+        yield resubscribed
+        cluster = self._cluster
+        if cluster is None:
+            return
+        yield GaugeMetricFamily(
+            "fm_redis_cluster_unreachable_slots",
+            "Hash slots of the Redis Cluster that no answering master served at the last "
+            "probe (about once a second; also on every /readyz).",
+            value=cluster.unreachable_slots,
+        )
+        failovers = CounterMetricFamily(
+            "fm_redis_cluster_failovers",
+            "Replicas seen promoted to master, by kind: `planned` (the old master follows the "
+            "new one; nothing lost) or `unplanned` (the old master died or was cut off; its "
+            "streams then start a new epoch).",
+            labels=["kind"],
+        )
+        for kind, seen in sorted(cluster.failovers.items()):
+            failovers.add_metric([kind], seen)
+        yield failovers
+        yield CounterMetricFamily(
+            "fm_redis_cluster_slots_moved",
+            "Hash slots seen moving to another master other than by a failover (a reshard).",
+            value=cluster.slots_moved,
+        )
+        yield CounterMetricFamily(
+            "fm_redis_cluster_probes",
+            "Probes of the cluster's slot map and masters.",
+            value=cluster.probes,
         )

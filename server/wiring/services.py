@@ -13,6 +13,7 @@ from realtime.channels import StateReaders
 from realtime.graphql_socket import GraphQLWsLimits, GraphQLWsServer
 from realtime.metrics import CableStatsCollector
 from server.adapters.cache import CachedLoader, CacheInvalidationListener, CacheStatsCollector
+from server.adapters.cluster_health import ClusterHealth
 from server.adapters.db.pools import Database
 from server.adapters.db.router import ShardRouter
 from server.adapters.images import ImageWorkers, IntakeLimits, open_storage
@@ -33,7 +34,7 @@ from server.graphql import GraphQLLimits, GraphQLService
 from server.graphql.context import GraphQLDomain
 from server.graphql.metrics import GraphQLStatsCollector
 from server.wiring.data_metrics import DataStatsCollector
-from server.wiring.metrics import NodeMetrics
+from server.wiring.metrics import NodeMetrics, RedisStatsCollector
 from server.wiring.settings import Settings
 
 # A checkout's reservation left 'held' this long is repaired by the sweeper (every node runs
@@ -75,6 +76,7 @@ class Services:
     orders: OrderService
     notifications: NotificationService
     purges: PurgeQueue
+    cluster_health: ClusterHealth | None = None  # on a Redis Cluster
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     state: NodeState = field(default_factory=NodeState)
     # Built by `open` once the rest exists (resolvers reach the services through it).
@@ -89,6 +91,14 @@ class Services:
         self.metrics.registry.register(CableStatsCollector(self.cable))
         self.metrics.registry.register(DataStatsCollector(self.router, self.catalog))
         self.metrics.registry.register(PurgeStatsCollector(self.purges))
+        resubscriptions = {
+            "broker": lambda: self.cable.broker.reconnects,
+            "cache_invalidations": lambda: self.cache_listener.reconnects,
+        }
+        self.metrics.registry.register(RedisStatsCollector(resubscriptions, self.cluster_health))
+        if self.cluster_health is not None:
+            self.cluster_health.on_lost_writes.append(self.cable.redis_lost_writes)
+            self.cluster_health.on_lost_writes.append(self.cache.redis_lost_writes)
 
     @classmethod
     async def open(cls, settings: Settings) -> Services:
@@ -179,6 +189,11 @@ class Services:
             orders=OrderService(router),
             notifications=NotificationService(router, cable.publish),
             purges=purges,
+            cluster_health=(
+                ClusterHealth(redis, settings.readiness_timeout_s)
+                if settings.redis_cluster
+                else None
+            ),
         )
         graphql = GraphQLService(
             GraphQLDomain(
@@ -227,6 +242,8 @@ class Services:
         self.sweeper.start()
         self.graphql_ws.start()
         self.purges.start()
+        if self.cluster_health is not None:
+            self.cluster_health.start()
 
     async def close(self) -> None:
         """Stop background work, release pools and Redis connections.
@@ -241,6 +258,7 @@ class Services:
             ("images", self.images.aclose),
             ("edge_purges", self.purges.stop),
             ("cache", self.cache.aclose),
+            ("cluster_health", self._stop_cluster_health),
             ("router", self.router.close),
         ):
             try:
@@ -249,3 +267,7 @@ class Services:
                 _log.warning("shutdown_step_timed_out", step=name)
         await self.db.close()
         await self.redis.aclose()
+
+    async def _stop_cluster_health(self) -> None:
+        if self.cluster_health is not None:
+            await self.cluster_health.stop()

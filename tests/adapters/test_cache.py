@@ -44,9 +44,13 @@ async def _eventually(check: Callable[[], bool], timeout_s: float = 2.0) -> None
 # --- pure parts -------------------------------------------------------------------------------
 
 
-def test_keys_share_the_namespace_hash_tag() -> None:
-    assert cache_keys.version_key("product") == "{cache:product}:version"
-    assert cache_keys.value_key("product", "3.1", "42") == "{cache:product}:v3.1:42"
+def test_keys_share_the_hash_tag_of_their_bucket() -> None:
+    bucket = cache_keys.bucket("42")
+    assert 0 <= bucket < cache_keys.BUCKETS
+    assert cache_keys.version_key("product", "42") == f"{{cache:product:{bucket}}}:version"
+    assert cache_keys.value_key("product", "3.1", "42") == f"{{cache:product:{bucket}}}:v3.1:42"
+    assert len(cache_keys.bucket_version_keys("product")) == cache_keys.BUCKETS
+    assert len({cache_keys.bucket(str(n)) for n in range(1000)}) == cache_keys.BUCKETS
     assert cache_keys.id_part(42) == "42"
     assert cache_keys.id_part("page?q={x}").startswith("h:")
     assert len(cache_keys.id_part("x" * 500)) == 66

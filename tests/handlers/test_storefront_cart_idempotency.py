@@ -142,3 +142,29 @@ async def test_concurrent_replays_apply_once(
             assert answer.headers["Retry-After"] == "1"
     cart = json.loads((await cart_call(http_client, base_url + "/api/v1/cart", "GET", token)).body)
     assert cart["items"][0]["quantity"] == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_replay_applies_once_even_when_redis_lost_the_key(
+    http_client: Any, base_url: str, services: Services, lamp: int
+) -> None:
+    """Redis loses keys a master acknowledged but had not replicated when it died; here
+    they are deleted, the same loss. The shard recorded the key with the change, so the
+    replay is answered with the first answer and the units are added once, not twice."""
+    _user, token = await make_user(services, "ada@example.com")
+    url = base_url + "/api/v1/cart/items"
+    item = {"product_id": lamp, "quantity": 2}
+    first = await cart_call(http_client, url, "POST", token, item, key="k-lost")
+    assert first.code == 200
+    deleted = [key async for key in services.redis.scan_iter(match="{idem}:cart:*")]
+    assert deleted
+    await services.redis.delete(*deleted)
+    replay = await cart_call(http_client, url, "POST", token, item, key="k-lost")
+    assert replay.code == 200 and replay.headers["Idempotent-Replayed"] == "true"
+    assert json.loads(replay.body) == json.loads(first.body)
+    cart = json.loads((await cart_call(http_client, base_url + "/api/v1/cart", "GET", token)).body)
+    assert cart["items"] == [{"product_id": str(lamp), "quantity": 2, "unit_price_cents": 1234}]
+    # The same key with another request is still refused, by the shard this time.
+    await services.redis.delete(*deleted)
+    other = await cart_call(http_client, url, "POST", token, {**item, "quantity": 3}, key="k-lost")
+    assert other.code == 422 and json.loads(other.body)["type"].endswith("idempotency-key-reused")

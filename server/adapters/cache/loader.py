@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from server.adapters.cache import keys
 from server.adapters.cache.local import LocalLRU
@@ -50,7 +50,8 @@ Loader = Callable[[], Awaitable[Any]]
 _HIT, _MISS = "hit", "miss"
 _POLL_FIRST_S = 0.005
 _POLL_MAX_S = 0.05
-_REDIS_DOWN = (RedisError, OSError)
+# RedisClusterException: a slot no reachable master serves (a master died, no failover yet).
+_REDIS_DOWN = (RedisError, RedisClusterException, OSError)
 
 
 class CachedLoader:
@@ -74,6 +75,7 @@ class CachedLoader:
         `clock` are injectable for tests (XFetch draws, load durations, local freshness)."""
         self.node_id = node_id or f"cache-{secrets.token_hex(4)}"
         self.local = LocalLRU(local_max_entries, local_max_staleness_s, clock)
+        self._redis = redis
         self._store = RedisStore(redis)
         self._versions = Versions(redis, self.node_id)
         self._lock_ms = max(1, int(lock_ttl_s * 1000))
@@ -270,6 +272,23 @@ class CachedLoader:
     def on_remote_bump(self, ns: str, ident: str | None = None) -> None:
         """Hook for the invalidation listener: another node bumped `ns` (or one id of it)."""
         self.invalidate(ns, ident)
+
+    async def redis_lost_writes(self, slots: frozenset[int]) -> None:
+        """Redis lost the last writes of `slots` (their master failed over unplanned), bumps
+        among them: bump the namespace version of every bucket there, of every namespace used
+        on this node, so no value a lost bump had invalidated is served again (a miss
+        instead). Other nodes do the same for theirs; a bucket bumped twice costs one more miss."""
+        self.invalidate_all_local()
+        pipe = self._redis.pipeline(transaction=False)
+        bumped = 0
+        for ns in list(self._stats):
+            for number in range(keys.BUCKETS):
+                if keys.bucket_slot(ns, number) in slots:
+                    pipe.incr(keys.bucket_prefix(ns, number) + "version")
+                    bumped += 1
+        if bumped:
+            await pipe.execute()
+        _log.warning("cache_buckets_bumped_after_lost_writes", buckets=bumped)
 
     def invalidate_all_local(self) -> None:
         """Forget every in-memory copy (bump messages may have been missed)."""

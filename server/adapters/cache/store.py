@@ -104,8 +104,8 @@ class RedisStore:
     async def read(self, ns: str, ident: str, token: str, lock_ms: int) -> ReadResult:
         """The current value of `ident`; on a miss, also try to take its load lock."""
         version, raw, pttl, locked = await self._read(
-            keys=[keys.version_key(ns), keys.entity_version_key(ns, ident)],
-            args=[keys.prefix(ns), ident, token, lock_ms],
+            keys=[keys.version_key(ns, ident), keys.entity_version_key(ns, ident)],
+            args=[keys.prefix(ns, ident), ident, token, lock_ms],
         )
         found = None if raw is None else _found(raw, int(pttl))
         return ReadResult(_text(version), found, bool(locked))
