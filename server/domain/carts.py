@@ -285,10 +285,10 @@ class CartService:
             (user_id,),
         )
 
-    @staticmethod
-    async def _claim(cur: Any, user_id: int, once: Once | None) -> None:
+    async def _claim(self, cur: Any, user_id: int, once: Once | None) -> None:
         """Record `once` in this change's transaction, or raise if the shard has it already
-        (raising rolls the change back: it ran before)."""
+        (raising rolls the change back: it ran before). The answer then is the cart the first
+        change answered, with each line's availability as it is now."""
         if once is None:
             return
         await cur.execute(
@@ -308,7 +308,9 @@ class CartService:
             raise IdempotencyKeyReused(
                 "this Idempotency-Key was used for a different request", field="Idempotency-Key"
             )
-        raise ChangeAlreadyApplied(dict(response or {}))
+        answer = dict(response or {})
+        await with_availability(self.router, user_id, answer)
+        raise ChangeAlreadyApplied(answer)
 
     @staticmethod
     async def _remember(cur: Any, user_id: int, once: Once | None, cart: dict[str, Any]) -> None:

@@ -163,7 +163,7 @@ async def test_a_replay_applies_once_even_when_redis_lost_the_key(
     assert replay.code == 200 and replay.headers["Idempotent-Replayed"] == "true"
     assert json.loads(replay.body) == json.loads(first.body)
     cart = json.loads((await cart_call(http_client, base_url + "/api/v1/cart", "GET", token)).body)
-    assert cart["items"] == [{"product_id": str(lamp), "quantity": 2, "unit_price_cents": 1234}]
+    assert [(i["product_id"], i["quantity"]) for i in cart["items"]] == [(str(lamp), 2)]
     # The same key with another request is still refused, by the shard this time.
     await services.redis.delete(*deleted)
     other = await cart_call(http_client, url, "POST", token, {**item, "quantity": 3}, key="k-lost")
