@@ -12,10 +12,12 @@ import json
 import re
 import select
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -164,7 +166,12 @@ def test_dev_does_not_seed_an_existing_catalog_again(
 def test_dev_ctrl_c_while_starting_servers_leaves_none_running(
     tmp_path: Path, config_dir: Path
 ) -> None:
-    data_dir = tmp_path / "data"
+    # Not under pytest's tmp dir, like the HA tests' data: PostgreSQL runs as its own OS user
+    # and must reach the data directory by path all along; a pytest session starting on the
+    # machine meanwhile sets /tmp/pytest-of-<user> back to 0700 (a `pg_ctl stop` here once
+    # failed with "Permission denied" and left the server running).
+    work = Path(tempfile.mkdtemp(prefix="fm-dev-ctrl-c-"))
+    data_dir = work / "data"
     args = ("dev", "--data-dir", str(data_dir), "--port", str(free_port()))
     env = cli_env(config_dir)
     try:
@@ -175,6 +182,7 @@ def test_dev_ctrl_c_while_starting_servers_leaves_none_running(
         assert listening_ports(data_dir) == [], dev.stderr()
     finally:
         infra.down(data_dir, log=quiet)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # --- serve ------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,17 @@ def _spawn(
     return proc.pid
 
 
+def _child_exited(pid: int) -> bool:
+    """Whether our child `pid` (just spawned by `_spawn`) has exited; reaps it if so. Asked of
+    the kernel directly, not through the pid file and /proc, so nothing else can make a live
+    child look dead."""
+    try:
+        done, _status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not waitable here (reaped elsewhere): ask whether it exists
+        return not pid_alive(pid)
+    return done == pid
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -168,7 +180,7 @@ class EtcdServer:
                 raise InfraError(f"cannot start etcd: port 127.0.0.1:{port} is in use")
         self.log(f"etcd: start on 127.0.0.1:{self.client_port}")
         peer = f"http://127.0.0.1:{self.peer_port}"
-        _spawn(
+        pid = _spawn(
             [
                 str(binary),
                 "--name=fm",
@@ -186,15 +198,13 @@ class EtcdServer:
             as_user=None,
             cwd=self.root,
         )
-        if not wait_until(self.is_healthy, timeout=timeout, interval=0.1, failed=self._died):
-            what = "exited at start" if self._died() else f"not healthy within {timeout:.0f}s"
+        died = partial(_child_exited, pid)
+        if not wait_until(self.is_healthy, timeout=timeout, interval=0.1, failed=died):
+            what = "exited at start" if died() else f"not healthy within {timeout:.0f}s"
             raise InfraError(
-                f"etcd ({binary}, 127.0.0.1:{self.client_port}) {what}"
+                f"etcd ({binary}, 127.0.0.1:{self.client_port}, pid {pid}) {what}"
                 + log_tail_text(self.log_file)
             )
-
-    def _died(self) -> bool:
-        return not self.is_running()
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop etcd (SIGTERM; no-op if not running)."""
