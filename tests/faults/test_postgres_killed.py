@@ -29,7 +29,6 @@ import psycopg2
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from server.wiring import infra
 from server.wiring.infra import PostgresServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
@@ -37,8 +36,7 @@ from tests.helpers import commerce
 from tests.helpers.accounts import token_for
 from tests.helpers.catalog import add_product
 from tests.helpers.commerce import accounting, buyer_with_cart, commerce_settings
-from tests.helpers.deployment import migrate, quiet, run_in_private_loop
-from tests.helpers.replicas import Topology, blocking, wait_caught_up
+from tests.helpers.replicas import Topology, blocking, replicated_topology, wait_caught_up
 
 SHARDS = 4
 VICTIM = 1  # the shard whose primary is killed
@@ -56,16 +54,8 @@ client = commerce.client
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     """Catalog + 4 shards, each with a standby, + Valkey of this module's own, migrated."""
-    data_dir = tmp_path_factory.mktemp("shard-kill")
-    try:
-        env = infra.up(data_dir, replicas=True, log=quiet)
-        run_in_private_loop(migrate(env))
-        topology = Topology(data_dir, env)
-        for group in ("catalog", *(f"shard{i}" for i in range(SHARDS))):
-            wait_caught_up(*topology.servers(group))
+    with replicated_topology(tmp_path_factory.mktemp("shard-kill")) as topology:
         yield topology
-    finally:
-        infra.down(data_dir, log=quiet)
 
 
 @pytest.fixture

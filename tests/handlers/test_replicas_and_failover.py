@@ -33,15 +33,13 @@ import pytest
 from tornado.web import Application
 
 from server.adapters.db.router import RouterCounters
-from server.wiring import infra
 from server.wiring.infra import PostgresServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
 from tests.helpers import commerce
 from tests.helpers.accounts import token_for
 from tests.helpers.commerce import accounting, call, commerce_app, commerce_settings, ok
-from tests.helpers.deployment import migrate, quiet, run_in_private_loop
-from tests.helpers.replicas import Topology, blocking, wait_caught_up
+from tests.helpers.replicas import Topology, blocking, replicated_topology, wait_caught_up
 
 pytestmark = pytest.mark.slow
 
@@ -62,16 +60,8 @@ client = commerce.client  # an HTTP client that allows many requests at once
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     """Replicated catalog + 4 shards (+ Valkey), migrated and caught up; always stopped."""
-    data_dir = tmp_path_factory.mktemp("failover")
-    try:
-        env = infra.up(data_dir, replicas=True, log=quiet)
-        run_in_private_loop(migrate(env))
-        topology = Topology(data_dir, env)
-        for group in GROUPS:
-            wait_caught_up(*topology.servers(group))
+    with replicated_topology(tmp_path_factory.mktemp("failover")) as topology:
         yield topology
-    finally:
-        infra.down(data_dir, log=quiet)
 
 
 @pytest.fixture

@@ -4,10 +4,11 @@ standby to catch up, and blocking calls run off the loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,10 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 
+from server.wiring import infra
 from server.wiring.infra import PostgresServer
 from server.wiring.settings import Settings
-from tests.helpers.deployment import make_settings, quiet
+from tests.helpers.deployment import make_settings, migrate, quiet, run_in_private_loop
 
 
 @dataclass(frozen=True)
@@ -78,3 +80,21 @@ def wait_caught_up(primary: PostgresServer, replica: PostgresServer) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{replica} did not catch up with {primary}")
         time.sleep(0.02)
+
+
+REPLICATED_GROUPS = ("catalog", *(f"shard{i}" for i in range(4)))
+
+
+@contextlib.contextmanager
+def replicated_topology(data_dir: Path) -> Iterator[Topology]:
+    """`infra up --replicas` in `data_dir` (catalog + 4 shards, each with a standby, and
+    Valkey), migrated, every standby caught up; stopped on exit whatever happened."""
+    try:
+        env = infra.up(data_dir, replicas=True, log=quiet)
+        run_in_private_loop(migrate(env))
+        topology = Topology(data_dir, env)
+        for group in REPLICATED_GROUPS:
+            wait_caught_up(*topology.servers(group))
+        yield topology
+    finally:
+        infra.down(data_dir, log=quiet)
