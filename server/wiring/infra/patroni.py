@@ -26,10 +26,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +280,12 @@ class PatroniMember:
             "scope": self.spec.scope,
             "namespace": NAMESPACE,
             "name": self.spec.name,
-            "log": {"level": "WARNING"},
+            # Warnings only, but the etcd client's INFO lines too: "waiting on etcd" is the one
+            # line a Patroni stuck before its REST API would otherwise never write.
+            "log": {
+                "level": "WARNING",
+                "loggers": {"patroni.dcs.etcd": "INFO", "patroni.dcs.etcd3": "INFO"},
+            },
             "restapi": {
                 "listen": f"127.0.0.1:{self.spec.api_port}",
                 "connect_address": f"127.0.0.1:{self.spec.api_port}",
@@ -388,6 +394,7 @@ class PatroniMember:
                 ensure_traversable(path)
             if self.root.stat().st_uid != self.os_user.uid:
                 make_owned_dir(self.root, self.os_user, 0o700)
+            check_patroni_runs_as(self.os_user)
         if not self.data_dir.exists():
             make_owned_dir(self.data_dir, self.os_user, 0o700)
         # A PostgreSQL left running by a Patroni that died holds its port: Patroni adopts it.
@@ -417,12 +424,21 @@ class PatroniMember:
             status = self.status()
             return status.get("state") in ("running", "streaming")
 
+        started = time.monotonic()
         if not wait_until(running, timeout=timeout, interval=0.2, failed=self._died):
+            waited = time.monotonic() - started
+            what = (
+                f"exited after {waited:.1f}s"
+                if self._died()
+                else f"did not run PostgreSQL within {waited:.0f}s "
+                f"(REST API state {self.status().get('state')!r}, "
+                f"etcd {'healthy' if self.etcd.is_healthy() else 'NOT healthy'})"
+            )
             raise InfraError(
-                f"Patroni {self.spec.name} did not run PostgreSQL within {timeout:.0f}s "
-                f"(state {self.status().get('state')!r})"
+                f"Patroni {self.spec.name} {what}"
                 + log_tail_text(self.log_file)
                 + log_tail_text(self.data_dir / "log" / "postgresql.log")
+                + log_tail_text(self.etcd.log_file)
             )
 
     def _died(self) -> bool:
@@ -463,6 +479,19 @@ def cluster_members(api_url: str) -> list[dict[str, Any]]:
     if not isinstance(body, dict):
         return []
     return [m for m in body.get("members", []) if isinstance(m, dict)]
+
+
+@cache
+def check_patroni_runs_as(user: OsUser) -> None:
+    """Fail with the interpreter's own words if ``user`` cannot import Patroni (and psycopg2)
+    from our environment, e.g. a virtualenv it may not read. Without this check Patroni would
+    just not start, and the only symptom would be a REST API that never answers."""
+    run(
+        [sys.executable, "-c", "import patroni.__main__, psycopg2"],
+        as_user=user,
+        timeout=60,
+        what=f"importing Patroni as the {user.name} user ({sys.executable})",
+    )
 
 
 def write_ctl_config(path: Path, etcd: EtcdServer) -> None:
