@@ -174,9 +174,9 @@ def log_tail(path: Path | None, lines: int = 20) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
-def log_tail_text(path: Path | None) -> str:
+def log_tail_text(path: Path | None, lines: int = 20) -> str:
     """Formatted log tail to append to an error message."""
-    tail = log_tail(path)
+    tail = log_tail(path, lines)
     return f"\n--- last lines of {path} ---\n{tail}" if tail else ""
 
 

@@ -410,7 +410,8 @@ class PatroniMember:
         touch_owned_file(self.log_file, self.os_user)
         self.log(f"patroni {self.spec.name}: start (postgres on 127.0.0.1:{self.spec.pg_port})")
         _spawn(
-            [sys.executable, "-m", "patroni", str(self.conf_file)],
+            # faulthandler: a Patroni that hangs can be asked where (SIGABRT, see wait_running)
+            [sys.executable, "-X", "faulthandler", "-m", "patroni", str(self.conf_file)],
             log_file=self.log_file,
             pid_file=self.pid_file,
             as_user=self.os_user,
@@ -427,22 +428,35 @@ class PatroniMember:
         started = time.monotonic()
         if not wait_until(running, timeout=timeout, interval=0.2, failed=self._died):
             waited = time.monotonic() - started
-            what = (
-                f"exited after {waited:.1f}s"
-                if self._died()
-                else f"did not run PostgreSQL within {waited:.0f}s "
-                f"(REST API state {self.status().get('state')!r}, "
-                f"etcd {'healthy' if self.etcd.is_healthy() else 'NOT healthy'})"
-            )
+            if self._died():
+                what = f"exited after {waited:.1f}s"
+            else:
+                what = (
+                    f"did not run PostgreSQL within {waited:.0f}s "
+                    f"(REST API state {self.status().get('state')!r}, "
+                    f"etcd {'healthy' if self.etcd.is_healthy() else 'NOT healthy'}; "
+                    "its threads' stacks follow)"
+                )
+                self._dump_stacks_and_stop()
             raise InfraError(
                 f"Patroni {self.spec.name} {what}"
-                + log_tail_text(self.log_file)
+                + log_tail_text(self.log_file, lines=80)
                 + log_tail_text(self.data_dir / "log" / "postgresql.log")
                 + log_tail_text(self.etcd.log_file)
             )
 
     def _died(self) -> bool:
         return not self.is_running()
+
+    def _dump_stacks_and_stop(self) -> None:
+        """Make a hung Patroni write every thread's stack to its log and exit (faulthandler
+        answers SIGABRT); its PostgreSQL, if any, is left to ``stop``."""
+        pid = self.patroni_pid()
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGABRT)
+        wait_until(self._died, timeout=5.0, interval=0.1)
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop Patroni with SIGTERM: it stops its PostgreSQL (fast) and then exits. A
