@@ -84,7 +84,8 @@ async def _with_database(
 
 
 def cmd_infra_up(args: argparse.Namespace) -> int:
-    """Start the embedded servers and print their settings as `export` lines."""
+    """Start the embedded servers and print their settings (with the data directory's secret
+    key) as `export` lines."""
     from server.wiring.dev import dev_secret_key
 
     data_dir = _data_dir(args.data_dir)
@@ -96,7 +97,9 @@ def cmd_infra_up(args: argparse.Namespace) -> int:
         synchronous_mode=args.synchronous_mode,
         log=_err,
     )
-    dev_secret_key(data_dir)  # for the commands that find this topology by themselves
+    # Kept in the data directory (so the commands that find this topology by themselves use
+    # the same one) and printed, so `serve` with only these variables starts.
+    settings["FM_SECRET_KEY"] = dev_secret_key(data_dir)
     print("\n".join(infra.env_lines(settings)))
     return 0
 

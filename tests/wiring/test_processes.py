@@ -369,6 +369,24 @@ def test_infra_up_prints_only_export_lines(infra_up_stdout: str) -> None:
     assert {"FM_CATALOG_DSN", "FM_SHARDS", "FM_REDIS_URL"} <= exported(infra_up_stdout).keys()
 
 
+def test_infra_up_prints_the_secret_key_kept_in_its_data_directory(
+    infra_up_stdout: str, infra_dir: Path
+) -> None:
+    secret = exported(infra_up_stdout)["FM_SECRET_KEY"]
+    assert len(secret) >= 32
+    assert secret == (infra_dir / "secret_key").read_text().strip()
+
+
+def test_migrate_runs_with_only_the_settings_infra_up_printed(
+    infra_up_stdout: str, config_dir: Path, tmp_path: Path
+) -> None:
+    # --data-dir names an empty directory: nothing can come from the dev topology's files.
+    env = cli_env(config_dir, exported(infra_up_stdout))
+    result = run_cli("migrate", "--data-dir", str(tmp_path / "empty"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "using the dev servers" not in result.stderr
+
+
 def test_infra_up_output_is_evaluable_by_bash(
     infra_up_stdout: str, infra_dir: Path, config_dir: Path
 ) -> None:
