@@ -213,6 +213,8 @@ class CableServer:
         conn = CableConnection(self, codec, user, remote_ip)
         await loop.connect_accepted_socket(lambda: conn, sock=sock)
         self.registry.add(conn)
+        if user is not None and user.digest:
+            self.registry.bind_session(conn, user.digest)
         if unauthorized:
             conn.send(handshake)
             self.log_refusal(conn, "unauthorized", "token unknown, expired or revoked")
@@ -312,6 +314,19 @@ class CableServer:
         self.registry.remove(conn)
         for identifier in list(conn.subscriptions):
             self.unsubscribe(conn, identifier)
+
+    def close_session(self, digest: str) -> int:
+        """Disconnect the connections acting for the revoked session `digest` (reason
+        `unauthorized`, no reconnect: the official client then stays disconnected)."""
+        conns = self.registry.of_session(digest)
+        for conn in conns:
+            _log.info("cable_session_revoked", user_id=conn.user.user_id if conn.user else None)
+            conn.disconnect("unauthorized", reconnect=False)
+        return len(conns)
+
+    def session_digests(self) -> set[str]:
+        """The sessions the open connections act for."""
+        return self.registry.session_digests()
 
     def log_refusal(self, conn: CableConnection, kind: str, reason: str) -> None:
         """Log a refused frame or command with who sent it."""

@@ -126,12 +126,15 @@ Socket = TypeVar("Socket", bound=FramedSocket)
 
 
 class SocketRegistry(Generic[Socket]):
-    """The open sockets of one server, and how many each client address holds."""
+    """The open sockets of one server, how many each client address holds, and which
+    sockets act for which session (so a revoked session's sockets can be found at once)."""
 
     def __init__(self, max_per_address: int) -> None:
         self.max_per_address = max_per_address
         self.sockets: dict[Socket, None] = {}
         self._per_address: dict[str, int] = {}
+        self._session_of: dict[Socket, str] = {}
+        self._by_session: dict[str, dict[Socket, None]] = {}
 
     def may_accept(self, remote_ip: str) -> bool:
         """Whether another socket from `remote_ip` fits the per-address bound."""
@@ -150,6 +153,31 @@ class SocketRegistry(Generic[Socket]):
                 self._per_address[sock.remote_ip] = left
             else:
                 self._per_address.pop(sock.remote_ip, None)
+        self._unbind(sock)
+
+    def bind_session(self, sock: Socket, digest: str) -> None:
+        """`sock` (open) acts for the session whose token hashes to `digest` from now on."""
+        if sock not in self.sockets:
+            return
+        self._unbind(sock)
+        self._session_of[sock] = digest
+        self._by_session.setdefault(digest, {})[sock] = None
+
+    def of_session(self, digest: str) -> list[Socket]:
+        """The open sockets acting for the session `digest`."""
+        return list(self._by_session.get(digest, ()))
+
+    def session_digests(self) -> set[str]:
+        """Every session some open socket acts for."""
+        return set(self._by_session)
+
+    def _unbind(self, sock: Socket) -> None:
+        digest = self._session_of.pop(sock, None)
+        if digest is not None:
+            holders = self._by_session[digest]
+            del holders[sock]
+            if not holders:
+                del self._by_session[digest]
 
     def __len__(self) -> int:
         return len(self.sockets)

@@ -18,6 +18,7 @@ from typing import Any, Protocol, cast
 
 from realtime.framed_socket import FramedSocket, SocketRegistry
 from realtime.graphql_ws import (
+    CLOSE_FORBIDDEN,
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
     CLOSE_INVALID_MESSAGE,
@@ -224,6 +225,8 @@ class GraphQLWsConnection(FramedSocket):
             self.server.refused(self, "unauthorized", "token unknown, expired or revoked")
             self._apply(self.machine.rejected("the token is unknown, expired or revoked"))
             return
+        if self.session is not None and self.session.digest:
+            self.server.registry.bind_session(self, self.session.digest)
         self._apply(self.machine.accepted())
         pending, self._pending = self._pending or [], None
         for message in pending:
@@ -384,7 +387,23 @@ class GraphQLWsServer:
         conn = GraphQLWsConnection(self, subprotocol, session, url_session_invalid, remote_ip)
         await loop.connect_accepted_socket(lambda: conn, sock=sock)
         self.registry.add(conn)
+        if session is not None and session.digest:
+            self.registry.bind_session(conn, session.digest)
         conn.send(handshake)
+
+    def close_session(self, digest: str) -> int:
+        """Close the sockets acting for the revoked session `digest` with 4403."""
+        conns = self.registry.of_session(digest)
+        for conn in conns:
+            _log.info(
+                "graphql_ws_session_revoked", user_id=conn.session.user_id if conn.session else None
+            )
+            conn.close(CLOSE_FORBIDDEN, "Forbidden")
+        return len(conns)
+
+    def session_digests(self) -> set[str]:
+        """The sessions the open sockets act for."""
+        return self.registry.session_digests()
 
     def forget(self, conn: GraphQLWsConnection) -> None:
         """A socket is gone (called from `connection_lost`)."""

@@ -12,6 +12,7 @@ from realtime.cable import CableLimits, CableServer
 from realtime.channels import StateReaders
 from realtime.graphql_socket import GraphQLWsLimits, GraphQLWsServer
 from realtime.metrics import CableStatsCollector
+from realtime.revocations import SessionRevocations
 from server.adapters.cache import CachedLoader, CacheInvalidationListener, CacheStatsCollector
 from server.adapters.cluster_health import ClusterHealth
 from server.adapters.db.pools import Database
@@ -61,6 +62,7 @@ class Services:
     redis: Any
     sessions: SessionStore
     cable: CableServer
+    revocations: SessionRevocations
     router: ShardRouter
     cache: CachedLoader
     catalog: CatalogService
@@ -160,12 +162,19 @@ class Services:
             # Beside the variants: the same file system, never served (not a storage name).
             spool_dir=os.path.join(settings.image_storage_dir, ".spool"),
         )
+        # A revoked session's sockets are closed on every node: the store announces each
+        # revocation, and `revocations` asks the store which sessions still exist.
+        sessions = SessionStore(redis)
+        revocations = SessionRevocations(cable.watch, cable.publish, sessions.live)
+        sessions.on_revoked = revocations.announce
+        revocations.servers.append(cable)
         services = cls(
             settings=settings,
             db=db,
             redis=redis,
-            sessions=SessionStore(redis),
+            sessions=sessions,
             cable=cable,
+            revocations=revocations,
             router=router,
             cache=cache,
             catalog=catalog,
@@ -232,6 +241,7 @@ class Services:
                 max_connections_per_ip=settings.cable_max_connections_per_ip,
             ),
         )
+        revocations.servers.append(services.graphql_ws)
         services.metrics.registry.register(GraphQLStatsCollector(graphql, services.graphql_ws))
         return services
 
@@ -241,6 +251,7 @@ class Services:
         self.cache_listener.start()
         self.sweeper.start()
         self.graphql_ws.start()
+        self.revocations.start()
         self.purges.start()
         if self.cluster_health is not None:
             self.cluster_health.start()
@@ -252,6 +263,7 @@ class Services:
         """
         for name, step in (
             ("sweeper", self.sweeper.stop),
+            ("revocations", self.revocations.stop),
             ("graphql", self.graphql_ws.stop),
             ("cable", self.cable.stop),
             ("cache_listener", self.cache_listener.stop),
