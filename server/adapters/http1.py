@@ -422,9 +422,15 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
 
     def _guard(self, call: Callable[..., Any], *args: Any) -> Any:
         """Call into the delegate; an exception there is logged and ends the connection (as
-        Tornado does: the handler has already answered or cannot)."""
+        Tornado does: the handler has already answered or cannot), except Tornado's refusal
+        of the request as malformed, which is answered 400."""
         try:
             return call(*args)
+        except httputil.HTTPInputError as error:
+            # What Tornado refuses and llhttp let through (a Host header Tornado cannot
+            # parse, say) is a malformed request, answered 400 as Tornado's server does.
+            self._give_up(400, "malformed-request", f"not HTTP/1.1: {error}")
+            return None
         except Exception as error:
             _log.error("http_delegate_failed", error=repr(error), exc_info=True)
             self._delegate = None

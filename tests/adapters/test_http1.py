@@ -421,3 +421,17 @@ async def test_header_values_with_trailing_space_or_control_characters(
     response = await read_response(reader)
     assert response.status == 400 and response.json()["type"] == "/problems/malformed-request"
     assert await closed_by_server(reader)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_host_header_tornado_cannot_parse_is_a_malformed_request(
+    http_server: Any, base_url: str
+) -> None:
+    """Found by the fuzzer (scripts/fuzz/http1): llhttp passes a Host of non-ASCII bytes,
+    Tornado refuses it when it builds the request, and the connection was closed without an
+    answer, logged as an error of ours."""
+    reader, writer = await connect(base_url)
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: fuz\xbc\xbcz\r\n\r\n")
+    response = await read_response(reader)
+    assert response.status == 400 and response.json()["type"] == "/problems/malformed-request"
+    assert await closed_by_server(reader)
