@@ -78,8 +78,26 @@ class Running:
         os.killpg(self.proc.pid, signal.SIGINT)
 
     def wait(self, timeout: float = STOP_TIMEOUT_S) -> int:
-        """The exit code, waiting at most `timeout` seconds for it."""
-        return self.proc.wait(timeout=timeout)
+        """The exit code, waiting at most `timeout` seconds for it; a child still running
+        then fails the test with what it was doing: its processes, and every thread's stack
+        (the child runs with faulthandler, which answers SIGABRT), killing it."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            processes = subprocess.run(
+                ["ps", "-o", "pid,ppid,stat,etime,args", "--sid", str(self.proc.pid)],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+            pytest.fail(
+                f"{self.proc.args} still running {timeout:.0f}s later; its process group:\n"
+                f"{processes}\nits stderr, stacks last:\n{self.stderr()[-12000:]}"
+            )
 
 
 @contextlib.contextmanager
@@ -87,7 +105,7 @@ def started(*args: str, env: Mapping[str, str], stderr_path: Path) -> Iterator[R
     """Start `finalmarket ARGS` in its own session; kill its group on exit if still running."""
     with stderr_path.open("wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server", *args],
+            [sys.executable, "-X", "faulthandler", "-m", "server", *args],
             cwd=PROJECT_ROOT,
             env=dict(env),
             stdin=subprocess.DEVNULL,
