@@ -100,9 +100,19 @@ class Running:
             )
 
 
+def _as_a_terminal_starts_it() -> None:
+    """In the child before exec: SIGINT and SIGQUIT at their defaults, as for a command a
+    terminal runs in the foreground. A test suite started in the background by a
+    non-interactive shell (`./scripts/test &`) runs with both ignored, the child would inherit
+    that, and a Ctrl-C sent while it starts would be ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def started(*args: str, env: Mapping[str, str], stderr_path: Path) -> Iterator[Running]:
-    """Start `finalmarket ARGS` in its own session; kill its group on exit if still running."""
+    """Start `finalmarket ARGS` in its own session, as a terminal would (SIGINT at its
+    default); kill its group on exit if still running."""
     with stderr_path.open("wb") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-X", "faulthandler", "-m", "server", *args],
@@ -112,6 +122,7 @@ def started(*args: str, env: Mapping[str, str], stderr_path: Path) -> Iterator[R
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             start_new_session=True,
+            preexec_fn=_as_a_terminal_starts_it,
         )
     try:
         yield Running(proc, stderr_path)

@@ -178,9 +178,7 @@ def test_dev_ctrl_c_while_starting_servers_leaves_none_running(
         with started(*args, env=env, stderr_path=tmp_path / "stderr.log") as dev:
             wait_for_line(dev, "valkey node0: start")  # initdb is running meanwhile
             dev.ctrl_c()
-            # Alone this takes 1.5-3 s; late in the full suite it has taken over 20 s (cause
-            # not found yet, see the issue notes): what is checked is that nothing is left.
-            dev.wait(timeout=90)
+            dev.wait(timeout=30)  # 1-3 s here; initdb, in its own session, is not cut short
         assert listening_ports(data_dir) == [], dev.stderr()
     finally:
         infra.down(data_dir, log=quiet)
