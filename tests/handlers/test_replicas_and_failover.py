@@ -32,7 +32,8 @@ import psycopg2.errors
 import pytest
 from tornado.web import Application
 
-from server.adapters.db.router import RouterCounters
+from server.adapters.db.pools import Database
+from server.adapters.db.router import RouterCounters, ShardRouter
 from server.wiring.infra import PostgresServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
@@ -313,6 +314,37 @@ async def test_reads_answer_from_primaries_while_replicas_are_stopped(
             break
         assert time.monotonic() < deadline, "reads never returned to the restarted standby"
         await asyncio.sleep(0.2)
+
+
+# --- multi-host replica DSNs --------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_replica_dsn_listing_both_servers_reads_from_whichever_is_the_standby(
+    topology: Topology,
+) -> None:
+    """`infra up` lists the standby first (`prefer-standby`); here shard 2's replica DSN names
+    the primary first, and reads still land on the standby: the router follows libpq's
+    choice, not the first host."""
+    shard = 2
+    primary, standby = topology.servers(f"shard{shard}")
+    shards = json.loads(topology.env["FM_SHARDS"])
+    shards[shard]["replica"] = (
+        f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}"
+        f"/fm_shard_{shard}?target_session_attrs=prefer-standby"
+    )
+    settings = commerce_settings({**topology.env, "FM_SHARDS": json.dumps(shards)})
+    db = await Database.open(settings)
+    router = ShardRouter.for_settings(db, settings)
+    try:
+        async with router.read(shard) as cur:  # user id 2 lives on shard 2 and never wrote
+            await cur.execute("SELECT pg_is_in_recovery(), inet_server_port()")
+            assert await cur.fetchone() == (True, standby.port)
+            assert cur.on_replica
+        assert router.counters[f"shard_{shard}"].replica_relocations == 1
+    finally:
+        await router.close()
+        await db.close()
 
 
 # --- failover (last: it leaves shard 3's standby promoted) --------------------------------------

@@ -25,7 +25,12 @@ pick the read-write host once, in a worker thread with a blocking connect, and p
 role's primary pool at that single host (swapping ``RolePools.primary`` for a new pool). It does
 this on first use of a primary and again after any connection error on it; a failed BEGIN is
 retried once on the new pool, and a standby answers ``BEGIN READ WRITE`` with an error, so a
-write never runs on a server that has become read-only. Connections that failed are closed
+write never runs on a server that has become read-only. Replica DSNs may likewise name several
+hosts with ``target_session_attrs=prefer-standby``: the replica pool is pointed at the host
+libpq picks, again after a connection error on it and when its lag check finds that host
+leading (a failover promoted it). While none of its hosts is a standby, the replica counts
+as down (looked for again every ``replica_backoff_s``) and reads use the primary pool.
+Connections that failed are closed
 before they go back to their pool, and the idle connections of a pool that failed are dropped,
 so work resumes without a restart.
 
@@ -68,7 +73,7 @@ SELECT CASE
     ELSE COALESCE(
         EXTRACT(EPOCH FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8,
         'Infinity'::float8)
-END::float8
+END::float8, pg_is_in_recovery()
 """
 
 # OperationalErrors about the statement (statement_timeout; serialization failure, deadlock).
@@ -166,6 +171,7 @@ class RouterCounters:
     write_retries: int = 0  # BEGINs retried on a fresh primary connection
     primary_errors: int = 0  # connection errors seen on the primary
     primary_relocations: int = 0  # primary pool re-pointed at the host libpq chose
+    replica_relocations: int = 0  # replica pool re-pointed at the standby libpq chose
 
     def add(self, other: RouterCounters) -> None:
         """Add `other`'s counts into these."""
@@ -230,12 +236,19 @@ class RecentWrites:
 
 @dataclass(slots=True)
 class _ReplicaState:
-    """Health of one replica as the router last saw it."""
+    """Health of one replica as the router last saw it, and, for a multi-host replica DSN
+    (``target_session_attrs=prefer-standby``), which host its pool points at."""
 
     down_until: float = float("-inf")
     clear_pool: bool = False  # drop its idle connections before the next use
     lag_s: float = 0.0
     lag_checked_at: float = float("-inf")
+    dsn: str = ""
+    multi_host: bool = False
+    stale: bool = False  # locate the standby before the next use (multi-host only)
+    target: tuple[str, int] | None = None
+    located_at: float = float("-inf")
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass(slots=True)
@@ -264,14 +277,38 @@ def _single_host_dsn(dsn: str, host: str, port: int) -> str:
     return str(psycopg2.extensions.make_dsn(**params))
 
 
-def _locate_primary(dsn: str, connect_timeout_s: int) -> tuple[str, int]:
+def _locate_host(dsn: str, connect_timeout_s: int) -> tuple[str, int]:
     """The (host, port) libpq connects to for `dsn`; blocking, run in a worker thread.
 
-    libpq's own multi-host logic (with `target_session_attrs`) decides, synchronously, where
-    aiopg's asynchronous connect cannot follow it.
+    libpq's own multi-host logic (with `target_session_attrs`: `read-write` for a primary,
+    `prefer-standby` for a replica) decides, synchronously, where aiopg's asynchronous
+    connect cannot follow it.
     """
     conn = psycopg2.connect(dsn, connect_timeout=connect_timeout_s)
     try:
+        return str(conn.info.host), int(conn.info.port)
+    finally:
+        conn.close()
+
+
+class NoStandby(psycopg2.OperationalError):
+    """A multi-host replica DSN reaches no standby now (libpq's `prefer-standby` fell back to
+    the primary): the replica is down, and reads use the primary pool meanwhile."""
+
+
+def _locate_standby(dsn: str, connect_timeout_s: int) -> tuple[str, int]:
+    """The standby (host, port) libpq picks for a `prefer-standby` DSN; blocking, run in a
+    worker thread. Raises `NoStandby` when the host it picks is not in recovery."""
+    conn = psycopg2.connect(dsn, connect_timeout=connect_timeout_s)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_is_in_recovery()")
+            row = cur.fetchone()
+        if not (row and row[0]):
+            raise NoStandby(
+                f"no standby among the hosts of the replica DSN (got {conn.info.host}"
+                f":{conn.info.port}, a primary)"
+            )
         return str(conn.info.host), int(conn.info.port)
     finally:
         conn.close()
@@ -368,12 +405,11 @@ class ReadCursor:
     async def _open_replica(self) -> bool:
         """Take a replica connection; False (and counted) when the replica will not do."""
         router, role = self._router, self._role
-        pool = role.replica
-        assert pool is not None
         state = router._replica_state(role)
         counters = router._counters(role)
         self.on_replica = True  # a failure from here on is the replica's
         try:
+            pool = await router._replica_pool(role)
             if state.clear_pool:
                 state.clear_pool = False
                 await pool.clear()
@@ -385,6 +421,8 @@ class ReadCursor:
                 await self._cursor().execute(LAG_SQL)
                 row = await self._cursor().fetchone()
                 state.lag_s = float(row[0]) if row and row[0] is not None else float("inf")
+                if row is not None and row[1] is False:
+                    router._replica_is_primary(role)
         except Exception as exc:  # unreachable, or failed its lag check: use the primary
             await self._discard(exc)
             counters.replica_fallbacks += 1
@@ -480,6 +518,7 @@ class ShardRouter:
         primary_retry_backoff_s: float = 0.5,
         max_tracked_writers: int = 100_000,
         primary_dsns: Mapping[str, str] | None = None,
+        replica_dsns: Mapping[str, str] | None = None,
         pool_options: PoolOptions | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
@@ -498,7 +537,11 @@ class ShardRouter:
         self._retiring: set[asyncio.Task[None]] = set()
         for role in db.all_databases():
             self.counters[role.name] = RouterCounters()
-            self._replicas[role.name] = _ReplicaState()
+            replica_dsn = (replica_dsns or {}).get(role.name, "")
+            replica_multi = bool(replica_dsn) and _is_multi_host(replica_dsn)
+            self._replicas[role.name] = _ReplicaState(
+                dsn=replica_dsn, multi_host=replica_multi, stale=replica_multi
+            )
             dsn = (primary_dsns or {}).get(role.name, "")
             multi = bool(dsn) and _is_multi_host(dsn)
             self._primaries[role.name] = _PrimaryState(dsn=dsn, multi_host=multi, stale=multi)
@@ -511,8 +554,19 @@ class ShardRouter:
         dsns.update(
             {role.name: dsn.primary for role, dsn in zip(db.shards, settings.shards, strict=True)}
         )
+        replica_dsns = {db.catalog.name: settings.catalog_replica_dsn or ""}
+        replica_dsns.update(
+            {
+                role.name: dsn.replica or ""
+                for role, dsn in zip(db.shards, settings.shards, strict=True)
+            }
+        )
         return cls(
-            db, primary_dsns=dsns, pool_options=PoolOptions.from_settings(settings), **options
+            db,
+            primary_dsns=dsns,
+            replica_dsns=replica_dsns,
+            pool_options=PoolOptions.from_settings(settings),
+            **options,
         )
 
     # -- public API --------------------------------------------------------------------------
@@ -612,7 +666,46 @@ class ShardRouter:
         state = self._replicas[role.name]
         state.down_until = self._clock() + self.replica_backoff_s
         state.clear_pool = True
+        state.stale = state.multi_host
         self._counters(role).replica_errors += 1
+
+    def _replica_is_primary(self, role: RolePools) -> None:
+        """The replica pool reaches a primary (a failover promoted its standby): with a
+        multi-host replica DSN, look for a standby again, at most once per backoff period
+        (with no standby at all, libpq's `prefer-standby` keeps choosing the primary)."""
+        state = self._replicas[role.name]
+        if state.multi_host and self._clock() - state.located_at >= self.replica_backoff_s:
+            state.stale = True
+
+    async def _replica_pool(self, role: RolePools) -> aiopg.Pool:
+        """The role's replica pool, first re-pointed at the standby libpq picks when its DSN
+        names several hosts and a failure or a failover made it stale; `NoStandby` (the
+        caller's fallback to the primary) when none of them is a standby now."""
+        pool = role.replica
+        assert pool is not None
+        state = self._replicas[role.name]
+        if not state.stale:
+            return pool
+        async with state.lock:
+            if not state.stale:
+                return role.replica or pool
+            state.located_at = self._clock()
+            loop = asyncio.get_running_loop()
+            host, port = await loop.run_in_executor(
+                None, _locate_standby, state.dsn, self.pool_options.connect_timeout_s
+            )
+            if (host, port) != state.target:
+                new_pool = await open_pool(
+                    _single_host_dsn(state.dsn, host, port), self.pool_options
+                )
+                old_pool, role.replica = role.replica, new_pool
+                state.target = (host, port)
+                state.clear_pool = False
+                self._counters(role).replica_relocations += 1
+                if old_pool is not None:
+                    self._retire(old_pool)
+            state.stale = False
+        return role.replica or pool
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -726,7 +819,7 @@ class ShardRouter:
         loop = asyncio.get_running_loop()
         try:
             host, port = await loop.run_in_executor(
-                None, _locate_primary, state.dsn, self.pool_options.connect_timeout_s
+                None, _locate_host, state.dsn, self.pool_options.connect_timeout_s
             )
         except psycopg2.Error as exc:
             state.failed_at = self._clock()

@@ -270,7 +270,8 @@ def _settings_dsns(settings: Mapping[str, str]) -> list[str]:
 
 @dataclass(frozen=True)
 class _Target:
-    """Where one DSN points: the first host of a multi-host DSN (the primary), and its user."""
+    """Where one DSN points: the first host of a multi-host DSN (as `infra up` lists them, the
+    primary of a primary DSN, the standby of a replica DSN), and its user."""
 
     host: str
     port: int
@@ -283,8 +284,8 @@ def _target(dsn: str) -> _Target:
     params = psycopg2.extensions.parse_dsn(dsn)
     if params.get("password"):
         raise InfraError("PgBouncer fronting supports only passwordless (trust) DSNs")
-    # PgBouncer 1.18 has no target_session_attrs: a multi-host primary DSN is fronted by its
-    # first host, the primary as `infra up` lists it (failover is tested without PgBouncer).
+    # PgBouncer 1.18 has no target_session_attrs: a multi-host DSN is fronted by its first
+    # host (failover behind PgBouncer goes through HAProxy, config/haproxy-postgres.cfg).
     host = (params.get("host") or params.get("hostaddr") or "127.0.0.1").split(",")[0]
     port = int((params.get("port") or "5432").split(",")[0])
     extra = {key: value for key, value in params.items() if key not in _ROUTING_KEYS}

@@ -385,11 +385,11 @@ def _run_parallel(
 def _pg_dsns(group: PgGroup, dbname: str) -> tuple[str, str | None]:
     """(primary DSN, replica DSN) for one database of a group.
 
-    The primary DSN lists both servers with ``target_session_attrs=read-write``: libpq (and the
-    router, see server/adapters/db/router.py) finds whichever is primary now, also after a
-    Patroni failover. The replica DSN names the standby's one host: aiopg cannot follow libpq
-    to a second host (``prefer-standby`` would need that), and after a failover the router
-    checks that server's lag anyway (a primary has none, so reads then stay correct).
+    Both list both servers: the primary DSN with ``target_session_attrs=read-write``, the
+    replica DSN (standby first) with ``prefer-standby``. libpq finds whichever server has that
+    role now, also after a Patroni failover, and the router (server/adapters/db/router.py)
+    re-points its pools at the server libpq chose; a replica pool that finds itself on a
+    primary after a failover looks for the standby again.
     """
     if group.replica_port is None:
         return f"postgresql://postgres@127.0.0.1:{group.port}/{dbname}", None
@@ -397,7 +397,11 @@ def _pg_dsns(group: PgGroup, dbname: str) -> tuple[str, str | None]:
         f"postgresql://postgres@127.0.0.1:{group.port},127.0.0.1:{group.replica_port}"
         f"/{dbname}?target_session_attrs=read-write"
     )
-    return primary, f"postgresql://postgres@127.0.0.1:{group.replica_port}/{dbname}"
+    replica = (
+        f"postgresql://postgres@127.0.0.1:{group.replica_port},127.0.0.1:{group.port}"
+        f"/{dbname}?target_session_attrs=prefer-standby"
+    )
+    return primary, replica
 
 
 def settings_for(state: InfraState) -> dict[str, str]:

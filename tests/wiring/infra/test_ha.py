@@ -411,6 +411,25 @@ async def test_patronictl_switchover_during_traffic_fails_no_operation_beyond_th
         )
     await check_keys_replay(client, movers, keys_per_shopper=1)
     await blocking(wait_rejoined, old, candidate)
+    # The shard's replica pool reached the candidate (the standby before); the router finds
+    # it leads now and moves the replica reads to the old leader, a standby again.
+    reader = bystanders[0].user_id if shard == 0 else movers[0].user_id
+    assert await reads_land_on_a_standby(services, reader, old.spec.pg_port, within_s=15.0)
+
+
+async def reads_land_on_a_standby(
+    services: Services, user_id: int, port: int, within_s: float
+) -> bool:
+    """Whether, within `within_s`, a routed read for `user_id` runs on the standby at `port`
+    (the user's last write must be over `read_your_writes_s` old by then)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        async with services.router.read(user_id) as cur:
+            await cur.execute("SELECT pg_is_in_recovery(), inet_server_port()")
+            if await cur.fetchone() == (True, port) and cur.on_replica:
+                return True
+        await asyncio.sleep(0.25)
+    return False
 
 
 # --- HAProxy (config/haproxy-postgres.cfg) and PgBouncer in front ----------------------------

@@ -234,7 +234,10 @@ def test_replicas_stream_from_primaries(replicated: tuple[Path, dict[str, str]])
     pairs = all_dsns(settings)
     for primary, replica in pairs:
         assert "target_session_attrs=read-write" in primary
-        assert replica is not None and replica.split(":")[-1].split("/")[0] in primary
+        assert replica is not None and replica.endswith("target_session_attrs=prefer-standby")
+        assert sorted(replica.split("@")[1].split("/")[0].split(",")) == sorted(
+            primary.split("@")[1].split("/")[0].split(",")
+        )
         query(primary, "CREATE TABLE IF NOT EXISTS repl (v text)")
         query(primary, "INSERT INTO repl VALUES (%s)", (primary,))
     for primary, replica in pairs:
