@@ -441,6 +441,7 @@ class SweepReport:
     committed: int = 0  # sagas whose held stock became committed (their order exists)
     released: int = 0  # sagas whose held stock went back (no order)
     keys_removed: int = 0  # stale `started` keys removed (no reservation, no order)
+    cart_keys_removed: int = 0  # cart changes' keys older than the cart key TTL
 
 
 class CheckoutSweeper:
@@ -451,8 +452,10 @@ class CheckoutSweeper:
     locks and completes first, so the two cannot both win): if the order exists, the
     reservations become `committed`; otherwise they are released and the key may be retried.
     `started` keys older than twice the bound with no order (a crash before any
-    reservation) are removed too. Safe to run on every node at once: every change is
-    conditional on the state it changes.
+    reservation) are removed too, and so are the keys of cart changes
+    (`server.domain.carts.Once`) older than `cart_key_ttl_s`, after which a replay is a new
+    change anyway (Redis has forgotten its answer too). Safe to run on every node at once:
+    every change is conditional on the state it changes.
     """
 
     def __init__(
@@ -463,9 +466,11 @@ class CheckoutSweeper:
         purge: Purge | None = None,
         period_s: float = 30.0,
         stale_after_s: float = 60.0,
+        cart_key_ttl_s: float | None = None,
         batch_size: int = 500,
     ) -> None:
         self.router = router
+        self.cart_key_ttl_s = cart_key_ttl_s
         self.publish = publish
         self.purge = purge
         self.period_s = period_s
@@ -505,7 +510,10 @@ class CheckoutSweeper:
                     committed=report.committed,
                     released=report.released,
                     keys_removed=report.keys_removed,
+                    cart_keys_removed=report.cart_keys_removed,
                 )
+            elif report.cart_keys_removed:
+                _log.info("sweep", cart_keys_removed=report.cart_keys_removed)
 
     async def sweep_once(self) -> SweepReport:
         """One pass over stale held reservations and stale started keys."""
@@ -531,6 +539,8 @@ class CheckoutSweeper:
                 _log.warning("sweep_saga_failed", user_id=user_id, error=repr(exc))
         await announce_stock(self.publish, self.purge, stock)
         report.keys_removed = await self._remove_stale_keys()
+        if self.cart_key_ttl_s is not None:
+            report.cart_keys_removed = await self._remove_old_cart_keys(self.cart_key_ttl_s)
         return report
 
     async def _decide(self, user_id: int, key: str) -> bool:
@@ -549,6 +559,26 @@ class CheckoutSweeper:
             return await cur.fetchone() is not None
 
     async def _remove_stale_keys(self) -> int:
+        return await self._delete_on_every_shard(
+            "DELETE FROM idempotency_keys k WHERE k.state = 'started' "
+            "AND k.created_at < now() - make_interval(secs => %s) "
+            "AND NOT EXISTS (SELECT 1 FROM orders o "
+            "    WHERE o.user_id = k.user_id AND o.idempotency_key = k.key)",
+            (2 * self.stale_after_s,),
+        )
+
+    async def _remove_old_cart_keys(self, ttl_s: float) -> int:
+        # At most `batch_size` per shard and sweep: a backlog drains over a few periods
+        # instead of one long DELETE (the partial index keeps finding them cheap).
+        return await self._delete_on_every_shard(
+            "DELETE FROM idempotency_keys WHERE ctid IN ("
+            "    SELECT ctid FROM idempotency_keys WHERE key LIKE 'cart:%%' "
+            "    AND updated_at < now() - make_interval(secs => %s) LIMIT %s)",
+            (ttl_s, self.batch_size),
+        )
+
+    async def _delete_on_every_shard(self, sql: str, params: tuple[Any, ...]) -> int:
+        """Run one DELETE on every shard; how many rows went (a shard down is skipped)."""
         removed = 0
         shard_count = len(self.router.db.shards)
         for index in range(shard_count):
@@ -556,13 +586,7 @@ class CheckoutSweeper:
             some_user_on_shard = index or shard_count
             try:
                 async with self.router.write(some_user_on_shard) as cur:
-                    await cur.execute(
-                        "DELETE FROM idempotency_keys k WHERE k.state = 'started' "
-                        "AND k.created_at < now() - make_interval(secs => %s) "
-                        "AND NOT EXISTS (SELECT 1 FROM orders o "
-                        "    WHERE o.user_id = k.user_id AND o.idempotency_key = k.key)",
-                        (2 * self.stale_after_s,),
-                    )
+                    await cur.execute(sql, params)
                     removed += int(cur.rowcount)
             except Exception as exc:  # next period
                 _log.warning("sweep_keys_failed", shard=index, error=repr(exc))

@@ -185,6 +185,7 @@ class Services:
                 purge=purges.submit,
                 period_s=settings.checkout_sweep_period_s,
                 stale_after_s=settings.checkout_stale_after_s,
+                cart_key_ttl_s=settings.cart_idempotency_ttl_s,
             ),
             rate_limiter=LeasedRateLimiter(RateLimiter(redis)),
             ip_limit=Limit("ip", settings.ratelimit_ip_per_second, settings.ratelimit_ip_burst),

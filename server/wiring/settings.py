@@ -714,8 +714,9 @@ class Settings(BaseSettings):
         86400,
         ge=60,
         le=7 * 86400,
-        description="How long a cart change's `Idempotency-Key` and its answer are kept, "
-        "so an offline replay within it applies once.",
+        description="How long a cart change's `Idempotency-Key` and its answer are kept "
+        "(in Redis, and in the shard until the checkout sweeper removes it), so an offline "
+        "replay within it applies once.",
         json_schema_extra=_group("storefront"),
     )
 

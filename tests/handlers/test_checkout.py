@@ -389,3 +389,48 @@ async def test_sweeper_task_starts_and_stops(services: Services) -> None:
     await asyncio.sleep(0.1)
     await sweeper.stop()
     await sweeper.stop()  # idempotent
+
+
+def shard_rows(env: dict[str, str], user_id: int, sql: str, params: tuple[Any, ...]) -> Any:
+    """Run `sql` on `user_id`'s shard primary (committed); its rows, if it returns any."""
+    shard = json.loads(env["FM_SHARDS"])[user_id % 4]
+    with psycopg2.connect(shard["primary"]) as conn, conn.cursor() as cur:
+        cur.execute(sql, params)
+        rows = cur.fetchall() if cur.description else None
+    conn.close()
+    return rows
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sweeper_removes_cart_change_keys_older_than_their_ttl_and_nothing_else(
+    client: Any, base_url: str, services: Services, infra_env: dict[str, str]
+) -> None:
+    user_id, token = await make_user(services, "keys@example.com")
+    product_id = add_product(infra_env["FM_CATALOG_DSN"], stock=10)
+    items = base_url + "/api/v1/cart/items"
+    for key in ("old-change", "new-change"):
+        ok(await call(client, items, "POST", {"product_id": product_id}, token,
+                      **{"Idempotency-Key": key}))  # fmt: skip
+    ok(await call(client, base_url + "/api/v1/checkout", "POST", token=token,
+                  **{"Idempotency-Key": "old-order"}), 201)  # fmt: skip
+    keys = "SELECT key FROM idempotency_keys WHERE user_id = %s ORDER BY key"
+    before = [k for (k,) in shard_rows(infra_env, user_id, keys, (user_id,))]
+    assert len(before) == 3 and sum(k.startswith("cart:") for k in before) == 2
+    # Two days old: one cart change's key and the checkout's (which is not the sweeper's).
+    aged = shard_rows(
+        infra_env,
+        user_id,
+        "UPDATE idempotency_keys SET updated_at = now() - interval '2 days', "
+        "created_at = now() - interval '2 days' "
+        "WHERE user_id = %s AND (key = 'old-order' OR key = (SELECT min(key) FROM "
+        "idempotency_keys WHERE user_id = %s AND key LIKE 'cart:%%')) RETURNING key",
+        (user_id, user_id),
+    )
+    assert len(aged) == 2
+
+    report = await CheckoutSweeper(services.router, cart_key_ttl_s=86400).sweep_once()
+
+    assert report.cart_keys_removed == 1
+    after = [k for (k,) in shard_rows(infra_env, user_id, keys, (user_id,))]
+    assert after == [k for k in before if k not in {aged[0][0], aged[1][0]} or k == "old-order"]
+    assert "old-order" in after and len(after) == 2
