@@ -63,6 +63,7 @@ class Subscription:
         if self._channels:
             self._has_channels.set()
         self._subscribed = asyncio.Event()
+        self._late_first_subscribe = False
         self.reconnects = 0
 
     def start(self) -> None:
@@ -83,11 +84,25 @@ class Subscription:
         """Wait until the subscription is active (messages published from now on arrive)."""
         await asyncio.wait_for(self._subscribed.wait(), timeout_s)
 
+    async def _wait_first_subscribe(self) -> None:
+        """Wait (briefly) for the reader to subscribe a channel just added. A caller that
+        stops waiting goes on as if it had (a cable subscriber is confirmed with Redis
+        slow or down); what was published meanwhile is then found by the gap check the
+        reader runs once it is subscribed, as after a reconnect."""
+        try:
+            await self.wait_subscribed(FIRST_SUBSCRIBE_WAIT_S)
+        except TimeoutError:
+            self._late_first_subscribe = True
+
     def __contains__(self, channel: str) -> bool:
         return channel in self._channels
 
     def __len__(self) -> int:
         return len(self._channels)
+
+    async def subscribe(self, channel: str) -> None:
+        """Receive `channel` from now on (a no-op if already subscribed)."""
+        raise NotImplementedError
 
     async def _run(self) -> None:
         raise NotImplementedError
@@ -114,6 +129,7 @@ class ResilientSubscription(Subscription):
     ) -> None:
         super().__init__(redis, on_message, on_reconnect, name, channels)
         self._pubsub: Any = None
+        self._sending = asyncio.Lock()  # one subscribe command at a time on the connection
         self._silently_reconnected = False
 
     async def subscribe(self, channel: str) -> None:
@@ -125,11 +141,11 @@ class ResilientSubscription(Subscription):
             # The reader connects and subscribes every channel; return once it has, so a
             # caller that reads a stream's position next cannot miss what follows it.
             self._has_channels.set()
-            with contextlib.suppress(TimeoutError):
-                await self.wait_subscribed(FIRST_SUBSCRIBE_WAIT_S)
+            await self._wait_first_subscribe()
             return
         try:
-            await self._pubsub.subscribe(channel)
+            async with self._sending:
+                await self._pubsub.subscribe(channel)
         except Exception as exc:  # a broken connection (redis-py may raise anything)
             # The reader notices the same breakage and subscribes every channel again.
             _log.info("pubsub_subscribe_deferred", name=self._name, error=repr(exc))
@@ -139,7 +155,8 @@ class ResilientSubscription(Subscription):
         """Stop receiving `channel`."""
         if self._channels.pop(channel, 0) is None and self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.unsubscribe(channel)
+                async with self._sending:
+                    await self._pubsub.unsubscribe(channel)
 
     async def _close(self) -> None:
         self._subscribed.clear()
@@ -155,11 +172,17 @@ class ResilientSubscription(Subscription):
         if initialize is not None:
             await initialize()
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        self._pubsub = pubsub
-        await pubsub.subscribe(*self._channels)
+        # redis-py opens a second connection when two subscribes race a fresh pub/sub (and
+        # forgets the first, with its channels): callers use `_pubsub` only once this has
+        # subscribed every channel, those added meanwhile too.
+        sent: set[str] = set()
+        while missing := [channel for channel in self._channels if channel not in sent]:
+            await pubsub.subscribe(*missing)
+            sent.update(missing)
         connection = getattr(pubsub, "connection", None)
         if connection is not None:  # any later connect of it is a silent reconnect
             connection.register_connect_callback(self._on_silent_reconnect)
+        self._pubsub = pubsub
         self._subscribed.set()
 
     def _on_silent_reconnect(self, _connection: Any) -> None:
@@ -174,7 +197,8 @@ class ResilientSubscription(Subscription):
             try:
                 if self._pubsub is None:
                     await self._connect()
-                    if failures:
+                    if failures or self._late_first_subscribe:
+                        self._late_first_subscribe = False
                         await self._reconnected()
                     failures = 0
                 message = await self._pubsub.get_message(timeout=1.0)

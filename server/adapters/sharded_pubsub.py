@@ -27,7 +27,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from server.adapters.pubsub import (
-    FIRST_SUBSCRIBE_WAIT_S,
     RECONNECT_BACKOFF_S,
     REDIS_DOWN,
     OnMessage,
@@ -49,6 +48,9 @@ class _Shard:
     pubsub: PubSub
     reader: asyncio.Task[None] | None = None
     leaving: dict[str, int] = field(default_factory=dict)  # channels we asked to leave
+    # redis-py opens a second connection when two subscribes race a fresh pub/sub, and
+    # forgets the first with its channels: one command at a time.
+    sending: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class ShardedSubscription(Subscription):
@@ -81,8 +83,7 @@ class ShardedSubscription(Subscription):
         if not self._subscribed.is_set():
             # The task subscribes every channel once connected; return when it has, so a
             # caller that reads a stream's position next cannot miss what follows it.
-            with contextlib.suppress(TimeoutError):
-                await self.wait_subscribed(FIRST_SUBSCRIBE_WAIT_S)
+            await self._wait_first_subscribe()
             return
         try:
             await self._ssubscribe(channel)
@@ -97,7 +98,8 @@ class ShardedSubscription(Subscription):
         if shard is not None:
             shard.leaving[channel] = shard.leaving.get(channel, 0) + 1
             with contextlib.suppress(Exception):
-                await shard.pubsub.sunsubscribe(channel)
+                async with shard.sending:
+                    await shard.pubsub.sunsubscribe(channel)
 
     # --- connecting -----------------------------------------------------------------------
 
@@ -109,7 +111,8 @@ class ShardedSubscription(Subscription):
                 await self._has_channels.wait()
             try:
                 await self._connect_all(fresh_slot_map=failures > 0)
-                if failures:
+                if failures or self._late_first_subscribe:
+                    self._late_first_subscribe = False
                     await self._reconnected()
                 failures = 0
                 await self._broken.wait()
@@ -158,7 +161,8 @@ class ShardedSubscription(Subscription):
             )
             shard = _Shard(node.name, client, client.pubsub())
             self._shards[node.name] = shard
-        await shard.pubsub.ssubscribe(channel)
+        async with shard.sending:
+            await shard.pubsub.ssubscribe(channel)
         if channel in self._channels:
             self._owner[channel] = shard
         if shard.reader is None:

@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 import redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 from tornado.httpclient import AsyncHTTPClient
 
+from server.adapters.sharded_pubsub import ShardedSubscription
 from server.wiring.infra import ValkeyServer, create_cluster
 from server.wiring.infra.common import pick_free_port
 from server.wiring.infra.valkey import CLUSTER_BUS_OFFSET, parse_info
@@ -32,6 +34,7 @@ from tests.helpers.caches import CountingLoader, Nodes
 from tests.helpers.catalog import add_product
 from tests.helpers.commerce import call, commerce_app, commerce_settings, make_user, ok, start_node
 from tests.helpers.graphql import gql, result
+from tests.helpers.pubsub import racing_subscribes_all_receive
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_data")]
 
@@ -411,3 +414,19 @@ async def test_subscribers_recover_their_stream_when_its_master_dies(
             _wait_until,
             lambda: parse_info(str(master.command("CLUSTER", "INFO")))["cluster_state"] == "ok",
         )
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_channels_subscribed_at_once_on_fresh_shards_all_receive(
+    infra_env: dict[str, str],
+) -> None:
+    cluster = AsyncRedisCluster.from_url(infra_env["FM_REDIS_URL"])
+    try:
+        await racing_subscribes_all_receive(
+            lambda on_message, on_reconnect: ShardedSubscription(
+                cluster, on_message, on_reconnect, "t"
+            ),
+            cluster.spublish,
+        )
+    finally:
+        await cluster.aclose()

@@ -14,7 +14,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.adapters.pubsub import ResilientSubscription
 from server.wiring.infra import ValkeyServer
+from server.wiring.settings import Settings
 from tests.helpers.cable import own_valkey
+from tests.helpers.pubsub import racing_subscribes_all_receive
 
 
 @pytest.fixture
@@ -68,4 +70,20 @@ async def test_reader_survives_failing_callbacks_and_a_redis_restart(valkey: Val
         await asyncio.wait_for(delivered_after_restart(), 15)
     finally:
         await subscription.stop()
+        await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_channels_subscribed_while_the_first_connection_opens_all_receive(
+    settings: Settings,
+) -> None:
+    client = Redis.from_url(settings.redis_url)
+    try:
+        await racing_subscribes_all_receive(
+            lambda on_message, on_reconnect: ResilientSubscription(
+                client, on_message, on_reconnect, "t"
+            ),
+            client.publish,
+        )
+    finally:
         await client.aclose()
