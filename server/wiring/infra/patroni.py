@@ -370,11 +370,21 @@ class PatroniMember:
         return status.get("role") == "replica" and status.get("replication_state") == "streaming"
 
     def has_sync_standby(self) -> bool:
-        """True if this member is the primary and a replica is its synchronous standby."""
+        """True if this member is the primary, a replica is its synchronous standby, and
+        Patroni's `/sync` key says so. PostgreSQL reports the standby synchronous a loop
+        before Patroni records it; until then Patroni would not fail over to it, and a
+        primary that crashed meanwhile is restarted in place rather than replaced."""
         status = self.status()
         replication = status.get("replication") or []
-        return status.get("role") == "primary" and any(
+        if status.get("role") != "primary" or not any(
             isinstance(r, dict) and r.get("sync_state") in ("sync", "quorum") for r in replication
+        ):
+            return False
+        _, cluster = _http_json(self.api_url + "/cluster")
+        members = cluster.get("members", []) if isinstance(cluster, dict) else []
+        return any(
+            isinstance(m, dict) and m.get("role") in ("sync_standby", "quorum_standby")
+            for m in members
         )
 
     def start(self) -> None:

@@ -489,8 +489,9 @@ def _bring_up_patroni_group(
             f"Patroni {replica.spec.name} does not stream from {leader.spec.name}"
             + log_tail_text(replica.log_file)
         )
-    # In synchronous mode, return only once commits wait for the replica (Patroni names it in
-    # synchronous_standby_names a loop or two after it streams).
+    # In synchronous mode, return only once commits wait for the replica and Patroni would
+    # fail over to it (it names it in synchronous_standby_names a loop or two after it
+    # streams, and in its /sync key a loop after that).
     if leader.synchronous_mode and not wait_until(
         leader.has_sync_standby, timeout=HA_MEMBER_TIMEOUT_S, interval=0.2
     ):

@@ -30,6 +30,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -209,10 +210,12 @@ def test_ha_topology_prints_the_same_settings_with_multi_host_primaries(
     assert "primary_start_timeout: 0" in config and "synchronous_mode: false" in config
 
 
-def test_synchronous_mode_makes_the_replica_a_synchronous_standby() -> None:
+def test_synchronous_mode_fails_over_without_losing_an_acknowledged_commit() -> None:
     """`up(ha=True, synchronous_mode=True)`: Patroni's dynamic configuration has
     synchronous_mode on and every primary commits through its replica as synchronous standby
-    (`up` returns once it is named); a second `up` asking for the other topology is refused."""
+    (`up` returns once it is named). Commits made back to back up to the instant shard 1's
+    primary postgres is SIGKILLed are all on the promoted replica (asynchronous replication
+    may lose the last ones); a second `up` asking for the other topology is refused."""
     data_dir = Path(tempfile.mkdtemp(prefix="fm-ha-sync-"))  # see `topology`
     try:
         infra.up(data_dir, ha=True, synchronous_mode=True, log=quiet)
@@ -220,11 +223,49 @@ def test_synchronous_mode_makes_the_replica_a_synchronous_standby() -> None:
         for group in GROUPS:
             assert topology.leader(group).has_sync_standby(), group
         assert "synchronous_mode: true" in topology.patronictl("show-config", "fm-shard2")
+
+        old = topology.leader("shard1")
+        new = topology.other("shard1", old)
+        acknowledged = commits_until_killed(topology, old, "fm_shard_1")
+        assert len(acknowledged) >= 50, "too few commits before the kill to mean anything"
+        assert wait_until(lambda: new.role() == "primary", timeout=FAILOVER_BOUND_S), (
+            f"{new} not promoted: {new.status()}"
+        )
+        on_new = {n for (n,) in topology.query(new, "fm_shard_1", "SELECT n FROM sync_probe")}
+        lost = sorted(set(acknowledged) - on_new)
+        assert lost == [], f"{len(lost)} acknowledged commits lost, the last {lost[-5:]}"
+        print(f"{len(acknowledged)} commits acknowledged up to the kill, all on {new}")
+
         with pytest.raises(InfraError, match="topologies are never mixed"):
             infra.up(data_dir, replicas=True, log=quiet)
     finally:
         infra.down(data_dir, log=quiet)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def commits_until_killed(topology: HaTopology, leader: Any, dbname: str) -> list[int]:
+    """Insert rows one commit each on `leader` (from a thread) and SIGKILL its postgres while
+    they run; the numbers whose commit was acknowledged."""
+    conn = psycopg2.connect(topology.postgres(leader).dsn(dbname), connect_timeout=5)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE sync_probe (n int PRIMARY KEY)")
+    acknowledged: list[int] = []
+
+    def write() -> None:
+        with contextlib.suppress(psycopg2.Error), conn.cursor() as cur:
+            for n in itertools.count():
+                cur.execute("INSERT INTO sync_probe VALUES (%s)", (n,))
+                acknowledged.append(n)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    assert wait_until(lambda: len(acknowledged) >= 200, timeout=30, interval=0.01)
+    sigkill(leader.postmaster_pid(), f"{leader} postgres")
+    writer.join(30)
+    assert not writer.is_alive(), "a commit hung after its primary was killed"
+    conn.close()
+    return acknowledged
 
 
 def test_ha_up_without_etcd_names_the_missing_package(
