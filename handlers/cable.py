@@ -13,6 +13,7 @@ from handlers.gate import Gate
 from handlers.websocket import WebSocketUpgrade, switching_protocols
 from realtime.cable import CableServer
 from realtime.cable_codec import UNSUPPORTED_PROTOCOL, choose_codec
+from realtime.framed_socket import Reservation
 from realtime.wsframe import CLOSE_PROTOCOL_ERROR, encode_close
 
 
@@ -38,9 +39,17 @@ class CableHandler(WebSocketUpgrade):
             )
         client_key = self.check_handshake()
         remote_ip = self.request.remote_ip or "?"
-        self.refuse_if_crowded(
-            self.cable.may_accept(remote_ip), self.cable.limits.max_connections_per_ip
+        place = self.refuse_if_crowded(
+            self.cable.reserve(remote_ip), self.cable.limits.max_connections_per_ip
         )
+        try:
+            await self._take_over(client_key, place)
+        finally:
+            place.release()  # a no-op once the connection took it
+
+    async def _take_over(self, client_key: str, place: Reservation) -> None:
+        """The handshake after the address check: subprotocol, credentials, 101."""
+        headers = self.request.headers
         offered = self.offered_subprotocols()
         codec = choose_codec(offered)
         if codec is None and UNSUPPORTED_PROTOCOL not in offered:
@@ -65,4 +74,4 @@ class CableHandler(WebSocketUpgrade):
         restore_sid = headers.get("X-AnyCable-Restore-SID") or self.get_query_argument("sid", None)
         if not codec.extended:
             restore_sid = None
-        await self.cable.adopt(sock, codec, user, remote_ip, raw, unauthorized, restore_sid)
+        await self.cable.adopt(sock, codec, user, place, raw, unauthorized, restore_sid)

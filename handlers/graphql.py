@@ -31,6 +31,7 @@ from handlers.base import ApiError, BaseHandler
 from handlers.gate import Gate
 from handlers.products import PUBLIC_CACHE_CONTROL
 from handlers.websocket import WebSocketUpgrade, switching_protocols
+from realtime.framed_socket import Reservation
 from realtime.graphql_socket import GraphQLWsServer
 from realtime.graphql_ws import choose_subprotocol
 from server.adapters.ratelimit import retry_after_whole_s
@@ -192,8 +193,17 @@ class GraphQLHandler(SessionHandler, WebSocketUpgrade):
             raise ApiError(400, "bad-upgrade", "Connection must include Upgrade")
         client_key = self.check_handshake()
         remote_ip = self.request.remote_ip or "?"
+        place = self.refuse_if_crowded(
+            self.ws.reserve(remote_ip), self.ws.limits.max_connections_per_ip
+        )
+        try:
+            await self._take_over(client_key, place)
+        finally:
+            place.release()  # a no-op once the connection took it
+
+    async def _take_over(self, client_key: str, place: Reservation) -> None:
+        """The handshake after the address check: subprotocol, credentials, 101."""
         ws = self.ws
-        self.refuse_if_crowded(ws.may_accept(remote_ip), ws.limits.max_connections_per_ip)
         offered = self.offered_subprotocols()
         subprotocol = choose_subprotocol(offered)
         if subprotocol is None:
@@ -208,7 +218,7 @@ class GraphQLHandler(SessionHandler, WebSocketUpgrade):
         sock = self.detach_socket()
         if sock is None:
             return
-        await ws.adopt(sock, subprotocol, session, invalid, remote_ip, handshake)
+        await ws.adopt(sock, subprotocol, session, invalid, place, handshake)
 
 
 def routes(gate: Gate, graphql: GraphQLService, ws: GraphQLWsServer) -> list[Any]:

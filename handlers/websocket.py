@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from handlers.api import SESSION_COOKIE
 from handlers.base import ApiError, BaseHandler
+from realtime.framed_socket import Reservation
 from server.adapters.sessions import Session
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -81,15 +82,17 @@ class WebSocketUpgrade(BaseHandler):
             origin=origin,
         )
 
-    def refuse_if_crowded(self, may_accept: bool, max_per_address: int) -> None:
-        """429 when this address already holds its share of connections."""
-        if not may_accept:
+    def refuse_if_crowded(self, place: Reservation | None, max_per_address: int) -> Reservation:
+        """The place reserved for this connection; 429 when there is none (this address
+        already holds its share of connections)."""
+        if place is None:
             raise ApiError(
                 429,
                 "too-many-connections",
                 f"at most {max_per_address} connections per address",
                 headers={"Retry-After": "5"},
             )
+        return place
 
     def offered_subprotocols(self) -> list[str]:
         """The client's Sec-WebSocket-Protocol list, in its order."""

@@ -37,7 +37,7 @@ from realtime.connection import (
     parse_identifier,
 )
 from realtime.delivery import StreamDelivery
-from realtime.framed_socket import SocketRegistry
+from realtime.framed_socket import Reservation, SocketRegistry
 from realtime.hub import Hub, Subscriber
 from realtime.limits import CableLimits
 from realtime.liveness import SLOW_CONSUMER_SWEEP_S, Liveness
@@ -188,16 +188,17 @@ class CableServer:
 
     # --- connections --------------------------------------------------------------------------
 
-    def may_accept(self, remote_ip: str) -> bool:
-        """Whether another connection from `remote_ip` fits the per-IP bound."""
-        return self.registry.may_accept(remote_ip)
+    def reserve(self, remote_ip: str) -> Reservation | None:
+        """A place for one more connection from `remote_ip` (None: at the per-IP bound);
+        `adopt` takes it, and the caller releases it if the handshake fails before."""
+        return self.registry.reserve(remote_ip)
 
     async def adopt(
         self,
         sock: socket.socket,
         codec: CableCodec,
         user: Session | None,
-        remote_ip: str,
+        place: Reservation,
         handshake: bytes,
         unauthorized: bool,
         restore_sid: str | None = None,
@@ -210,9 +211,9 @@ class CableServer:
         `sid`, and with `restore_sid` naming a session of the same user, the subscriptions
         it held (`restored: true, restored_ids`)."""
         loop = asyncio.get_running_loop()
-        conn = CableConnection(self, codec, user, remote_ip)
+        conn = CableConnection(self, codec, user, place.remote_ip)
         await loop.connect_accepted_socket(lambda: conn, sock=sock)
-        self.registry.add(conn)
+        self.registry.add(conn, place)
         if user is not None and user.digest:
             self.registry.bind_session(conn, user.digest)
         if unauthorized:

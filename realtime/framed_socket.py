@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 from realtime import allowance
 from realtime.wsframe import (
@@ -125,6 +125,24 @@ class FramedSocket(asyncio.Protocol):
 Socket = TypeVar("Socket", bound=FramedSocket)
 
 
+class Reservation:
+    """A place for one socket from `remote_ip` (`SocketRegistry.reserve`): taken by `add`, or
+    given back by `release` (a no-op once taken or released), e.g. when the handshake fails."""
+
+    __slots__ = ("_registry", "remote_ip", "taken")
+
+    def __init__(self, registry: SocketRegistry[Any], remote_ip: str) -> None:
+        self._registry = registry
+        self.remote_ip = remote_ip
+        self.taken = False
+
+    def release(self) -> None:
+        """Give the place back unless a socket took it."""
+        if not self.taken:
+            self.taken = True
+            self._registry._release(self.remote_ip)
+
+
 class SocketRegistry(Generic[Socket]):
     """The open sockets of one server, how many each client address holds, and which
     sockets act for which session (so a revoked session's sockets can be found at once)."""
@@ -136,23 +154,32 @@ class SocketRegistry(Generic[Socket]):
         self._session_of: dict[Socket, str] = {}
         self._by_session: dict[str, dict[Socket, None]] = {}
 
-    def may_accept(self, remote_ip: str) -> bool:
-        """Whether another socket from `remote_ip` fits the per-address bound."""
-        return self._per_address.get(remote_ip, 0) < self.max_per_address
+    def reserve(self, remote_ip: str) -> Reservation | None:
+        """A place for one more socket from `remote_ip`, held while its handshake runs (None:
+        the address holds its bound already). Counting the place at once, not when the
+        socket opens, keeps concurrent handshakes from all passing the check."""
+        held = self._per_address.get(remote_ip, 0)
+        if held >= self.max_per_address:
+            return None
+        self._per_address[remote_ip] = held + 1
+        return Reservation(self, remote_ip)
 
-    def add(self, sock: Socket) -> None:
-        """`sock` is open."""
+    def add(self, sock: Socket, place: Reservation) -> None:
+        """`sock` is open, in the place reserved for it."""
+        place.taken = True
         self.sockets[sock] = None
-        self._per_address[sock.remote_ip] = self._per_address.get(sock.remote_ip, 0) + 1
+
+    def _release(self, remote_ip: str) -> None:
+        left = self._per_address.get(remote_ip, 1) - 1
+        if left:
+            self._per_address[remote_ip] = left
+        else:
+            self._per_address.pop(remote_ip, None)
 
     def remove(self, sock: Socket) -> None:
         """`sock` is gone (a second call does nothing)."""
         if self.sockets.pop(sock, 0) is None:
-            left = self._per_address.get(sock.remote_ip, 1) - 1
-            if left:
-                self._per_address[sock.remote_ip] = left
-            else:
-                self._per_address.pop(sock.remote_ip, None)
+            self._release(sock.remote_ip)
         self._unbind(sock)
 
     def bind_session(self, sock: Socket, digest: str) -> None:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from realtime.framed_socket import FramedSocket, SocketRegistry
+from realtime.framed_socket import FramedSocket, Reservation, SocketRegistry
 from realtime.graphql_ws import (
     CLOSE_FORBIDDEN,
     CLOSE_GOING_AWAY,
@@ -369,9 +369,10 @@ class GraphQLWsServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def may_accept(self, remote_ip: str) -> bool:
-        """Whether another socket from `remote_ip` fits the per-address bound."""
-        return self.registry.may_accept(remote_ip)
+    def reserve(self, remote_ip: str) -> Reservation | None:
+        """A place for one more socket from `remote_ip` (None: at the per-address bound);
+        `adopt` takes it, and the caller releases it if the handshake fails before."""
+        return self.registry.reserve(remote_ip)
 
     async def adopt(
         self,
@@ -379,14 +380,14 @@ class GraphQLWsServer:
         subprotocol: str,
         session: Session | None,
         url_session_invalid: bool,
-        remote_ip: str,
+        place: Reservation,
         handshake: bytes,
     ) -> None:
         """Take over an upgraded socket: write the 101 response, start the init timer."""
         loop = asyncio.get_running_loop()
-        conn = GraphQLWsConnection(self, subprotocol, session, url_session_invalid, remote_ip)
+        conn = GraphQLWsConnection(self, subprotocol, session, url_session_invalid, place.remote_ip)
         await loop.connect_accepted_socket(lambda: conn, sock=sock)
-        self.registry.add(conn)
+        self.registry.add(conn, place)
         if session is not None and session.digest:
             self.registry.bind_session(conn, session.digest)
         conn.send(handshake)

@@ -1230,3 +1230,39 @@ async def test_connections_past_the_per_address_bound_get_429_and_a_freed_slot_i
         pytest.fail("the closed connection's slot was never freed")
     await subscribe(again)
     await assert_echoes(again)
+
+
+@pytest.mark.parametrize(
+    "settings", [{"cable_max_connections_per_ip": 3}], indirect=True, ids=["3-per-ip"]
+)
+@pytest.mark.gen_test(timeout=30)
+async def test_concurrent_upgrades_never_exceed_the_per_address_bound_nor_leak_places(
+    settings: Settings, http_server: Any, base_url: str, clients: Clients
+) -> None:
+    """The bound is checked as each handshake begins, and the handshake awaits before the
+    connection opens: the place is counted at the check, so upgrades arriving together
+    cannot all pass it; one whose handshake fails after the check gives its place back."""
+
+    async def attempt() -> WebSocketClientConnection | int:
+        try:
+            return await connect(clients, base_url)
+        except HTTPClientError as exc:
+            return exc.code
+
+    outcomes = await asyncio.gather(*(attempt() for _ in range(12)))
+    held = [o for o in outcomes if not isinstance(o, int)]
+    assert len(held) == 3 and sorted(o for o in outcomes if isinstance(o, int)) == [429] * 9
+    held.pop().close()
+    for _ in range(5):  # refused after the address check: the place goes back each time
+        response = await expect_http_error(HTTPRequest(cable_url(base_url)), ["no-such-proto"])
+        assert response.code == 400
+    for _ in range(50):  # the server notices the close on its next loop iterations
+        try:
+            held.append(await connect(clients, base_url))
+        except HTTPClientError:
+            await asyncio.sleep(0.05)
+            continue
+        break
+    assert len(held) == 3, "a place was lost"
+    await subscribe(held[-1])
+    await assert_echoes(held[-1])
