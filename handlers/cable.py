@@ -39,13 +39,11 @@ class CableHandler(WebSocketUpgrade):
             )
         client_key = self.check_handshake()
         remote_ip = self.request.remote_ip or "?"
-        place = self.refuse_if_crowded(
-            self.cable.reserve(remote_ip), self.cable.limits.max_connections_per_ip
+        await self.within_address_bound(
+            self.cable.reserve(remote_ip),
+            self.cable.limits.max_connections_per_ip,
+            lambda place: self._take_over(client_key, place),
         )
-        try:
-            await self._take_over(client_key, place)
-        finally:
-            place.release()  # a no-op once the connection took it
 
     async def _take_over(self, client_key: str, place: Reservation) -> None:
         """The handshake after the address check: subprotocol, credentials, 101."""

@@ -193,13 +193,11 @@ class GraphQLHandler(SessionHandler, WebSocketUpgrade):
             raise ApiError(400, "bad-upgrade", "Connection must include Upgrade")
         client_key = self.check_handshake()
         remote_ip = self.request.remote_ip or "?"
-        place = self.refuse_if_crowded(
-            self.ws.reserve(remote_ip), self.ws.limits.max_connections_per_ip
+        await self.within_address_bound(
+            self.ws.reserve(remote_ip),
+            self.ws.limits.max_connections_per_ip,
+            lambda place: self._take_over(client_key, place),
         )
-        try:
-            await self._take_over(client_key, place)
-        finally:
-            place.release()  # a no-op once the connection took it
 
     async def _take_over(self, client_key: str, place: Reservation) -> None:
         """The handshake after the address check: subprotocol, credentials, 101."""

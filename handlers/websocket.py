@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import socket
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from handlers.api import SESSION_COOKIE
@@ -82,9 +83,15 @@ class WebSocketUpgrade(BaseHandler):
             origin=origin,
         )
 
-    def refuse_if_crowded(self, place: Reservation | None, max_per_address: int) -> Reservation:
-        """The place reserved for this connection; 429 when there is none (this address
-        already holds its share of connections)."""
+    async def within_address_bound(
+        self,
+        place: Reservation | None,
+        max_per_address: int,
+        take_over: Callable[[Reservation], Awaitable[None]],
+    ) -> None:
+        """Run the rest of the handshake (`take_over`) in the place reserved for this
+        connection, given back unless the connection took it; 429 when there is none (this
+        address already holds its share of connections)."""
         if place is None:
             raise ApiError(
                 429,
@@ -92,7 +99,10 @@ class WebSocketUpgrade(BaseHandler):
                 f"at most {max_per_address} connections per address",
                 headers={"Retry-After": "5"},
             )
-        return place
+        try:
+            await take_over(place)
+        finally:
+            place.release()  # a no-op once the connection took it
 
     def offered_subprotocols(self) -> list[str]:
         """The client's Sec-WebSocket-Protocol list, in its order."""
