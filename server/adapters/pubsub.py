@@ -176,9 +176,14 @@ class ResilientSubscription(Subscription):
         # forgets the first, with its channels): callers use `_pubsub` only once this has
         # subscribed every channel, those added meanwhile too.
         sent: set[str] = set()
-        while missing := [channel for channel in self._channels if channel not in sent]:
-            await pubsub.subscribe(*missing)
-            sent.update(missing)
+        try:
+            while missing := [channel for channel in self._channels if channel not in sent]:
+                await pubsub.subscribe(*missing)
+                sent.update(missing)
+        except BaseException:
+            with contextlib.suppress(Exception):  # not ours yet: `_close` would not see it
+                await pubsub.aclose()
+            raise
         connection = getattr(pubsub, "connection", None)
         if connection is not None:  # any later connect of it is a silent reconnect
             connection.register_connect_callback(self._on_silent_reconnect)
