@@ -37,6 +37,8 @@ from realtime.recovery import (
     when_history_is_missing,
 )
 from realtime.watch import StreamReset
+from server.adapters.faults import as_domain_error
+from server.common.errors import Unavailable
 from server.common.logs import get_logger
 
 _log = get_logger("finalmarket.cable")
@@ -71,6 +73,8 @@ Run = list[tuple[int, Any]]
 # Replays kept: a run of offsets of one epoch never changes once written, so a reconnect
 # storm (thousands of clients that missed the same messages) costs one XRANGE, not thousands.
 HISTORY_RUNS_KEPT = 256
+# The longest pause between tries of a catch-up step Redis could not serve.
+CATCH_UP_RETRY_MAX_S = 2.0
 
 
 @dataclass(slots=True)
@@ -262,49 +266,66 @@ class StreamDelivery:
         """Work through the stream's queue: before an envelope past a gap, the missed messages
         from history, or when history cannot supply them (or the epoch changed), a fresh
         snapshot for every subscriber; then the envelope. A None item (after a Redis
-        reconnect) brings subscribers up to Redis' position the same way."""
+        reconnect) brings subscribers up to Redis' position the same way. An item Redis
+        cannot serve now (its master failing over) stays first in the queue and is tried
+        again after a pause: dropping it would leave the stream behind until its next
+        message, and the queue behind it would be lost."""
+        failures = 0
         try:
-            while (waiting := self._catching_up.get(stream)) and (
-                position := self._positions.get(stream)
-            ):
+            while (waiting := self._catching_up.get(stream)) and stream in self._positions:
                 item = waiting.pop(0)
-                if item is None:
-                    offset, epoch = await self._source().position(stream)
-                    lost_in = self._lost_writes.pop(stream, None)  # kept if that failed
-                    position = self._positions.get(stream)
-                    if (
-                        position is not None
-                        and epoch == position.epoch
-                        and (offset < position.offset or lost_in == epoch)
-                    ):
-                        # Redis is behind what this node delivered in the same epoch (or its
-                        # master failed over unplanned): writes were lost, and their offsets
-                        # would be handed out again. A new epoch, and a fresh state for all.
-                        epoch = await self._source().rotate_epoch(stream, epoch)
-                        self.epochs_rotated += 1
-                        _log.warning("stream_epoch_rotated", stream=stream, offset=offset)
-                        position = self._positions.get(stream)
-                    if position is not None and (epoch, offset) != (
-                        position.epoch,
-                        position.offset,
-                    ):
-                        await self._fill(stream, position, offset, epoch)
-                    continue
-                seen = arrival(item.offset, item.epoch, position.offset, position.epoch)
-                if seen is Arrival.DELIVERED:
-                    continue
-                if seen is Arrival.GAP:
-                    await self._fill(stream, position, item.offset - 1, item.epoch)
-                current = self._positions.get(stream)
-                if current is not None and (
-                    arrival(item.offset, item.epoch, current.offset, current.epoch) is Arrival.NEXT
-                ):
-                    current.offset = item.offset
-                    self.hub.broadcast(
-                        stream, StreamMessage(stream, item.payload, item.offset, item.epoch)
+                try:
+                    await self._catch_up_one(stream, item)
+                    failures = 0
+                except Exception as exc:
+                    if not isinstance(as_domain_error(exc), Unavailable):
+                        raise
+                    failures += 1
+                    _log.warning(
+                        "stream_catch_up_retry", stream=stream, error=repr(exc), tries=failures
                     )
+                    if self._catching_up.get(stream) is waiting:
+                        waiting.insert(0, item)
+                    await asyncio.sleep(min(CATCH_UP_RETRY_MAX_S, 0.05 * 2**failures))
         finally:
             self._catching_up.pop(stream, None)
+
+    async def _catch_up_one(self, stream: str, item: Envelope | None) -> None:
+        """One item of the stream's catch-up queue (see `_catch_up`)."""
+        position = self._positions.get(stream)
+        if position is None:
+            return
+        if item is None:
+            offset, epoch = await self._source().position(stream)
+            lost_in = self._lost_writes.get(stream)
+            position = self._positions.get(stream)
+            if (
+                position is not None
+                and epoch == position.epoch
+                and (offset < position.offset or lost_in == epoch)
+            ):
+                # Redis is behind what this node delivered in the same epoch (or its master
+                # failed over unplanned): writes were lost, and their offsets would be handed
+                # out again. A new epoch, and a fresh state for all.
+                epoch = await self._source().rotate_epoch(stream, epoch)
+                self.epochs_rotated += 1
+                _log.warning("stream_epoch_rotated", stream=stream, offset=offset)
+                position = self._positions.get(stream)
+            self._lost_writes.pop(stream, None)  # kept until Redis answered
+            if position is not None and (epoch, offset) != (position.epoch, position.offset):
+                await self._fill(stream, position, offset, epoch)
+            return
+        seen = arrival(item.offset, item.epoch, position.offset, position.epoch)
+        if seen is Arrival.DELIVERED:
+            return
+        if seen is Arrival.GAP:
+            await self._fill(stream, position, item.offset - 1, item.epoch)
+        current = self._positions.get(stream)
+        if current is not None and (
+            arrival(item.offset, item.epoch, current.offset, current.epoch) is Arrival.NEXT
+        ):
+            current.offset = item.offset
+            self.hub.broadcast(stream, StreamMessage(stream, item.payload, item.offset, item.epoch))
 
     async def _fill(self, stream: str, position: Position, until: int, epoch: str) -> None:
         """Bring the stream's subscribers from `position` to offset `until` of `epoch`: the

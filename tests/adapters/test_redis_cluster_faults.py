@@ -280,7 +280,13 @@ class Publisher:
 async def delivered(watchers: list[Watcher], stock: int, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not all(w.has(stock) for w in watchers):
-        assert time.monotonic() < deadline, f"message {stock} never reached every subscriber"
+        assert time.monotonic() < deadline, (
+            f"message {stock} never reached every subscriber; last held: "
+            + "; ".join(
+                f"#{i}: {[(m['stock'], m['offset'], m['epoch']) for m in w.messages[-6:]]}"
+                for i, w in enumerate(watchers)
+            )
+        )
         await asyncio.sleep(0.05)
 
 

@@ -301,12 +301,41 @@ async def publish_unheard(
     stream's channel in one transaction after `CLIENT KILL TYPE pubsub`, so every node's pub/sub
     connection is gone when it is published (they reconnect by themselves; use a Redis of the
     test's own). Returns the message's offset."""
+    before = [("CLIENT", "KILL", "TYPE", "pubsub")] if kill_subscribers else []
+    return await publish_as_broker(
+        redis, stream, message, history=history, heard=kill_subscribers, before=before
+    )
+
+
+async def publish_then_pause(redis: Any, stream: str, message: Any, pause_ms: int) -> int:
+    """Publish `message` on `stream` as a node does, and in the same transaction pause every
+    client of Redis for `pause_ms` (`CLIENT PAUSE ... ALL`): the nodes hear the message, and
+    whatever they ask Redis about it waits out the pause (use a Redis of the test's own).
+    Returns the message's offset."""
+    after = [("CLIENT", "PAUSE", str(pause_ms), "ALL")]
+    return await publish_as_broker(redis, stream, message, after=after)
+
+
+async def publish_as_broker(
+    redis: Any,
+    stream: str,
+    message: Any,
+    *,
+    history: bool = True,
+    heard: bool = True,
+    before: list[tuple[str, ...]] | None = None,
+    after: list[tuple[str, ...]] | None = None,
+) -> int:
+    """Publish `message` on `stream` with the broker's own script (the next offset, a history
+    entry unless `history` is false), to the stream's channel or, unless `heard`, one nobody
+    follows, in one transaction between the commands `before` and `after`. Returns the
+    message's offset."""
     offset_key, history_key, epoch_key, channel = stream_keys(stream)
-    if not kill_subscribers:
+    if not heard:
         channel = "{" + stream + "}:heard-by-nobody"
     pipe = redis.pipeline(transaction=True)
-    if kill_subscribers:
-        pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    for command in before or ():
+        pipe.execute_command(*command)
     pipe.eval(
         PUBLISH_SCRIPT,
         4,
@@ -322,5 +351,7 @@ async def publish_unheard(
         "PUBLISH",
         300,
     )
+    for command in after or ():
+        pipe.execute_command(*command)
     results = await pipe.execute()
-    return int(results[-1][0])
+    return int(results[len(before or ())][0])

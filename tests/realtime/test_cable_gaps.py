@@ -27,6 +27,7 @@ from tests.helpers.cable import (
     ExtraNode,
     OwnRedis,
     identifier,
+    publish_then_pause,
     publish_unheard,
 )
 from tests.helpers.commerce import make_user
@@ -119,6 +120,29 @@ class TestLostDelivery(OwnRedis):
         cable = node_b.services.cable
         assert (cable.gaps_filled, cable.resyncs) == (0, 1)
         assert lost == first + 1
+        subs.close()
+
+    @pytest.mark.gen_test(timeout=60)
+    async def test_a_gap_redis_cannot_fill_at_once_is_filled_when_it_answers_again(
+        self, services: Services, node_b: ExtraNode
+    ) -> None:
+        """Node B hears the newer message but its history read times out (every client of
+        Redis paused, as while a master fails over): it tries again, and the lost message
+        and the newer one arrive once Redis answers, with nothing else published."""
+        subs = await self._subscribers(services, node_b)
+        first, _epoch = await services.cable.publish(subs.stream, change(1))
+        await subs.read_both()
+        lost = await publish_unheard(services.redis, subs.stream, change(2))
+        pause_ms = 4000  # past a command's timeout (1 s) and its retries
+        started = time.monotonic()
+        newer = await publish_then_pause(services.redis, subs.stream, change(3), pause_ms)
+        got = [*await subs.read_both(), *await subs.read_both()]
+        assert time.monotonic() - started >= pause_ms / 1000 - 0.5  # not before Redis answered
+        epoch = got[0][2]
+        assert got == [(change(2), lost, epoch), (change(3), newer, epoch)]
+        assert lost == first + 1
+        cable = node_b.services.cable
+        assert (cable.gaps_filled, cable.resyncs) == (1, 0)
         subs.close()
 
     @pytest.mark.gen_test(timeout=60)
