@@ -140,6 +140,8 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         self._blocked = False  # a delegate asked us to wait (streamed body back-pressure)
         self._reading_paused = False
         self._upgrade = False
+        self._hold_s = 0.0  # after the answer being written, read nothing for this long
+        self._held: asyncio.TimerHandle | None = None  # a refused client's pause, running
         self.last_active = 0.0
         self.header_started: float | None = None  # when the unfinished head began arriving
         # parse state of the message being read
@@ -211,6 +213,9 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connection_closed(self)
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
         self._events.clear()
         delegate, self._delegate = self._delegate, None
         callback, self._close_callback = self._close_callback, None
@@ -281,7 +286,7 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
             event = events[0]
             kind = event[0]
             if kind == "head":
-                if self._delegate is not None or not self._write_finished:
+                if self._delegate is not None or not self._write_finished or self._held:
                     return  # pipelined: served when the current answer is finished
                 events.popleft()
                 self._start_request(*event[1:])
@@ -297,7 +302,7 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
                 events.clear()
                 self._give_up(*event[1:])
                 return
-        if not events and self._reading_paused and not self._blocked and not self._upgrade:
+        if not events and self._reading_paused and self._may_read:
             self._resume_reading()
 
     def _start_request(
@@ -464,6 +469,8 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
             headers["Connection"] = "Keep-Alive"
         if self._chunking:
             headers["Transfer-Encoding"] = "chunked"
+        if code == 429:
+            self._hold_s = self._refusal_hold_s(headers)
         if not has_body:
             self._expected_remaining = 0
         elif "Content-Length" in headers:
@@ -479,6 +486,16 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         if chunk:
             data += self._format_chunk(chunk)
         return self._send(data)
+
+    def _refusal_hold_s(self, headers: httputil.HTTPHeaders) -> float:
+        """How long to hold this connection after a 429: the server's refusal hold, at most
+        the answer's `Retry-After`; never behind a trusted proxy (`xheaders`), whose
+        connections carry other clients' requests too (the edge limits those)."""
+        if self.server.xheaders:
+            return 0.0
+        retry_after = headers.get("Retry-After", "")
+        hold_s = self.server.refusal_hold_s
+        return min(hold_s, float(retry_after)) if retry_after.isdigit() else hold_s
 
     def write(self, chunk: bytes) -> asyncio.Future[None]:
         """Send a piece of the body."""
@@ -509,10 +526,35 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
             transport.close()  # after what is buffered is sent
             return
         self._delegate = None
-        if self._events:
+        if self._hold_s > 0:
+            self._hold()
+        elif self._events:
             asyncio.get_running_loop().call_soon(self._pump)
         elif self._reading_paused and not self._blocked:
             self._resume_reading()
+
+    def _hold(self) -> None:
+        """Read and serve nothing more from this client for `_hold_s` (it was refused 429):
+        a flood over keep-alive connections then costs the node one refusal per connection
+        per hold instead of one per request, and its bystanders keep their latency."""
+        hold_s, self._hold_s = self._hold_s, 0.0
+        self.server.holds += 1
+        self._pause_reading()
+        self._held = asyncio.get_running_loop().call_later(hold_s, self._release)
+
+    def _release(self) -> None:
+        self._held = None
+        if self.transport is None:
+            return
+        if self._events:
+            self._pump()
+        elif self._reading_paused and self._may_read:
+            self._resume_reading()
+
+    @property
+    def _may_read(self) -> bool:
+        """Nothing holds reading back: no handler's back-pressure, upgrade or refusal hold."""
+        return not self._blocked and not self._upgrade and self._held is None
 
     def set_close_callback(self, callback: Callable[[], None] | None) -> None:
         """Called if the client goes away before the answer is finished."""
@@ -620,6 +662,8 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
     def expire(self, now: float) -> None:
         """Apply the header, body and idle timeouts (called by the server's sweep)."""
         server = self.server
+        if self._held is not None:
+            return  # held back by us after a refusal, not idle by the client's choice
         if self.header_started is not None and now - self.header_started > server.header_timeout_s:
             if self.idle:
                 detail = f"the request line and headers took over {server.header_timeout_s:g}s"
@@ -657,6 +701,7 @@ class HttptoolsServer:
         header_timeout_s: float = 10.0,
         body_timeout_s: float = 30.0,
         idle_timeout_s: float = 75.0,
+        refusal_hold_s: float = 0.0,
         backlog: int = 2048,
     ) -> None:
         self.delegate = delegate
@@ -668,6 +713,8 @@ class HttptoolsServer:
         self.header_timeout_s = header_timeout_s
         self.body_timeout_s = body_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.refusal_hold_s = refusal_hold_s
+        self.holds = 0  # connections held after a 429 (for metrics)
         self.connections: set[Http1Connection] = set()
         self.draining = False
         self._servers: list[asyncio.base_events.Server] = []
@@ -802,5 +849,6 @@ def make_http_server(
         header_timeout_s=settings.http_header_timeout_s,
         body_timeout_s=settings.http_body_timeout_s,
         idle_timeout_s=settings.http_idle_timeout_s,
+        refusal_hold_s=settings.http_refusal_hold_s,
         backlog=settings.listen_backlog,
     )

@@ -70,6 +70,22 @@ class LogStatsCollector(Collector):
         )
 
 
+class HttpServerStatsCollector(Collector):
+    """The HTTP/1.1 layer's own figures: connections held after a 429 (`http_refusal_hold_s`),
+    which is how a flood over keep-alive connections shows."""
+
+    def __init__(self, holds: Callable[[], int]) -> None:
+        self._holds = holds
+
+    def collect(self) -> Iterator[Metric]:
+        """The current figures (called by the registry on each scrape)."""
+        yield CounterMetricFamily(
+            "fm_http_refusal_holds",
+            "Client connections whose reading was held back after a 429 answer.",
+            value=self._holds(),
+        )
+
+
 class RedisStatsCollector(Collector):
     """Redis as the node sees it: pub/sub resubscriptions by subscription and, on a Redis
     Cluster, unreachable slots, failovers and slot moves (`server.adapters.cluster_health`)."""

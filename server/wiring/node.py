@@ -22,6 +22,7 @@ from tornado.netutil import bind_sockets
 from server.adapters.http1 import make_http_server
 from server.common.logs import get_logger
 from server.wiring.app import make_app
+from server.wiring.metrics import HttpServerStatsCollector
 from server.wiring.services import Services
 from server.wiring.settings import Settings
 
@@ -35,6 +36,10 @@ class Node:
         self.services = services
         self.app = make_app(services)
         self.server = make_http_server(self.app, services.settings)
+        server = self.server
+        services.metrics.registry.register(
+            HttpServerStatsCollector(lambda: int(getattr(server, "holds", 0)))
+        )
         self.port: int | None = None
         self.drain_hooks: list[Callable[[], Awaitable[None]]] = [
             services.cable.drain,

@@ -124,6 +124,17 @@ class Settings(BaseSettings):
         "`httptools` server only.",
         json_schema_extra=_group("node"),
     )
+    http_refusal_hold_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="After answering 429 on a client's own keep-alive connection, read "
+        "nothing more from it for this long (at most the answer's `Retry-After`): a flood "
+        "then costs one refusal per connection per hold. Off behind a trusted proxy "
+        "(`FM_TRUST_FORWARDED_HEADERS`), whose connections carry other clients too. 0 turns "
+        "it off. `httptools` server only.",
+        json_schema_extra=_group("node"),
+    )
     http_max_header_bytes: int = Field(
         64 * 1024,
         ge=4096,
