@@ -1,12 +1,14 @@
 """GraphQL over real HTTP, and SQL statements per query with and without DataLoaders.
 
 Used by `scripts/bench/graphql` (sections "http" and "statements"); `python
-scripts/bench/graphql_http.py [--duration 3]` runs both on a deployment of its own, for trying.
+scripts/bench/graphql_http.py [--duration 3] [--rounds 1]` runs both on a deployment of its
+own, for trying.
 
-**HTTP** (`measure_http`): queries/s, p50/p99 and the node's CPU per query (utime + stime of
-the `finalmarket serve` process from `/proc`, as `scripts/bench/rest` reads it; Valkey's and
-PostgreSQL's CPU are not counted) for two documents sent as anonymous GETs (the query and the
-variables URL-encoded in the query string) by `wrk -t1 -c64 -dDs --latency` to one node:
+**HTTP** (`measure_http`): queries/s, p50/p99 and the server's CPU per query (utime + stime of
+the `finalmarket serve` process, or of the peer's uvicorn process, from `/proc`, as
+`scripts/bench/rest` reads it; Valkey's and PostgreSQL's CPU are not counted) for two
+documents sent as anonymous GETs (the query and the variables URL-encoded in the query string)
+by `wrk -t1 -c64 -dDs --latency`, to one node and to its peer in the same run:
 
 * the product page: `product(id: $id)` with a hot id, description, stock, updatedAt and its
   images (`placeholder`, `src { small large }`);
@@ -19,10 +21,44 @@ restarted with `FM_GRAPHQL_RESULT_CACHE_TTL_S=0`, which `ResultCache.enabled` re
 result cache": every request executes; the catalog's own product, list and stock caches stay
 on, as they would in production). The GraphQL cost bucket is raised out of the way (`wrk`
 comes from one address; the charge and refund still run on every request), as the REST rate
-limits are by `benchlib.Deployment.start_node`. Before measuring, each document is checked to
-answer 200 without errors and with the expected shape, and the cached and uncached nodes'
-`data` must be equal. The node's `fm_graphql_executed_operations` counter is read around each
-run, so the table shows executions per query (about 0 cached, 1 uncached).
+limits are by `benchlib.Deployment.start_node`. The node's `fm_graphql_executed_operations`
+counter is read around each of its runs, so the table shows executions per query (about 0
+cached, 1 uncached).
+
+**The peer** (`graphql_ariadne_peer.py`, see its docstring): Ariadne, loading the very same SDL
+files, on uvicorn (`--loop uvloop --http httptools --workers 1`, access log on) at its defaults
+but `execute_get_queries=True` (without it a GET gets Ariadne's explorer page), in the REST
+peer's cache virtualenv (`scripts/bench/rest`'s `ensure_peer_venv`, which installs ariadne
+too); it imports nothing from Final Market. Its resolvers read the same Redis entries the node
+wrote (the product entry, the list page entry; images are in them) with the same versioned-read
+script, and stock from PostgreSQL with the same 1 s bound, through `rest_fastapi_peer.Peer`.
+Cached = `PEER_GRAPHQL_MODE=cached`: a whole-result cache in Redis keyed by SHA-256 of (query,
+operationName, variables) with the node's TTL policy at its defaults (60 s, 1 s for results
+selecting stock, stored under the catalog's `product_list` version so bumps invalidate it as
+they invalidate the node's); uncached = every request executed. The peer only reads Final
+Market's entries (a missing one answers 503), so before each peer run the harness renews, through
+the node, any entry that would expire during the run (a list page lives 60 s).
+
+Before measuring, each document is checked on the node to answer 200 without errors, with the
+expected shape and `Cache-Control: public`; the peer's `data` must equal the node's (in cached
+mode both its first answer, executed, and its second, from its cache), and the cached and
+uncached nodes' `data` must be equal. Then, per document and mode, both servers warm up and
+take turns for `--rounds` runs (each round and document starting with the other server, so
+drifting load on a shared machine falls on both); the run with the median queries/s of each is
+reported with the ratios ours / peer (q/s, p99) and whether the goal (>= 1.5x the peer's q/s
+at a p99 no worse) is met.
+
+What is fair and what is not: both serve the same schema, documents and bytes of data from the
+same Redis and PostgreSQL, one process each on the same machine, logging at their defaults, the
+peer's stock and result caches bounded as the node's. The node does more per request (cost and
+depth analysis, the cost bucket's charge and refund, `extensions.cost`, `Cache-Control`); the
+peer does less in that respect but, at Ariadne's defaults, parses and validates every request
+(validation is most of its time for the product page: about three quarters, measured
+in-process), reads Redis once per entry per request (the node has a local layer of at most 1 s
+in front of Redis and keeps decoded product dicts) and decodes the product JSON every time;
+those are the implementations' own choices and part of what is compared. The peer's
+single-flight of result-cache misses is per process (the node's is across nodes, which one node
+cannot show).
 
 **Statements** (`measure_statements`): SQL statements run per query, counted at the pool (the
 router's `read_statements` and `writes`, all databases), for `products(first: 5)` and
@@ -828,7 +864,7 @@ def main() -> int:
     except KeyboardInterrupt:
         progress("interrupted; stopping everything")
         return 130
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         progress(f"failed: {exc}")
         return 1
     finally:
