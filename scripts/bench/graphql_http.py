@@ -1,12 +1,14 @@
 """GraphQL over real HTTP, and SQL statements per query with and without DataLoaders.
 
 Used by `scripts/bench/graphql` (sections "http" and "statements"); `python
-scripts/bench/graphql_http.py [--duration 3]` runs both on a deployment of its own, for trying.
+scripts/bench/graphql_http.py [--duration 3] [--rounds 1]` runs both on a deployment of its
+own, for trying.
 
-**HTTP** (`measure_http`): queries/s, p50/p99 and the node's CPU per query (utime + stime of
-the `finalmarket serve` process from `/proc`, as `scripts/bench/rest` reads it; Valkey's and
-PostgreSQL's CPU are not counted) for two documents sent as anonymous GETs (the query and the
-variables URL-encoded in the query string) by `wrk -t1 -c64 -dDs --latency` to one node:
+**HTTP** (`measure_http`): queries/s, p50/p99 and the server's CPU per query (utime + stime of
+the `finalmarket serve` process, or of the peer's uvicorn process, from `/proc`, as
+`scripts/bench/rest` reads it; Valkey's and PostgreSQL's CPU are not counted) for two
+documents sent as anonymous GETs (the query and the variables URL-encoded in the query string)
+by `wrk -t1 -c64 -dDs --latency`, to one node and to its peer in the same run:
 
 * the product page: `product(id: $id)` with a hot id, description, stock, updatedAt and its
   images (`placeholder`, `src { small large }`);
@@ -19,10 +21,44 @@ restarted with `FM_GRAPHQL_RESULT_CACHE_TTL_S=0`, which `ResultCache.enabled` re
 result cache": every request executes; the catalog's own product, list and stock caches stay
 on, as they would in production). The GraphQL cost bucket is raised out of the way (`wrk`
 comes from one address; the charge and refund still run on every request), as the REST rate
-limits are by `benchlib.Deployment.start_node`. Before measuring, each document is checked to
-answer 200 without errors and with the expected shape, and the cached and uncached nodes'
-`data` must be equal. The node's `fm_graphql_executed_operations` counter is read around each
-run, so the table shows executions per query (about 0 cached, 1 uncached).
+limits are by `benchlib.Deployment.start_node`. The node's `fm_graphql_executed_operations`
+counter is read around each of its runs, so the table shows executions per query (about 0
+cached, 1 uncached).
+
+**The peer** (`graphql_ariadne_peer.py`, see its docstring): Ariadne, loading the very same SDL
+files, on uvicorn (`--loop uvloop --http httptools --workers 1`, access log on) at its defaults
+but `execute_get_queries=True` (without it a GET gets Ariadne's explorer page), in the REST
+peer's cache virtualenv (`scripts/bench/rest`'s `ensure_peer_venv`, which installs ariadne
+too); it imports nothing from Final Market. Its resolvers read the same Redis entries the node
+wrote (the product entry, the list page entry; images are in them) with the same versioned-read
+script, and stock from PostgreSQL with the same 1 s bound, through `rest_fastapi_peer.Peer`.
+Cached = `PEER_GRAPHQL_MODE=cached`: a whole-result cache in Redis keyed by SHA-256 of (query,
+operationName, variables) with the node's TTL policy at its defaults (60 s, 1 s for results
+selecting stock, stored under the catalog's `product_list` version so bumps invalidate it as
+they invalidate the node's); uncached = every request executed. The peer only reads Final
+Market's entries (a missing one answers 503), so before each peer run the harness renews, through
+the node, any entry that would expire during the run (a list page lives 60 s).
+
+Before measuring, each document is checked on the node to answer 200 without errors, with the
+expected shape and `Cache-Control: public`; the peer's `data` must equal the node's (in cached
+mode both its first answer, executed, and its second, from its cache), and the cached and
+uncached nodes' `data` must be equal. Then, per document and mode, both servers warm up and
+take turns for `--rounds` runs (each round and document starting with the other server, so
+drifting load on a shared machine falls on both); the run with the median queries/s of each is
+reported with the ratios ours / peer (q/s, p99) and whether the goal (>= 1.5x the peer's q/s
+at a p99 no worse) is met.
+
+What is fair and what is not: both serve the same schema, documents and bytes of data from the
+same Redis and PostgreSQL, one process each on the same machine, logging at their defaults, the
+peer's stock and result caches bounded as the node's. The node does more per request (cost and
+depth analysis, the cost bucket's charge and refund, `extensions.cost`, `Cache-Control`); the
+peer does less in that respect but, at Ariadne's defaults, parses and validates every request
+(validation is most of its time for the product page: about three quarters, measured
+in-process), reads Redis once per entry per request (the node has a local layer of at most 1 s
+in front of Redis and keeps decoded product dicts) and decodes the product JSON every time;
+those are the implementations' own choices and part of what is compared. The peer's
+single-flight of result-cache misses is per process (the node's is across nodes, which one node
+cannot show).
 
 **Statements** (`measure_statements`): SQL statements run per query, counted at the pool (the
 router's `read_statements` and `writes`, all databases), for `products(first: 5)` and
@@ -57,6 +93,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,9 +107,20 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.bench.benchlib import Deployment, machine, progress  # noqa: E402
+from scripts.bench.benchlib import (  # noqa: E402
+    Deployment,
+    free_port,
+    machine,
+    progress,
+    stop_process,
+)
+from server.adapters.cache import NS_PRODUCT, NS_PRODUCT_LIST  # noqa: E402
 
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+PEER_APP = Path(__file__).resolve().parent / "graphql_ariadne_peer.py"
+# uvicorn as the REST peer runs (access log on: its default).
+PEER_UVICORN_OPTIONS = ["--loop", "uvloop", "--http", "httptools", "--workers", "1"]
+PEER_READY_TIMEOUT_S = 60.0
 
 PRODUCT_QUERY = (
     "query($id: ID!) { product(id: $id) { id name description priceCents currency stock "
@@ -112,6 +160,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `measure_http` reads (all optional: `measure_http` has the same defaults)."""
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (10)")
     parser.add_argument("--warmup", type=int, default=3, help="seconds of wrk warm-up (3)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="wrk runs per server, document and mode, node and peer taking turns; medians (3)",
+    )
     parser.add_argument("--connections", type=int, default=64, help="wrk -c (64)")
     parser.add_argument("--threads", type=int, default=1, help="wrk -t (1)")
     parser.add_argument("--products", type=int, default=1000, help="products seeded (1000)")
@@ -127,6 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _DEFAULTS = {
     "duration": 10,
     "warmup": 3,
+    "rounds": 3,
     "connections": 64,
     "threads": 1,
     "products": 1000,
@@ -300,11 +355,12 @@ def _executed(port: int) -> int:
 
 
 def measure_http(args: Any, deploy: Deployment | None = None) -> dict[str, Any]:
-    """Queries/s, latency and node CPU per query of both documents, cached and uncached.
+    """Queries/s, latency and CPU per query of both documents, cached and uncached, on the
+    node and on the Ariadne peer, taking turns.
 
     With `deploy` (up and migrated, no node running) the data is prepared on it and the node
-    started and stopped here, once per mode; without, a deployment of its own is made in a
-    temporary directory and stopped again. Raises RuntimeError on any failed check."""
+    and the peer started and stopped here, once per mode; without, a deployment of its own is
+    made in a temporary directory and stopped again. Raises RuntimeError on any failed check."""
     opts = _options(args)
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -321,19 +377,27 @@ def measure_http(args: Any, deploy: Deployment | None = None) -> dict[str, Any]:
     if deploy.node is not None:
         raise RuntimeError("measure_http starts its own node: stop the deployment's first")
     rest = _rest_module()
+    peer_python = rest.Bench.ensure_peer_venv()
+    peer_settings = _peer_settings(peer_python)
+    progress(f"graphql http: {peer_settings}")
     data_sizes = prepare_data(deploy, max(opts.products, LIST_FIRST, opts.product_id))
     docs = documents(opts.product_id)
     paths = {name: graphql_path(query, variables) for name, (query, variables) in docs.items()}
+    entries = _read_entries(opts.product_id)
     started = time.monotonic()
     results: dict[str, Any] = {
         "wrk": {"threads": opts.threads, "connections": opts.connections},
         "duration_s": opts.duration,
         "warmup_s": opts.warmup,
+        "rounds": opts.rounds,
         "product_id": opts.product_id,
         "data": data_sizes,
         "documents": {name: {"query": q, "variables": v} for name, (q, v) in docs.items()},
+        "peer": peer_settings,
         "load_average": {"start": _load()},
         "runs": {name: {} for name in docs},
+        "peer_runs": {name: {} for name in docs},
+        "ratios": {name: {} for name in docs},
     }
     answers: dict[str, dict[str, Any]] = {}
     images_dir = str(deploy.work / "images")
@@ -342,10 +406,14 @@ def measure_http(args: Any, deploy: Deployment | None = None) -> dict[str, Any]:
         deploy.start_node(
             extra_env={**THROTTLE_ENV, "FM_IMAGE_STORAGE_DIR": images_dir, **mode_env}
         )
+        peer: PeerProcess | None = None
         try:
             assert deploy.node is not None
             pid, port = deploy.node.pid, deploy.port
-            for name, path in paths.items():
+            peer = PeerProcess.start(deploy, peer_python, mode)
+            progress(f"graphql http: peer ({mode}) ready on port {peer.port} (pid {peer.pid})")
+            servers = {"ours": (pid, port), "peer": (peer.pid, peer.port)}
+            for index, (name, path) in enumerate(paths.items()):
                 status, headers, body = _get(port, path)
                 data = _check_answer(f"{name} ({mode})", status, body, opts.product_id)
                 answers.setdefault(name, {})[mode] = data
@@ -357,33 +425,70 @@ def measure_http(args: Any, deploy: Deployment | None = None) -> dict[str, Any]:
                     "requested": cost["requestedQueryCost"],
                     "actual": cost["actualQueryCost"],
                 }
-                url = f"http://127.0.0.1:{port}{path}"
-                if opts.warmup > 0:
-                    progress(f"graphql http: {name} {mode}: warm-up {opts.warmup}s")
-                    rest.wrk_run(wrk, url, pid, opts, opts.warmup)
-                _settle(rest, pid)  # the warm-up's last requests are not the run's
-                load = _load()
-                results["load_average"][f"{name} {mode}"] = load
-                progress(
-                    f"graphql http: {name} {mode}: wrk -t{opts.threads} -c{opts.connections} "
-                    f"-d{opts.duration}s (load {load})"
-                )
-                executed_before = _executed(port)
-                run = rest.wrk_run(wrk, url, pid, opts, opts.duration)
-                executed = _executed(port) - executed_before
-                if run.get("requests"):
-                    run["executions_per_query"] = round(executed / run["requests"], 4)
-                if run["non_2xx_3xx"] or run["socket_errors"]:
-                    progress(
-                        f"graphql http: WARNING {name} {mode}: {run['non_2xx_3xx']} non-2xx, "
-                        f"{run['socket_errors']} socket errors"
+                # The node wrote the entries the peer reads; the peer must answer its data
+                # (in cached mode the first answer is executed, the second from its cache).
+                for attempt in ("first", "second"):
+                    status, _, body = _get(peer.port, path)
+                    peer_data = _check_answer(
+                        f"{name} (peer {mode}, {attempt})", status, body, opts.product_id
                     )
-                results["runs"][name][mode] = run
-                progress(
-                    f"graphql http: {name} {mode}: {run['rps']:,.0f} q/s, "
-                    f"p99 {run['p99_ms']} ms, {run.get('server_cpu_us_per_req')} µs CPU/query"
+                    if peer_data != data:
+                        raise RuntimeError(f"{name} ({mode}): the peer's data differs from ours")
+                if opts.warmup > 0:
+                    for server, (server_pid, server_port) in servers.items():
+                        if server == "peer":
+                            _renew_entries(deploy, port, path, entries[name], opts.warmup + 5)
+                        progress(f"graphql http: {name} {mode} {server}: warm-up {opts.warmup}s")
+                        url = f"http://127.0.0.1:{server_port}{path}"
+                        rest.wrk_run(wrk, url, server_pid, opts, opts.warmup)
+                by_server: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": []}
+                for round_index in range(opts.rounds):
+                    # Servers take turns, each round (and document) starting with the other.
+                    order = ["ours", "peer"] if (round_index + index) % 2 == 0 else ["peer", "ours"]
+                    for server in order:
+                        server_pid, server_port = servers[server]
+                        if server == "peer":
+                            _renew_entries(deploy, port, path, entries[name], opts.duration + 5)
+                        for settle_pid, _ in servers.values():  # the last run's tail is not ours
+                            _settle(rest, settle_pid)
+                        label = f"{name} {mode} {server} {round_index + 1}"
+                        load = results["load_average"][label] = _load()
+                        progress(
+                            f"graphql http: {label}/{opts.rounds}: wrk -t{opts.threads} "
+                            f"-c{opts.connections} -d{opts.duration}s (load {load})"
+                        )
+                        url = f"http://127.0.0.1:{server_port}{path}"
+                        executed_before = _executed(port) if server == "ours" else 0
+                        run = rest.wrk_run(wrk, url, server_pid, opts, opts.duration)
+                        if server == "ours" and run.get("requests"):
+                            executed = _executed(port) - executed_before
+                            run["executions_per_query"] = round(executed / run["requests"], 4)
+                        if run["non_2xx_3xx"] or run["socket_errors"]:
+                            progress(
+                                f"graphql http: WARNING {label}: {run['non_2xx_3xx']} non-2xx, "
+                                f"{run['socket_errors']} socket errors"
+                            )
+                        by_server[server].append(run)
+                        progress(
+                            f"graphql http: {label}: {run['rps']:,.0f} q/s, p99 "
+                            f"{run['p99_ms']} ms, {run.get('server_cpu_us_per_req')} µs CPU/query"
+                        )
+                ours = results["runs"][name][mode] = rest.median_run(by_server["ours"])
+                theirs = results["peer_runs"][name][mode] = rest.median_run(by_server["peer"])
+                ratio = round(ours["rps"] / theirs["rps"], 2) if theirs["rps"] else None
+                p99_ratio = (
+                    round(ours["p99_ms"] / theirs["p99_ms"], 2) if theirs["p99_ms"] else None
                 )
+                results["ratios"][name][mode] = {
+                    "rps": ratio,
+                    "p99": p99_ratio,
+                    "goal_met": bool(ratio and ratio >= 1.5 and ours["p99_ms"] <= theirs["p99_ms"]),
+                }
         finally:
+            if peer is not None:
+                peer_code = peer.stop()
+                if peer_code not in (0, None):
+                    progress(f"graphql http: peer ({mode}) exited {peer_code}; see {peer.log}")
             code = deploy.stop_node()
             log = deploy.node_log()
             if log:
@@ -396,6 +501,131 @@ def measure_http(args: Any, deploy: Deployment | None = None) -> dict[str, Any]:
     results["answers_match"] = True
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     return results
+
+
+# --- the Ariadne peer -----------------------------------------------------------------------
+
+
+class PeerProcess:
+    """`graphql_ariadne_peer.py` on uvicorn (one worker, its defaults) in its own session."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.port = port
+        self.log = log
+
+    @classmethod
+    def start(cls, deploy: Deployment, peer_python: Path, mode: str) -> PeerProcess:
+        """The peer in `mode` ("cached" or "uncached"), once it answers HTTP."""
+        port = free_port()
+        log = deploy.work / f"peer-{mode}.log"
+        command = [str(peer_python), "-m", "uvicorn", "graphql_ariadne_peer:app"]
+        command += ["--app-dir", str(PEER_APP.parent), "--host", "127.0.0.1", "--port", str(port)]
+        command += PEER_UVICORN_OPTIONS
+        env = {key: value for key, value in os.environ.items() if not key.startswith("FM_")}
+        env |= {
+            "FM_REDIS_URL": deploy.env["FM_REDIS_URL"],
+            "FM_CATALOG_DSN": deploy.env["FM_CATALOG_DSN"],
+            "PEER_GRAPHQL_MODE": mode,
+        }
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        peer = cls(proc, port, log)
+        deadline = time.monotonic() + PEER_READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                _get(port, "/graphql")  # any answer: it listens (after its lifespan started)
+                return peer
+            if proc.poll() is not None:
+                raise RuntimeError(f"peer exited {proc.returncode}; see {log}")
+            time.sleep(0.05)
+        peer.stop()
+        raise RuntimeError(f"peer not ready within {PEER_READY_TIMEOUT_S:.0f}s; see {log}")
+
+    def stop(self) -> int:
+        """SIGINT (then SIGKILL); the exit code."""
+        return stop_process(self.proc)
+
+
+def _peer_settings(peer_python: Path) -> str:
+    """One line naming the peer, its versions and what differs from its defaults."""
+    probe = (
+        "from importlib.metadata import version as v; "
+        "print(' '.join(v(p) for p in ('ariadne', 'graphql-core', 'uvicorn')))"
+    )
+    done = subprocess.run(
+        [str(peer_python), "-c", probe], capture_output=True, text=True, check=False
+    )
+    versions = done.stdout.split() if done.returncode == 0 else []
+    ariadne, core, uvicorn = [*versions, "?", "?", "?"][:3]
+    return (
+        f"peer: Ariadne {ariadne} (graphql-core {core}) on uvicorn {uvicorn} "
+        f"{' '.join(PEER_UVICORN_OPTIONS)}, at its defaults (access log on, --log-level info; "
+        "every request parsed and validated) but execute_get_queries=True (else a GET gets "
+        "the explorer page); cached = a whole-result cache in Redis (60 s, 1 s when showing "
+        "stock), uncached = PEER_GRAPHQL_MODE=uncached"
+    )
+
+
+def _read_entries(product_id: int) -> dict[str, list[tuple[str, str]]]:
+    """The Final Market cache entries (namespace, id) the peer reads, by document."""
+    return {
+        "product page": [(NS_PRODUCT, str(product_id))],
+        f"products(first: {LIST_FIRST})": [
+            (NS_PRODUCT_LIST, json.dumps([LIST_FIRST, None, None], separators=(",", ":")))
+        ],
+    }
+
+
+def _renew_entries(
+    deploy: Deployment, port: int, path: str, entries: list[tuple[str, str]], needed_s: float
+) -> None:
+    """Make sure the entries the peer reads outlive its next run (`needed_s`): one that
+    expires sooner is deleted and the node asked for `path` until it has stored it again (the
+    peer only reads; a list page lives 60 s, which a long series of runs outlasts). Raises
+    RuntimeError if the node does not store it within 10 s."""
+    import redis
+
+    client = redis.Redis.from_url(deploy.env["FM_REDIS_URL"])
+    try:
+        for ns, ident in entries:
+            key, left_s = _entry_left_s(client, ns, ident)
+            if left_s is not None and left_s >= needed_s:
+                continue
+            client.delete(key)
+            deadline = time.monotonic() + 10.0
+            while True:
+                _get(port, path)  # the node's local layer serves it at most 1 s longer
+                key, left_s = _entry_left_s(client, ns, ident)
+                if left_s is not None and left_s >= needed_s:
+                    progress(f"graphql http: renewed {ns} {ident} ({left_s:.0f}s left)")
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the node did not store {ns} {ident} again")
+                time.sleep(0.25)
+    finally:
+        client.close()
+
+
+def _entry_left_s(client: Any, ns: str, ident: str) -> tuple[str, float | None]:
+    """(value key at the current version, its seconds to live or None if absent)."""
+    from server.adapters.cache import keys
+
+    ns_version = client.get(keys.version_key(ns, ident)) or b"0"
+    entity_version = client.get(keys.entity_version_key(ns, ident)) or b"0"
+    version = f"{ns_version.decode()}.{entity_version.decode()}"
+    key = keys.value_key(ns, version, ident)
+    pttl = int(client.pttl(key))
+    return key, (pttl / 1000 if pttl >= 0 else None)
 
 
 def _settle(rest: ModuleType, pid: int, timeout_s: float = 5.0) -> None:
@@ -415,38 +645,58 @@ def _load() -> list[float]:
 def report_http(results: dict[str, Any]) -> list[str]:
     """Table lines of `measure_http`'s results."""
     wrk = results["wrk"]
+    rounds = results.get("rounds", 1)
     lines = [
-        f"GraphQL over HTTP: anonymous GET, one node, wrk -t{wrk['threads']} "
-        f"-c{wrk['connections']} -d{results['duration_s']}s (after {results['warmup_s']}s "
-        f"warm-up); {results['data']['products']:,} products with 3 images each, hot id "
+        f"GraphQL over HTTP: anonymous GET, one node and the Ariadne peer taking turns, wrk "
+        f"-t{wrk['threads']} -c{wrk['connections']} -d{results['duration_s']}s (after "
+        f"{results['warmup_s']}s warm-up), {rounds} round(s) each, the median run shown; "
+        f"{results['data']['products']:,} products with 3 images each, hot id "
         f"{results['product_id']}; uncached = FM_GRAPHQL_RESULT_CACHE_TTL_S=0",
+    ]
+    if results.get("peer"):
+        lines.append(f"  {results['peer']}")
+    lines += [
         "",
-        f"{'document':<22}{'mode':<10}{'queries/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'document':<22}{'mode':<10}{'server':<7}{'queries/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'CPU µs/q':>10}{'exec/q':>8}",
     ]
+    peer_runs = results.get("peer_runs", {})
     for name, by_mode in results["runs"].items():
         for mode in MODES:
-            run = by_mode.get(mode)  # ("cost": the documents' cost, not a run)
-            if run is None:
-                continue
-            line = (
-                f"{name:<22}{mode:<10}{run['rps']:>11,.0f}{run['p50_ms']:>9.2f}"
-                f"{run['p99_ms']:>9.2f}{run.get('server_cpu_us_per_req', 0):>10.1f}"
-                f"{run.get('executions_per_query', 0):>8.3f}"
-            )
-            if run["non_2xx_3xx"] or run["socket_errors"]:
-                line += f"  ({run['non_2xx_3xx']} non-2xx, {run['socket_errors']} socket errors)"
-            lines.append(line)
+            for server, run in (
+                ("ours", by_mode.get(mode)),
+                ("peer", peer_runs.get(name, {}).get(mode)),
+            ):
+                if run is None:  # ("cost": the documents' cost, not a run)
+                    continue
+                executions = run.get("executions_per_query")
+                line = (
+                    f"{name:<22}{mode:<10}{server:<7}{run['rps']:>11,.0f}{run['p50_ms']:>9.2f}"
+                    f"{run['p99_ms']:>9.2f}{run.get('server_cpu_us_per_req', 0):>10.1f}"
+                    + (f"{executions:>8.3f}" if executions is not None else f"{'-':>8}")
+                )
+                if run["non_2xx_3xx"] or run["socket_errors"]:
+                    line += (
+                        f"  ({run['non_2xx_3xx']} non-2xx, {run['socket_errors']} socket errors)"
+                    )
+                lines.append(line)
+            ratio = results.get("ratios", {}).get(name, {}).get(mode)
+            if ratio and ratio["rps"] is not None:
+                verdict = "met" if ratio["goal_met"] else "NOT met"
+                lines.append(
+                    f"{'':<22}{'':<10}ours / peer: {ratio['rps']:.2f}x q/s, p99 "
+                    f"{ratio['p99']:.2f}x the peer's (goal >= 1.5x at a p99 no worse: {verdict})"
+                )
         cached, uncached = by_mode.get("cached"), by_mode.get("uncached")
         if cached and uncached:
             ratio = cached["rps"] / uncached["rps"]
             cost = by_mode.get("cost", {}).get("uncached")
             note = f", cost {cost['requested']} requested / {cost['actual']} actual" if cost else ""
-            lines.append(f"{'':<22}cached / uncached: {ratio:.2f}x q/s{note}")
+            lines.append(f"{'':<22}ours cached / uncached: {ratio:.2f}x q/s{note}")
     lines.append(
-        "CPU µs/q: the node process only (not Valkey or PostgreSQL); exec/q: operations "
-        "executed per query (the rest answered by the result cache; slightly above 1 when "
-        "uncached: requests in flight when wrk stops have executed but are not counted)"
+        "CPU µs/q: the server process only (not Valkey or PostgreSQL); exec/q: operations "
+        "the node executed per query (the rest answered by the result cache; slightly above 1 "
+        "when uncached: requests in flight when wrk stops have executed but are not counted)"
     )
     return lines
 
@@ -614,7 +864,7 @@ def main() -> int:
     except KeyboardInterrupt:
         progress("interrupted; stopping everything")
         return 130
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         progress(f"failed: {exc}")
         return 1
     finally:

@@ -3,9 +3,10 @@
     FM_REDIS_URL=... FM_CATALOG_DSN=... uvicorn rest_fastapi_peer:app \\
         --loop uvloop --http httptools --workers 1
 
-It runs in its own virtualenv (fastapi, uvicorn[standard], redis, msgpack, asyncpg; no
-hiredis, as in the node; `scripts/bench/rest` creates it) and imports nothing from Final
-Market. It serves
+It runs in its own virtualenv (fastapi, uvicorn[standard], redis, msgpack, asyncpg, and ariadne
+for the GraphQL peer; no hiredis, as in the node; `scripts/bench/rest` creates it) and imports
+nothing from Final Market. `graphql_ariadne_peer.py` imports it for `Peer` (the read script,
+the stock cache) and `lifespan`. It serves
 
 - `GET /api/v1/products/{id}` and
 - `GET /api/v1/products?first=N`
@@ -60,6 +61,12 @@ CACHE_CONTROL = "public, max-age=1, stale-while-revalidate=4"
 LOCK_MS = 1  # a miss takes Final Market's load lock for 1 ms only: the peer never loads
 
 
+def _prefix(ns: str, ident: str) -> str:
+    """The hash-tagged start of `ident`'s keys in `ns` (as keys.prefix; short idents only)."""
+    bucket = zlib.crc32(ident.encode()) % CACHE_BUCKETS  # as keys.bucket
+    return f"{{cache:{ns}:{bucket}}}:"
+
+
 class Peer:
     """Redis client, the read script, a PostgreSQL pool and the 1 s stock cache."""
 
@@ -72,16 +79,27 @@ class Peer:
 
     async def cached(self, ns: str, ident: str) -> Any:
         """The value Final Market stored for `ident` in `ns`, or None."""
-        bucket = zlib.crc32(ident.encode()) % CACHE_BUCKETS  # as keys.bucket
-        prefix = f"{{cache:{ns}:{bucket}}}:"
-        _version, raw, _pttl, _locked = await self.read(
+        return (await self.versioned(ns, ident))[1]
+
+    async def versioned(self, ns: str, ident: str) -> tuple[str, Any]:
+        """(the version the read resolved, the value at it or None): one round trip."""
+        prefix = _prefix(ns, ident)
+        version, raw, _pttl, _locked = await self.read(
             keys=[prefix + "version", f"{prefix}ev:{ident}"],
             args=[prefix, ident, "fastapi-peer", LOCK_MS],
         )
+        version = version.decode() if isinstance(version, bytes) else str(version)
         if raw is None:
-            return None
+            return version, None
         value, _delta_s = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-        return value
+        return version, value
+
+    async def store(self, ns: str, ident: str, version: str, value: Any, ttl_ms: int) -> None:
+        """Write `value` at `version` (from `versioned`) as Final Market's store does, so a
+        bump of `ns` hides it as it hides Final Market's entries (the GraphQL peer's results;
+        the REST peer only reads)."""
+        key = f"{_prefix(ns, ident)}v{version}:{ident}"
+        await self.redis.set(key, msgpack.packb([value, 0.0], use_bin_type=True), px=ttl_ms)
 
     async def stocks(self, ids: list[int]) -> dict[int, int]:
         """Live counts, each read at most once per `STOCK_FRESH_S` (concurrent misses share)."""
