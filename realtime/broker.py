@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+from redis.crc import key_slot
 
 from realtime.recovery import complete_run
 from server.adapters.pubsub import ResilientSubscription
@@ -91,6 +92,26 @@ if (not epoch) or epoch == ARGV[1] then
 end
 return epoch
 """
+
+
+# A new epoch for a stream whose slot's master failed over unplanned, once per failover however
+# many nodes ask (the failover is remembered on the stream for a day). KEYS: epoch, failover
+# marker. ARGV: the failover's name, a new epoch. Returns the stream's epoch now.
+_ROTATE_AFTER_FAILOVER = """
+local epoch = redis.call('GET', KEYS[1])
+if epoch and redis.call('GET', KEYS[2]) == ARGV[1] then
+  return epoch
+end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1], 'EX', 86400)
+return ARGV[2]
+"""
+_EPOCH_SUFFIX = "}:epoch"
+
+
+def failover_key(stream: str) -> str:
+    """The key remembering the last failover that gave `stream` a new epoch."""
+    return "{" + stream + "}:failover"
 
 
 def stream_keys(stream: str) -> tuple[str, str, str, str]:
@@ -157,6 +178,7 @@ class RedisBroker:
         self._drainer: asyncio.Task[None] | None = None
         self._position = redis.register_script(_POSITION)
         self._rotate_epoch = redis.register_script(_ROTATE_EPOCH)
+        self._rotate_after_failover = redis.register_script(_ROTATE_AFTER_FAILOVER)
         subscription = ShardedSubscription if sharded else ResilientSubscription
         self._subscription = subscription(redis, self._on_message, self._reconnected, "broker")
 
@@ -274,6 +296,33 @@ class RedisBroker:
         it: offsets clients hold may be reused for other messages); returns the epoch now."""
         epoch = await self._rotate_epoch(keys=[stream_keys(stream)[2]], args=[known, _new_epoch()])
         return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+
+    async def rotate_epoch_after_failover(self, stream: str, failover: str) -> str:
+        """Start a new epoch for `stream` unless `failover` (an unplanned failover of its
+        slot's master, named as `server.adapters.cluster_health` names it) gave it one
+        already; returns the epoch now."""
+        epoch = await self._rotate_after_failover(
+            keys=[stream_keys(stream)[2], failover_key(stream)],
+            args=[failover, _new_epoch()],
+        )
+        return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+
+    async def streams_in(self, slots: Collection[int]) -> list[str]:
+        """Every stream with an epoch in `slots` of a Redis Cluster (SCAN of the masters now
+        serving them, one pass each); none on a single Redis."""
+        if not self._sharded or not slots:
+            return []
+        manager = self._redis.nodes_manager
+        masters = {manager.get_node_from_slot(slot).name: slot for slot in slots}
+        nodes = [manager.get_node_from_slot(slot) for slot in masters.values()]
+        found: list[str] = []
+        async for key in self._redis.scan_iter(
+            match="{*" + _EPOCH_SUFFIX, count=1000, _type="string", target_nodes=nodes
+        ):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            if name.startswith("{") and key_slot(name.encode()) in slots:
+                found.append(name[1 : -len(_EPOCH_SUFFIX)])
+        return found
 
     async def history_after(
         self, stream: str, after: int, until: int

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -614,10 +614,10 @@ class CableServer:
         """Publish a domain event (stock change, cart change) to every node's subscribers."""
         return await self.broker.publish(stream, message)
 
-    async def redis_lost_writes(self, slots: frozenset[int]) -> None:
-        """Redis lost the last writes of `slots` (their master failed over unplanned); see
-        `StreamDelivery.redis_lost_writes`."""
-        await self.delivery.redis_lost_writes(slots)
+    async def redis_lost_writes(self, lost: Mapping[int, str]) -> None:
+        """Redis lost the last writes of the slots in `lost` (their master failed over
+        unplanned; slot -> the failover); see `StreamDelivery.redis_lost_writes`."""
+        await self.delivery.redis_lost_writes(lost)
 
     # --- liveness -----------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,6 +63,10 @@ class StreamSource(Protocol):
 
     async def rotate_epoch(self, stream: str, epoch: str) -> str: ...
 
+    async def rotate_epoch_after_failover(self, stream: str, failover: str) -> str: ...
+
+    async def streams_in(self, slots: Collection[int]) -> list[str]: ...
+
 
 # A subscriber's current state for a stream: `snapshot(identifier, members)` -> the payload
 # for that group of subscribers (same identifier, so same channel and params), or None.
@@ -75,6 +79,8 @@ Run = list[tuple[int, Any]]
 HISTORY_RUNS_KEPT = 256
 # The longest pause between tries of a catch-up step Redis could not serve.
 CATCH_UP_RETRY_MAX_S = 2.0
+# Tries of the new epochs for the streams nobody here follows after a failover (a minute).
+UNFOLLOWED_ROTATION_TRIES = 30
 
 
 @dataclass(slots=True)
@@ -102,8 +108,9 @@ class StreamDelivery:
         self.gaps_filled = 0  # live gaps filled from history (a lost message, a reconnect)
         self.resyncs = 0  # live gaps history could not fill: fresh snapshots sent
         self.epochs_rotated = 0  # streams given a new epoch after Redis lost writes of them
-        # streams to rotate at their next catch-up -> the epoch whose writes were lost
-        self._lost_writes: dict[str, str] = {}
+        # streams to rotate at their next catch-up -> (the epoch whose writes were lost, the
+        # failover that lost them)
+        self._lost_writes: dict[str, tuple[str, str]] = {}
         self.received = 0  # stream messages that arrived from Redis (for metrics)
 
     def attach(self, source: StreamSource) -> None:
@@ -234,15 +241,43 @@ class StreamDelivery:
             return
         self._queue_catch_up(stream, envelope)
 
-    async def redis_lost_writes(self, slots: frozenset[int]) -> None:
-        """Redis lost the last writes of `slots` (their master failed over unplanned): every
-        followed stream hashed there gets a new epoch and its subscribers a fresh state, since
-        the promoted master would hand the lost offsets out again for other messages."""
+    async def redis_lost_writes(self, lost: Mapping[int, str]) -> None:
+        """Redis lost the last writes of the slots in `lost` (their master failed over
+        unplanned; each slot -> the failover's name): every stream hashed there gets a new
+        epoch, since the promoted master would hand the lost offsets out again for other
+        messages. Followed streams first, their subscribers a fresh state; then, in the
+        background, the streams nobody here follows, so a client coming back later with an
+        old position is not replayed reused offsets. Once per failover per stream however
+        many nodes notice it."""
         for stream in list(self._positions):
             position = self._positions.get(stream)
-            if position is not None and key_slot(stream_keys(stream)[0].encode()) in slots:
-                self._lost_writes[stream] = position.epoch
+            slot = key_slot(stream_keys(stream)[0].encode())
+            if position is not None and slot in lost:
+                self._lost_writes[stream] = (position.epoch, lost[slot])
                 self._queue_catch_up(stream, None)
+        self.spawn(self._rotate_unfollowed(dict(lost)))
+
+    async def _rotate_unfollowed(self, lost: dict[int, str]) -> None:
+        """New epochs for the streams in `lost`'s slots that this node does not follow,
+        tried again while Redis is still settling."""
+        source = self._source()
+        for tries in range(1, UNFOLLOWED_ROTATION_TRIES + 1):
+            try:
+                rotated = 0
+                for stream in await source.streams_in(lost.keys()):
+                    if stream not in self._positions:
+                        slot = key_slot(stream_keys(stream)[0].encode())
+                        await source.rotate_epoch_after_failover(stream, lost[slot])
+                        rotated += 1
+                self.epochs_rotated += rotated
+                _log.warning("stream_epochs_rotated_after_failover", unfollowed=rotated)
+                return
+            except Exception as exc:
+                if not isinstance(as_domain_error(exc), Unavailable):
+                    raise
+                _log.warning("stream_epoch_rotation_retry", error=repr(exc), tries=tries)
+                await asyncio.sleep(CATCH_UP_RETRY_MAX_S)
+        _log.error("stream_epoch_rotation_gave_up", slots=len(lost))
 
     async def on_reconnect(self) -> None:
         """Redis came back (messages published meanwhile were lost): every followed stream's
@@ -297,20 +332,23 @@ class StreamDelivery:
             return
         if item is None:
             offset, epoch = await self._source().position(stream)
-            lost_in = self._lost_writes.get(stream)
+            lost = self._lost_writes.get(stream)
             position = self._positions.get(stream)
-            if (
-                position is not None
-                and epoch == position.epoch
-                and (offset < position.offset or lost_in == epoch)
-            ):
-                # Redis is behind what this node delivered in the same epoch (or its master
-                # failed over unplanned): writes were lost, and their offsets would be handed
+            if position is not None and epoch == position.epoch:
+                # Redis is behind what this node delivered in the same epoch, or its master
+                # failed over unplanned: writes were lost, and their offsets would be handed
                 # out again. A new epoch, and a fresh state for all.
-                epoch = await self._source().rotate_epoch(stream, epoch)
-                self.epochs_rotated += 1
-                _log.warning("stream_epoch_rotated", stream=stream, offset=offset)
-                position = self._positions.get(stream)
+                rotated = True
+                if lost is not None and lost[0] == epoch:
+                    epoch = await self._source().rotate_epoch_after_failover(stream, lost[1])
+                elif offset < position.offset:
+                    epoch = await self._source().rotate_epoch(stream, epoch)
+                else:
+                    rotated = False
+                if rotated:
+                    self.epochs_rotated += 1
+                    _log.warning("stream_epoch_rotated", stream=stream, offset=offset)
+                    position = self._positions.get(stream)
             self._lost_writes.pop(stream, None)  # kept until Redis answered
             if position is not None and (epoch, offset) != (position.epoch, position.offset):
                 await self._fill(stream, position, offset, epoch)

@@ -9,8 +9,10 @@ Comparing each map with the previous one counts:
 - failovers: a node that was a replica is now a master. *Planned* when its old master is now
   its replica (`CLUSTER FAILOVER` waits for the replica to catch up: nothing is lost),
   *unplanned* otherwise (the old master died or was cut off): writes it acknowledged but had not
-  replicated yet are gone, so `on_lost_writes` callbacks get the promoted master's slots (the
-  cable then starts a new epoch for its streams there, see `realtime.cable`);
+  replicated yet are gone, so `on_lost_writes` callbacks get the promoted master's slots, each
+  with the failover's name (the promoted node's id and config epoch, the same on every node that
+  sees it): the cable then starts a new epoch for the streams there, once per failover however
+  many nodes notice it (see `realtime.delivery`);
 - slot moves: a slot now owned by a master that did not take it over by a failover (a reshard).
 
 `/readyz` lists unreachable slots as a reason (the node cannot serve keys there: sessions,
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +40,10 @@ _log = get_logger("finalmarket.redis_cluster")
 TOTAL_SLOTS = 16384
 PROBE_INTERVAL_S = 1.0
 
-OnLostWrites = Callable[[frozenset[int]], Awaitable[None]]
+# Slots whose writes an unplanned failover lost -> that failover's name ("<node id>:<config
+# epoch>" of the promoted master).
+LostWrites = Mapping[int, str]
+OnLostWrites = Callable[[LostWrites], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,7 @@ class Topology:
     masters: frozenset[str]
     replicas: dict[str, str]  # replica id -> its master's id
     failed: frozenset[str]  # flagged `fail` (the cluster agreed it is down)
+    config_epochs: Mapping[str, int] = field(default_factory=dict)  # node id -> config epoch
 
 
 def parse_cluster_nodes(text: str) -> Topology:
@@ -59,12 +65,15 @@ def parse_cluster_nodes(text: str) -> Topology:
     masters: set[str] = set()
     replicas: dict[str, str] = {}
     failed: set[str] = set()
+    config_epochs: dict[str, int] = {}
     for line in text.splitlines():
         parts = line.split()
         if len(parts) < 8:
             continue
         node, address, flags, master = parts[0], parts[1], set(parts[2].split(",")), parts[3]
         addresses[node] = address.split("@")[0]
+        if parts[6].isdigit():
+            config_epochs[node] = int(parts[6])
         if "fail" in flags:
             failed.add(node)
         if "master" in flags:
@@ -77,7 +86,9 @@ def parse_cluster_nodes(text: str) -> Topology:
             first, _, last = item.partition("-")
             for slot in range(int(first), int(last or first) + 1):
                 owners[slot] = node
-    return Topology(tuple(owners), addresses, frozenset(masters), replicas, frozenset(failed))
+    return Topology(
+        tuple(owners), addresses, frozenset(masters), replicas, frozenset(failed), config_epochs
+    )
 
 
 @dataclass
@@ -141,7 +152,7 @@ class ClusterHealth:
         self.slots_moved = 0
         self.probes = 0
         self.on_lost_writes: list[OnLostWrites] = []
-        self._pending: dict[OnLostWrites, set[int]] = {}  # lost slots not told yet
+        self._pending: dict[OnLostWrites, dict[int, str]] = {}  # lost slots not told yet
         self._seen_down: set[str] = set()  # nodes seen failed or silent, not healthy since
         self._answered: set[str] = set()  # masters that answered the last probe
 
@@ -192,7 +203,7 @@ class ClusterHealth:
                         await self._cluster.nodes_manager.initialize()
                 if lost:
                     for callback in self.on_lost_writes:
-                        self._pending.setdefault(callback, set()).update(lost)
+                        self._pending.setdefault(callback, {}).update(lost)
                 await self._tell_lost_writes()
             self.unreachable_slots = report.unreachable_slots
             self.probes += 1
@@ -203,7 +214,7 @@ class ClusterHealth:
         again at the next probe (the slot map may still have been settling)."""
         for callback, slots in list(self._pending.items()):
             try:
-                await callback(frozenset(slots))
+                await callback(dict(slots))
             except Exception as exc:
                 _log.warning("redis_lost_writes_callback_failed", error=repr(exc))
             else:
@@ -256,20 +267,23 @@ class ClusterHealth:
         except TimeoutError:
             raise TimeoutError(f"no answer within {self._timeout_s:g}s") from None
 
-    def _compare(self, topology: Topology) -> tuple[bool, frozenset[int]]:
+    def _compare(self, topology: Topology) -> tuple[bool, dict[int, str]]:
         """Count failovers and slot moves since the last map; whether any happened, and the
         slots of masters promoted by an unplanned failover (where writes may be lost)."""
         before, self._last = self._last, topology
         if before is None:
-            return False, frozenset()
+            return False, {}
         promoted = _failovers(before, topology)
         moved = _moved_slots(before, topology, promoted)
-        lost: set[int] = set()
+        lost: dict[int, str] = {}
         for node in sorted(promoted):
             kind = "planned" if _planned(node, before, topology, self._seen_down) else "unplanned"
             self.failovers[kind] += 1
             if kind == "unplanned":
-                lost.update(slot for slot, owner in enumerate(topology.owners) if owner == node)
+                failover = f"{node}:{topology.config_epochs.get(node, 0)}"
+                lost.update(
+                    (slot, failover) for slot, owner in enumerate(topology.owners) if owner == node
+                )
             _log.warning(
                 "redis_cluster_failover",
                 kind=kind,
@@ -282,7 +296,7 @@ class ClusterHealth:
         if moved:
             self.slots_moved += moved
             _log.info("redis_cluster_slots_moved", slots=moved)
-        return bool(promoted or moved), frozenset(lost)
+        return bool(promoted or moved), lost
 
     def _client(self, address: str) -> Redis:
         client = self._clients.get(address)

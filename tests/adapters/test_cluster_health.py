@@ -44,6 +44,11 @@ def test_a_crash_is_unplanned_a_manual_failover_planned_a_reshard_a_move() -> No
     )
     assert cluster_health._failovers(before, crashed) == {RA}
     assert not cluster_health._planned(RA, before, crashed, set())
+    # Its lost slots carry the failover's name, the same on every node that sees it.
+    health = cluster_health.ClusterHealth(None, 1.0)
+    health._compare(before)
+    _changed, lost = health._compare(crashed)
+    assert set(lost) == set(range(5461)) and set(lost.values()) == {f"{RA}:4"}
     assert cluster_health._moved_slots(before, crashed, {RA}) == 0
     # A manual failover: the old master follows the new one, nobody was ever down.
     manual = parse_cluster_nodes(

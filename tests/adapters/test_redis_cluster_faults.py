@@ -205,8 +205,13 @@ class Watcher:
                 await self.task
         self.client.close()
 
-    def has(self, stock: int) -> bool:
-        return any(m["stock"] == stock for m in self.messages)
+    def has(self, seq: int, offset: int, epoch: str) -> bool:
+        """Holds message `seq` (at `offset` of `epoch`), or a fresh state at or past it."""
+        return any(
+            m["stock"] == seq
+            or (m["stock"] == DB_STOCK and m["epoch"] == epoch and m["offset"] >= offset)
+            for m in self.messages
+        )
 
     def check(self, acked: list[tuple[int, int, str]], *, may_resync: bool) -> None:
         """Every acknowledged (seq, offset, epoch) is held, or a fresh state came after it (in
@@ -277,11 +282,16 @@ class Publisher:
                 await self.task
 
 
-async def delivered(watchers: list[Watcher], stock: int, timeout_s: float = 20.0) -> None:
+async def delivered(
+    watchers: list[Watcher], acked: tuple[int, int, str], timeout_s: float = 20.0
+) -> None:
+    """Every watcher holds the acknowledged message `acked` (seq, offset, epoch), or was given
+    a fresh state at or past it (a node that resyncs after the last publish sends the state
+    at its offset instead)."""
     deadline = time.monotonic() + timeout_s
-    while not all(w.has(stock) for w in watchers):
+    while not all(w.has(*acked) for w in watchers):
         assert time.monotonic() < deadline, (
-            f"message {stock} never reached every subscriber; last held: "
+            f"message {acked} never reached every subscriber; last held: "
             + "; ".join(
                 f"#{i}: {[(m['stock'], m['offset'], m['epoch']) for m in w.messages[-6:]]}"
                 for i, w in enumerate(watchers)
@@ -324,7 +334,7 @@ async def test_a_reshard_of_a_hot_streams_slot_loses_no_message(
         assert master_of(valkey_nodes, cluster, stream_tag(product_id)) is target, output
         await publisher.until_acked(25)
         await publisher.stop()
-        await delivered(watchers, publisher.acked[-1][0])
+        await delivered(watchers, publisher.acked[-1])
         for watcher in watchers:
             watcher.check(publisher.acked, may_resync=False)
         assert len({epoch for _, _, epoch in publisher.acked}) == 1
@@ -388,6 +398,17 @@ async def test_a_master_killed_during_a_broadcast(
         )
         loads = CountingLoader(cached)
         assert (await services.cache.get_or_load(NS_PRODUCT, cached, loads, 300))["n"] == 1
+        # A stream on the same master that no node follows, published to before and after the
+        # replica stops: a client holding its old position must not be replayed the offsets
+        # the promoted master hands out again.
+        quiet = next(
+            f"inventory:product:{n}"
+            for n in range(1, 10_000)
+            if cluster.get_node_from_key(stream_tag(n)).port == victim.port and n != product_id
+        )
+        broker = services.cable.broker
+        await broker.publish(quiet, stock_event(0, 1))
+        quiet_epoch = (await broker.position(quiet))[1]
         publisher.start()
         await publisher.until_acked(20)
         # The replica stops taking the master's writes; the master acknowledges a few more
@@ -399,6 +420,7 @@ async def test_a_master_killed_during_a_broadcast(
             # it): from now on the master's writes exist on the master alone.
             victim.command("CLIENT", "KILL", "TYPE", "replica")
             await services.cache.bump(NS_PRODUCT, cached)
+            await broker.publish(quiet, stock_event(0, 2))
             await publisher.until_acked(10)
             lost = publisher.acked[-10:]
             await asyncio.to_thread(sigkill, victim)
@@ -421,7 +443,15 @@ async def test_a_master_killed_during_a_broadcast(
             await asyncio.sleep(0.2)
         await publisher.until_acked(20)
         await publisher.stop()
-        await delivered(watchers, publisher.acked[-1][0])
+        await delivered(watchers, publisher.acked[-1])
+        # The stream nobody follows got a new epoch too, once however many nodes noticed.
+        deadline = time.monotonic() + 20
+        while (await broker.position(quiet))[1] == quiet_epoch:
+            assert time.monotonic() < deadline, "the unfollowed stream kept its epoch"
+            await asyncio.sleep(0.1)
+        rotated = (await broker.position(quiet))[1]
+        await asyncio.sleep(2 * TIMEOUT_S)
+        assert (await broker.position(quiet))[1] == rotated
         # The writes were lost indeed: the promoted master had handed their offsets out again.
         reused = {offset for _, offset, _ in lost} & {
             offset for _, offset, epoch in publisher.acked if epoch != lost[0][2]

@@ -31,7 +31,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError
@@ -273,7 +273,7 @@ class CachedLoader:
         """Hook for the invalidation listener: another node bumped `ns` (or one id of it)."""
         self.invalidate(ns, ident)
 
-    async def redis_lost_writes(self, slots: frozenset[int]) -> None:
+    async def redis_lost_writes(self, slots: Collection[int]) -> None:
         """Redis lost the last writes of `slots` (their master failed over unplanned), bumps
         among them: bump the namespace version of every bucket there, of every namespace used
         on this node, so no value a lost bump had invalidated is served again (a miss
