@@ -36,6 +36,7 @@ import httptools
 from tornado import httputil, iostream, netutil
 from tornado.httpserver import HTTPServer as TornadoHTTPServer
 
+from server.adapters.refusal_hold import RefusedAddresses
 from server.common.logs import get_logger
 from server.common.problems import (
     PROBLEM_CONTENT_TYPE,
@@ -92,6 +93,11 @@ class RequestContext:
         scheme = scheme.split(",")[-1].strip() if scheme else scheme
         if scheme in ("http", "https"):
             self.protocol = scheme
+
+    @property
+    def peer_ip(self) -> str:
+        """The socket's own peer address, whatever a proxy's headers said."""
+        return self._orig_remote_ip
 
     def reset(self) -> None:
         """Back to the socket's own address after a request."""
@@ -179,6 +185,14 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         if isinstance(peer, tuple) and peer:
             self.context = RequestContext(str(peer[0]), self.server.trusted_downstream)
         self.server.connections.add(self)
+        refusals = self.server.refusals
+        wait_s = refusals.wait_s(self.peer_ip, self.last_active)
+        if wait_s > 0:  # its address was refused 429 just now: this one waits too
+            if refusals.may_hold(self.peer_ip):
+                self._hold_for(wait_s)
+            else:
+                refusals.turned_away += 1
+                self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.server.now()
@@ -216,6 +230,7 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         if self._held is not None:
             self._held.cancel()
             self._held = None
+            self.server.refusals.release(self.peer_ip)
         self._events.clear()
         delegate, self._delegate = self._delegate, None
         callback, self._close_callback = self._close_callback, None
@@ -533,20 +548,35 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         elif self._reading_paused and not self._blocked:
             self._resume_reading()
 
+    @property
+    def peer_ip(self) -> str:
+        """The socket's own peer address (whatever a proxy's headers say)."""
+        return self.context.peer_ip
+
     def _hold(self) -> None:
-        """Read and serve nothing more from this client for `_hold_s` (it was refused 429):
-        a flood over keep-alive connections then costs the node one refusal per connection
-        per hold instead of one per request, and its bystanders keep their latency."""
+        """Read and serve nothing more from this client for `_hold_s` (it was refused 429),
+        nor from new connections of its address (`server.adapters.refusal_hold`): a flood
+        then costs the node one refusal per connection per hold instead of one per request,
+        and its bystanders keep their latency."""
         hold_s, self._hold_s = self._hold_s, 0.0
-        self.server.holds += 1
+        self.server.refusals.refused(self.peer_ip, hold_s, self.server.now())
+        self._hold_for(hold_s)
+
+    def _hold_for(self, seconds: float) -> None:
+        self.server.refusals.hold(self.peer_ip)
         self._pause_reading()
-        self._held = asyncio.get_running_loop().call_later(hold_s, self._release)
+        self._held = asyncio.get_running_loop().call_later(seconds, self._release)
 
     def _release(self) -> None:
         self._held = None
+        refusals = self.server.refusals
+        refusals.release(self.peer_ip)
         if self.transport is None:
             return
-        if self._events:
+        wait_s = refusals.wait_s(self.peer_ip, self.server.now())
+        if wait_s > 0:  # its address was refused again meanwhile
+            self._hold_for(wait_s)
+        elif self._events:
             self._pump()
         elif self._reading_paused and self._may_read:
             self._resume_reading()
@@ -714,7 +744,7 @@ class HttptoolsServer:
         self.body_timeout_s = body_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.refusal_hold_s = refusal_hold_s
-        self.holds = 0  # connections held after a 429 (for metrics)
+        self.refusals = RefusedAddresses()
         self.connections: set[Http1Connection] = set()
         self.draining = False
         self._servers: list[asyncio.base_events.Server] = []
@@ -744,6 +774,7 @@ class HttptoolsServer:
         now = self._loop.time()
         for connection in list(self.connections):
             connection.expire(now)
+        self.refusals.sweep(now)
         self._sweeper = self._loop.call_later(_SWEEP_PERIOD_S, self._sweep)
 
     def stop(self) -> None:

@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from server.adapters.cluster_health import ClusterHealth
+from server.adapters.refusal_hold import RefusedAddresses
 from server.common.logs import lines_buffered, lines_dropped
 
 # Buckets in seconds: from a cached read on loopback (~0.5 ms) to a slow checkout.
@@ -71,18 +72,27 @@ class LogStatsCollector(Collector):
 
 
 class HttpServerStatsCollector(Collector):
-    """The HTTP/1.1 layer's own figures: connections held after a 429 (`http_refusal_hold_s`),
-    which is how a flood over keep-alive connections shows."""
+    """The HTTP/1.1 layer's refusal hold (`http_refusal_hold_s`), which is how a flood from
+    one address shows: connections held, and connections closed at once because their
+    address had too many held already."""
 
-    def __init__(self, holds: Callable[[], int]) -> None:
-        self._holds = holds
+    def __init__(self, refusals: RefusedAddresses | None) -> None:
+        self._refusals = refusals
 
     def collect(self) -> Iterator[Metric]:
         """The current figures (called by the registry on each scrape)."""
+        refusals = self._refusals
         yield CounterMetricFamily(
             "fm_http_refusal_holds",
-            "Client connections whose reading was held back after a 429 answer.",
-            value=self._holds(),
+            "Client connections held back after a 429 to their address (their own, or new "
+            "ones while it is refused).",
+            value=refusals.holds if refusals else 0,
+        )
+        yield CounterMetricFamily(
+            "fm_http_refusal_turned_away",
+            "New connections closed at once: their refused address had the most connections "
+            "held already.",
+            value=refusals.turned_away if refusals else 0,
         )
 
 

@@ -36,9 +36,8 @@ class Node:
         self.services = services
         self.app = make_app(services)
         self.server = make_http_server(self.app, services.settings)
-        server = self.server
         services.metrics.registry.register(
-            HttpServerStatsCollector(lambda: int(getattr(server, "holds", 0)))
+            HttpServerStatsCollector(getattr(self.server, "refusals", None))
         )
         self.port: int | None = None
         self.drain_hooks: list[Callable[[], Awaitable[None]]] = [

@@ -1,7 +1,8 @@
 """The refusal hold of the HTTP/1.1 layer (`FM_HTTP_REFUSAL_HOLD_S`, issue 16): after a 429 on a
 client's own keep-alive connection the node reads nothing more from that connection for the
-hold, so a flood over keep-alive connections costs one refusal per connection per hold; other
-connections, from the same address or another, are served meanwhile; behind a trusted proxy
+hold, nor from new connections of that address, so a flood costs one refusal per connection
+per hold; connections already open, of the same address or another, are served meanwhile; an
+address with the most connections held has further ones closed; behind a trusted proxy
 nothing is held. Real node (its app, rate limiter on Redis, `Node`'s HTTP server), raw sockets.
 """
 
@@ -20,7 +21,7 @@ from server.wiring.services import Services
 from server.wiring.settings import Settings
 from tests.helpers.catalog import add_product
 from tests.helpers.deployment import make_settings
-from tests.helpers.raw_http import Response, read_response
+from tests.helpers.raw_http import Response, closed_by_server, read_response
 
 pytestmark = pytest.mark.usefixtures("clean_data")
 
@@ -92,12 +93,12 @@ async def clients() -> AsyncIterator[list[Client]]:
         client.close()
 
 
-def holds(text: str) -> float:
+def holds(text: str, name: str = "fm_http_refusal_holds_total") -> float:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "fm_http_refusal_holds_total":
+            if sample.name == name:
                 return float(sample.value)
-    raise AssertionError("no fm_http_refusal_holds_total")
+    raise AssertionError(f"no {name}")
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -124,10 +125,12 @@ async def test_a_refused_connection_is_read_again_only_after_the_hold(
         assert other_s < 0.5 and again_s < 0.5, (other_s, again_s)
         assert not nxt.done()
         held, held_s = await nxt
-        assert held.status == 429 and HOLD_S - 0.05 <= held_s < HOLD_S + 1.0, held_s
+        # Until the address's last refusal (the other connection's, 0.1 s later) plus the hold.
+        assert held.status == 429 and HOLD_S + 0.05 <= held_s < HOLD_S + 1.0, held_s
         # Served again after the hold (and held again after this refusal).
         metrics, _ = await bystander.get("/metrics")
-        assert holds(metrics.body.decode()) == 3  # the flooder twice, the same address once
+        # The flooder after each refusal and once more till the other one's; that one once.
+        assert holds(metrics.body.decode()) == 4
     finally:
         for client in (flooder, bystander, same_address):
             client.close()
@@ -147,6 +150,62 @@ async def test_behind_a_trusted_proxy_no_connection_is_held(node: Node, product:
         assert refused.status == 429
         other, took_s = await proxy.get(path, "X-Forwarded-For: 198.51.100.9")
         assert other.status == 200 and took_s < 0.5, (other.status, took_s)
-        assert node.server.holds == 0  # type: ignore[attr-defined]
+        assert node.server.refusals.holds == 0  # type: ignore[attr-defined]
     finally:
         proxy.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_new_connections_of_a_refused_address_wait_out_the_hold(
+    node: Node, product: int
+) -> None:
+    """A flood that opens a new connection per request is held the same way: a refused
+    address's new connections are read only once its hold is over; other addresses' are
+    read at once."""
+    path = f"/api/v1/products/{product}"
+    flooder = await Client.open(node)
+    try:
+        for _ in range(BURST):
+            assert (await flooder.get(path))[0].status == 200
+        assert (await flooder.get(path))[0].status == 429
+    finally:
+        flooder.close()
+    fresh, other = await Client.open(node), await Client.open(node, "127.0.0.3")
+    try:
+        (answer, waited_s), (served, served_s) = await asyncio.gather(
+            fresh.get(path), other.get(path)
+        )
+        assert answer.status == 429 and HOLD_S - 0.2 <= waited_s < HOLD_S + 0.5, waited_s
+        assert served.status == 200 and served_s < 0.5, served_s
+    finally:
+        fresh.close()
+        other.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_refused_address_with_the_most_connections_held_has_more_closed_at_once(
+    node: Node, product: int
+) -> None:
+    """An open-loop flood cannot pile up sockets: past `max_held` waiting connections, a
+    refused address's new connections are closed as they come, and counted."""
+    node.server.refusals.max_held = 3  # type: ignore[attr-defined]
+    path = f"/api/v1/products/{product}"
+    flooder = await Client.open(node)
+    waiting: list[Client] = []
+    try:
+        for _ in range(BURST):
+            assert (await flooder.get(path))[0].status == 200
+        assert (await flooder.get(path))[0].status == 429  # held: one waiting
+        for _ in range(2):
+            waiting.append(await Client.open(node))
+        extra = await Client.open(node)
+        waiting.append(extra)
+        assert await closed_by_server(extra.reader, within_s=2.0)
+        bystander = await Client.open(node, "127.0.0.2")
+        waiting.append(bystander)
+        metrics, _ = await bystander.get("/metrics")
+        assert holds(metrics.body.decode(), "fm_http_refusal_turned_away_total") == 1
+    finally:
+        flooder.close()
+        for client in waiting:
+            client.close()
