@@ -37,7 +37,9 @@ asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 _EXTERNAL_KEYS = ("FM_CATALOG_DSN", "FM_SHARDS", "FM_REDIS_URL")
 
-_CATALOG_TABLES = "products, inventory, stock_reservations, product_images, user_directory"
+_CATALOG_TABLES = (
+    "products, inventory, stock_reservations, product_images, user_directory, sessions"
+)
 _SHARD_TABLES = "users, carts, cart_items, orders, order_items, notifications, idempotency_keys"
 
 

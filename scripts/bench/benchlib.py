@@ -293,7 +293,7 @@ async def make_users(deploy: Deployment, count: int, admin: bool = False) -> lis
     router = ShardRouter.for_settings(db, settings)
     try:
         users = UserService(router, CHEAP_HASHER)
-        sessions = SessionStore(redis)
+        sessions = SessionStore(redis, router)
         gate = asyncio.Semaphore(20)
 
         async def one(index: int) -> tuple[int, str]:

@@ -164,7 +164,7 @@ class Services:
         )
         # A revoked session's sockets are closed on every node: the store announces each
         # revocation, and `revocations` asks the store which sessions still exist.
-        sessions = SessionStore(redis)
+        sessions = SessionStore(redis, router)
         revocations = SessionRevocations(cable.watch, cable.publish, sessions.live)
         sessions.on_revoked = revocations.announce
         revocations.servers.append(cable)

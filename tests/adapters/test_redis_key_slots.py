@@ -31,13 +31,15 @@ from realtime.cable_sessions import CableSession, CableSessions, session_key
 from realtime.presence import Presence, presence_keys
 from server.adapters.cache import CachedLoader, keys
 from server.adapters.cache.store import RedisStore
+from server.adapters.db.pools import Database
+from server.adapters.db.router import ShardRouter
 from server.adapters.idempotency import IdempotencyStore
 from server.adapters.ratelimit import LeasedRateLimiter, Limit, RateLimiter, limit_key
-from server.adapters.sessions import SessionStore
-from server.adapters.sessions import _key as session_store_key
+from server.adapters.sessions import SessionStore, _key_of_digest, token_digest
 from server.graphql.persisted import PersistedQueries
 from server.wiring.infra import ValkeyServer
 from tests.helpers.caches import CountingLoader
+from tests.helpers.deployment import make_settings
 from tests.helpers.redis_cluster import valkey_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,6 +66,7 @@ SCRIPT_COMMANDS = {
     "ZRANGE": "first",
     "ZREMRANGEBYSCORE": "first",
     "DEL": "all",
+    "EXISTS": "all",
     "PUBLISH": "none",
     "TIME": "none",
 }
@@ -336,7 +339,7 @@ def test_every_key_builder_keeps_a_group_in_one_slot_whatever_the_id() -> None:
             key_slot(tag.encode())
         }
     assert hash_tag(session_key("abc")) == "cable-session:abc"
-    assert hash_tag(session_store_key("token")).startswith("session:")
+    assert hash_tag(_key_of_digest(token_digest("token"))).startswith("session:")
 
 
 # --- the exercise on a real cluster ------------------------------------------------------
@@ -391,10 +394,13 @@ def as_bytes(value: Any) -> bytes:
 
 @pytest.mark.gen_test(timeout=60)
 async def test_every_script_runs_on_a_cluster_with_its_keys_in_one_slot(
-    three_masters: list[ValkeyServer],
+    three_masters: list[ValkeyServer], infra_env: dict[str, str]
 ) -> None:
     inner = RedisCluster.from_url(three_masters[0].url)
     redis = RecordingCluster(inner)
+    settings = make_settings(infra_env)
+    db = await Database.open(settings)  # sessions are recorded in the catalog database
+    router = ShardRouter.for_settings(db, settings)
     try:
         # The cache: misses, hits, lock polls, stores, unlocks, entity and namespace bumps.
         cache = CachedLoader(redis, node_id="slots")
@@ -438,7 +444,10 @@ async def test_every_script_runs_on_a_cluster_with_its_keys_in_one_slot(
         rotated = await broker.rotate_epoch("inventory:product:7", offsets[0][1])
         assert rotated != offsets[0][1]
         assert await broker.rotate_epoch("inventory:product:7", offsets[0][1]) == rotated
-        sessions = SessionStore(redis)
+        after = await broker.rotate_epoch_after_failover("inventory:product:7", "node:1")
+        assert await broker.rotate_epoch_after_failover("inventory:product:7", "node:1") == after
+        assert "inventory:product:7" in await broker.streams_in([key_slot(b"inventory:product:7")])
+        sessions = SessionStore(redis, router)
         token = await sessions.create(3)
         assert (await sessions.resolve(token)) is not None
         await sessions.revoke(token)
@@ -452,6 +461,8 @@ async def test_every_script_runs_on_a_cluster_with_its_keys_in_one_slot(
         await PersistedQueries(redis, 60).put("sha", "{ a }")
     finally:
         await inner.aclose()
+        await router.close()
+        await db.close()
 
     # Every script of the code ran here, each call's keys (and derived prefix) in one slot.
     ran = {call.text for call in redis.calls}

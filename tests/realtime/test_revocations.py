@@ -94,8 +94,8 @@ async def test_a_revocation_the_node_did_not_hear_of_is_found_by_its_recheck(
     other_device = await second_token(services, user_id)
     cable = await cart_socket(node_b, token)
     kept = await cart_socket(node_b, other_device)
-    # Revoked in Redis with no announcement: as if node B had lost its subscription then.
-    await SessionStore(services.redis).revoke(token)
+    # Revoked with no announcement: as if node B had lost its subscription then.
+    await SessionStore(services.redis, services.router).revoke(token)
     await asyncio.sleep(0.3)
     assert len(node_b.services.cable.connections) == 2  # nobody told node B
 
