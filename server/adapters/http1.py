@@ -533,6 +533,9 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
             self.context.reset()
         if not self._read_finished:
             self._close_after = True  # the rest of the request body was never read
+        hold_s, self._hold_s = self._hold_s, 0.0
+        if hold_s > 0:  # refused 429: its address's new connections wait too
+            self.server.refusals.refused(self.peer_ip, hold_s, self.server.now())
         transport = self.transport
         if transport is None:
             return
@@ -541,8 +544,8 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
             transport.close()  # after what is buffered is sent
             return
         self._delegate = None
-        if self._hold_s > 0:
-            self._hold()
+        if hold_s > 0:
+            self._hold_for(hold_s)
         elif self._events:
             asyncio.get_running_loop().call_soon(self._pump)
         elif self._reading_paused and not self._blocked:
@@ -553,16 +556,11 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         """The socket's own peer address (whatever a proxy's headers say)."""
         return self.context.peer_ip
 
-    def _hold(self) -> None:
-        """Read and serve nothing more from this client for `_hold_s` (it was refused 429),
-        nor from new connections of its address (`server.adapters.refusal_hold`): a flood
-        then costs the node one refusal per connection per hold instead of one per request,
-        and its bystanders keep their latency."""
-        hold_s, self._hold_s = self._hold_s, 0.0
-        self.server.refusals.refused(self.peer_ip, hold_s, self.server.now())
-        self._hold_for(hold_s)
-
     def _hold_for(self, seconds: float) -> None:
+        """Read and serve nothing more from this connection for `seconds`: it, or another
+        of its address, was just refused 429 (`server.adapters.refusal_hold`). A flood then
+        costs the node one refusal per connection per hold instead of one per request, and
+        its bystanders keep their latency."""
         self.server.refusals.hold(self.peer_ip)
         self._pause_reading()
         self._held = asyncio.get_running_loop().call_later(seconds, self._release)
