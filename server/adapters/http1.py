@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -52,6 +53,7 @@ _SWEEP_PERIOD_S = 1.0
 _MAX_QUEUED_EVENTS = 64  # parsed events waiting for a slow handler before reading pauses
 _CONTINUE = b"HTTP/1.1 100 (Continue)\r\n\r\n"
 _EMPTY_BODY_CODES = frozenset({204, 304})
+HOLD_JITTER = 0.5  # a refusal hold lasts its time plus up to this share of it, at random
 
 
 class HttpServerLike(Protocol):
@@ -560,10 +562,13 @@ class Http1Connection(asyncio.Protocol, httputil.HTTPConnection):
         """Read and serve nothing more from this connection for `seconds`: it, or another
         of its address, was just refused 429 (`server.adapters.refusal_hold`). A flood then
         costs the node one refusal per connection per hold instead of one per request, and
-        its bystanders keep their latency."""
+        its bystanders keep their latency. Up to half as long again, at random: connections
+        refused together are not all read again at one instant (a burst of refusals that
+        bystanders would queue behind)."""
         self.server.refusals.hold(self.peer_ip)
         self._pause_reading()
-        self._held = asyncio.get_running_loop().call_later(seconds, self._release)
+        wait_s = seconds * (1.0 + random.random() * HOLD_JITTER)
+        self._held = asyncio.get_running_loop().call_later(wait_s, self._release)
 
     def _release(self) -> None:
         self._held = None

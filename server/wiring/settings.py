@@ -129,8 +129,9 @@ class Settings(BaseSettings):
         ge=0,
         le=60,
         description="After answering 429 on a client's own keep-alive connection, read "
-        "nothing more from it for this long (at most the answer's `Retry-After`): a flood "
-        "then costs one refusal per connection per hold. Off behind a trusted proxy "
+        "nothing more from it, nor from new connections of its address, for this long (at "
+        "most the answer's `Retry-After`; plus up to half again at random): a flood then "
+        "costs one refusal per connection per hold. Off behind a trusted proxy "
         "(`FM_TRUST_FORWARDED_HEADERS`), whose connections carry other clients too. 0 turns "
         "it off. `httptools` server only.",
         json_schema_extra=_group("node"),

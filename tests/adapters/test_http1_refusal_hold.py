@@ -125,12 +125,14 @@ async def test_a_refused_connection_is_read_again_only_after_the_hold(
         assert other_s < 0.5 and again_s < 0.5, (other_s, again_s)
         assert not nxt.done()
         held, held_s = await nxt
-        # Until the address's last refusal (the other connection's, 0.1 s later) plus the hold.
-        assert held.status == 429 and HOLD_S + 0.05 <= held_s < HOLD_S + 1.0, held_s
+        # At least until the address's last refusal (the other connection's, 0.1 s later) plus
+        # the hold; at most half a hold more (the jitter), twice.
+        assert held.status == 429 and HOLD_S + 0.05 <= held_s < 2.5 * HOLD_S, held_s
         # Served again after the hold (and held again after this refusal).
         metrics, _ = await bystander.get("/metrics")
-        # The flooder after each refusal and once more till the other one's; that one once.
-        assert holds(metrics.body.decode()) == 4
+        # The flooder after each refusal (and once more if its jittered hold ended before the
+        # other connection's); that one once.
+        assert holds(metrics.body.decode()) in (3, 4)
     finally:
         for client in (flooder, bystander, same_address):
             client.close()
@@ -176,7 +178,7 @@ async def test_new_connections_of_a_refused_address_wait_out_the_hold(
         (answer, waited_s), (served, served_s) = await asyncio.gather(
             fresh.get(path), other.get(path)
         )
-        assert answer.status == 429 and HOLD_S - 0.2 <= waited_s < HOLD_S + 0.5, waited_s
+        assert answer.status == 429 and HOLD_S - 0.2 <= waited_s < 1.5 * HOLD_S + 0.3, waited_s
         assert served.status == 200 and served_s < 0.5, served_s
     finally:
         fresh.close()
