@@ -121,6 +121,23 @@ def _noteworthy(line: str) -> bool:
     return level not in ("debug", "info")
 
 
+def start_server(
+    command: list[str], env: dict[str, str], log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start a server process in a session of its own (so it can be stopped with everything it
+    starts), run from the project root, its output into `log_path`."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+
+
 def stop_process(proc: subprocess.Popen[bytes]) -> int:
     """SIGINT a process started in its own session (then SIGKILL); its exit code."""
     if proc.poll() is not None:
@@ -220,16 +237,7 @@ class Deployment:
         env = self.child_env() | changed
         command = [self.python, "-m", "server", "serve", "--port", str(port)]
         command += ["--node-id", node_id]
-        with log_path.open("wb") as log:
-            node = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
+        node = start_server(command, env, log_path)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if readyz_status(port) == 200:

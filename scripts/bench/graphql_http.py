@@ -112,6 +112,7 @@ from scripts.bench.benchlib import (  # noqa: E402
     free_port,
     machine,
     progress,
+    start_server,
     stop_process,
 )
 from server.adapters.cache import NS_PRODUCT, NS_PRODUCT_LIST  # noqa: E402
@@ -521,16 +522,7 @@ class PeerProcess:
             "FM_CATALOG_DSN": deploy.env["FM_CATALOG_DSN"],
             "PEER_GRAPHQL_MODE": mode,
         }
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-            )
+        proc = start_server(command, env, log)
         peer = cls(proc, port, log)
         deadline = time.monotonic() + PEER_READY_TIMEOUT_S
         while time.monotonic() < deadline:
