@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from redis.crc import key_slot
 
 from realtime.recovery import complete_run
 from server.adapters.pubsub import ResilientSubscription
+from server.adapters.redis_client import keys_in_slots
 from server.adapters.sharded_pubsub import ShardedSubscription
 from server.common.logs import get_logger
 
@@ -310,19 +310,10 @@ class RedisBroker:
     async def streams_in(self, slots: Collection[int]) -> list[str]:
         """Every stream with an epoch in `slots` of a Redis Cluster (SCAN of the masters now
         serving them, one pass each); none on a single Redis."""
-        if not self._sharded or not slots:
+        if not self._sharded:
             return []
-        manager = self._redis.nodes_manager
-        masters = {manager.get_node_from_slot(slot).name: slot for slot in slots}
-        nodes = [manager.get_node_from_slot(slot) for slot in masters.values()]
-        found: list[str] = []
-        async for key in self._redis.scan_iter(
-            match="{*" + _EPOCH_SUFFIX, count=1000, _type="string", target_nodes=nodes
-        ):
-            name = key.decode() if isinstance(key, bytes) else str(key)
-            if name.startswith("{") and key_slot(name.encode()) in slots:
-                found.append(name[1 : -len(_EPOCH_SUFFIX)])
-        return found
+        keys = await keys_in_slots(self._redis, slots, "{*" + _EPOCH_SUFFIX, "string")
+        return [key.decode()[1 : -len(_EPOCH_SUFFIX)] for key in keys]
 
     async def history_after(
         self, stream: str, after: int, until: int

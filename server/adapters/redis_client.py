@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, Protocol
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
 
 # Commands are retried a few times on connection errors so a Redis restart costs latency,
 # not errors, for idempotent reads; the broker handles resubscription itself.
@@ -50,3 +52,22 @@ def open_redis(settings: RedisSettings) -> Any:
         **common,
     )
     return Redis(connection_pool=pool)
+
+
+async def keys_in_slots(
+    cluster: RedisCluster, slots: Collection[int], match: str, key_type: str
+) -> list[bytes]:
+    """Every key of type `key_type` matching `match` in `slots` of a Redis Cluster: one SCAN
+    pass of each master now serving them (after a failover, what they still hold)."""
+    if not slots:
+        return []
+    manager = cluster.nodes_manager
+    by_master = {manager.get_node_from_slot(slot).name: slot for slot in slots}
+    nodes = [manager.get_node_from_slot(slot) for slot in by_master.values()]
+    return [
+        key
+        async for key in cluster.scan_iter(
+            match=match, count=1000, _type=key_type, target_nodes=nodes
+        )
+        if key_slot(key if isinstance(key, bytes) else str(key).encode()) in slots
+    ]

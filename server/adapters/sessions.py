@@ -9,7 +9,9 @@ session in use (`{session:<digest>}`, its own hash tag) for `COPY_TTL_S`, which 
 when it has none, the row is read (on the primary) and copied again, and an unknown token is
 remembered as unknown for `UNKNOWN_TTL_S` so a flood of made-up tokens does not reach the
 database. `revoke` deletes the row first, then the copy: a copy Redis brings back (a failover
-that lost the delete) is trusted for at most `COPY_TTL_S`, not for the session's lifetime.
+that lost the delete) is trusted for at most `COPY_TTL_S`, not for the session's lifetime,
+and on a Redis Cluster not even that: after an unplanned failover every node drops the copies
+in the promoted master's slots (`redis_lost_writes`), so the next request reads the row.
 
 A revoked token is refused by every node at once (each request reads Redis). Long-lived
 connections authenticated by it are another matter: `revoke` then calls `on_revoked` with
@@ -20,14 +22,20 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
+
+from server.adapters.redis_client import keys_in_slots
+from server.common.logs import get_logger
 
 SESSION_TTL_S = 30 * 24 * 3600
 COPY_TTL_S = 60  # how long Redis' copy of a session is trusted before the row is read again
 UNKNOWN_TTL_S = 5  # how long a token with no row is remembered as unknown
 _MAX_TOKEN_CHARS = 256
+_log = get_logger("finalmarket.sessions")
 # Redis' copy of a session: KEYS: the copy. ARGV: user id, admin (0/1), TTL, and 1 to leave
 # a copy that exists alone (a row read before a revoke must not overwrite its tombstone).
 _COPY = """
@@ -170,3 +178,20 @@ class SessionStore:
             keys=[_key_of_digest(digest)],
             args=["" if user_id is None else user_id, int(is_admin), ttl_s, int(first)],
         )
+
+    async def redis_lost_writes(self, slots: Collection[int]) -> None:
+        """Redis Cluster lost the last writes of `slots` (their master failed over unplanned),
+        revocations' tombstones among them: drop every session copy there, so the next request
+        of each reads its row (gone if revoked) instead of a copy the lost tombstone replaced.
+        Every node does it; a copy dropped twice costs one more row read."""
+        if not isinstance(self._redis, RedisCluster):
+            return
+        copies = await keys_in_slots(self._redis, slots, "{session:*}", "hash")
+        for start in range(0, len(copies), 1000):
+            pipe = self._redis.pipeline(transaction=False)
+            for key in copies[start : start + 1000]:
+                # as a plain command: the cluster client's `unlink` splits keys by slot itself
+                # and is a coroutine, which a pipeline would never run
+                pipe.execute_command("UNLINK", key)
+            await pipe.execute()
+        _log.warning("session_copies_dropped_after_lost_writes", copies=len(copies))

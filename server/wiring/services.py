@@ -101,6 +101,7 @@ class Services:
         if self.cluster_health is not None:
             self.cluster_health.on_lost_writes.append(self.cable.redis_lost_writes)
             self.cluster_health.on_lost_writes.append(self.cache.redis_lost_writes)
+            self.cluster_health.on_lost_writes.append(self.sessions.redis_lost_writes)
 
     @classmethod
     async def open(cls, settings: Settings) -> Services:

@@ -32,6 +32,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from server.adapters.cache import NS_PRODUCT
 from server.adapters.cache import keys as cache_keys
+from server.adapters.sessions import COPY_TTL_S, token_digest
 from server.wiring.infra import ValkeyServer
 from server.wiring.services import Services
 from server.wiring.settings import Settings
@@ -370,7 +371,8 @@ async def test_a_master_killed_during_a_broadcast(
     paused just before so the last acknowledged messages are lost with the master: each
     subscriber holds every acknowledged message or got an epoch change and a fresh state;
     publishes fail fast while the slot has no master; `/readyz` says which slots and recovers;
-    `/metrics` counts an unplanned failover and the resubscriptions."""
+    `/metrics` counts an unplanned failover and the resubscriptions; a session revoked in the
+    lost writes stays revoked."""
     product_id = product_on(infra_env["FM_CATALOG_DSN"], valkey_nodes, cluster)
     victim = master_of(valkey_nodes, cluster, stream_tag(product_id))
     replica = replica_of(valkey_nodes, victim)
@@ -409,6 +411,14 @@ async def test_a_master_killed_during_a_broadcast(
         broker = services.cable.broker
         await broker.publish(quiet, stock_event(0, 1))
         quiet_epoch = (await broker.position(quiet))[1]
+        # A session whose copy lives on the same master, revoked after the replica stops: the
+        # tombstone is lost with the master, and the promoted one holds the copy it replaced.
+        token = ""
+        while not token or (
+            cluster.get_node_from_key(f"{{session:{token_digest(token)}}}").port != victim.port
+        ):
+            token = await services.sessions.create(user_id=7)
+        signed_in_at = time.monotonic()
         publisher.start()
         await publisher.until_acked(20)
         # The replica stops taking the master's writes; the master acknowledges a few more
@@ -421,6 +431,8 @@ async def test_a_master_killed_during_a_broadcast(
             victim.command("CLIENT", "KILL", "TYPE", "replica")
             await services.cache.bump(NS_PRODUCT, cached)
             await broker.publish(quiet, stock_event(0, 2))
+            await services.sessions.revoke(token)
+            assert await services.sessions.resolve(token) is None
             await publisher.until_acked(10)
             lost = publisher.acked[-10:]
             await asyncio.to_thread(sigkill, victim)
@@ -452,6 +464,13 @@ async def test_a_master_killed_during_a_broadcast(
         rotated = (await broker.position(quiet))[1]
         await asyncio.sleep(2 * TIMEOUT_S)
         assert (await broker.position(quiet))[1] == rotated
+        # The lost revocation does not come back: the copy it had replaced was dropped after
+        # the failover, well before its TTL would have ended it.
+        deadline = time.monotonic() + 10
+        while await services.sessions.resolve(token) is not None:
+            assert time.monotonic() < deadline, "a revoked session came back after the failover"
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - signed_in_at < COPY_TTL_S - 5
         # The writes were lost indeed: the promoted master had handed their offsets out again.
         reused = {offset for _, offset, _ in lost} & {
             offset for _, offset, epoch in publisher.acked if epoch != lost[0][2]
