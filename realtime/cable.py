@@ -37,7 +37,7 @@ from realtime.connection import (
     parse_identifier,
 )
 from realtime.delivery import StreamDelivery
-from realtime.framed_socket import Reservation, SocketRegistry
+from realtime.framed_socket import Reservation, SocketRegistry, open_on
 from realtime.hub import Hub, Subscriber
 from realtime.limits import CableLimits
 from realtime.liveness import SLOW_CONSUMER_SWEEP_S, Liveness
@@ -210,9 +210,8 @@ class CableServer:
         reports the connection as connected. On the extended protocol `welcome` carries a new
         `sid`, and with `restore_sid` naming a session of the same user, the subscriptions
         it held (`restored: true, restored_ids`)."""
-        loop = asyncio.get_running_loop()
         conn = CableConnection(self, codec, user, place.remote_ip)
-        await loop.connect_accepted_socket(lambda: conn, sock=sock)
+        await open_on(sock, conn)
         self.registry.add(conn, place)
         if user is not None and user.digest:
             self.registry.bind_session(conn, user.digest)

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from realtime.framed_socket import FramedSocket, Reservation, SocketRegistry
+from realtime.framed_socket import FramedSocket, Reservation, SocketRegistry, open_on
 from realtime.graphql_ws import (
     CLOSE_FORBIDDEN,
     CLOSE_GOING_AWAY,
@@ -384,9 +384,8 @@ class GraphQLWsServer:
         handshake: bytes,
     ) -> None:
         """Take over an upgraded socket: write the 101 response, start the init timer."""
-        loop = asyncio.get_running_loop()
         conn = GraphQLWsConnection(self, subprotocol, session, url_session_invalid, place.remote_ip)
-        await loop.connect_accepted_socket(lambda: conn, sock=sock)
+        await open_on(sock, conn)
         self.registry.add(conn, place)
         if session is not None and session.digest:
             self.registry.bind_session(conn, session.digest)
