@@ -126,6 +126,9 @@ class WebSocketUpgrade(BaseHandler):
         """Take the connection away from Tornado: a duplicate of its socket (None if gone)."""
         stream = self.detach()
         self.on_finish()  # detach() skips it; keep the in-flight count right
+        # What `finish()` does and `detach()` does not: the template namespace refers back to
+        # the handler, a cycle only the cyclic GC would free, long after the handshake.
+        self.ui = None  # type: ignore[assignment]
         sock = stream.socket.dup() if stream.socket is not None else None
         stream.close()  # the duplicate keeps the connection open
         return sock
