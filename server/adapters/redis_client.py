@@ -61,9 +61,8 @@ async def keys_in_slots(
     pass of each master now serving them (after a failover, what they still hold)."""
     if not slots:
         return []
-    manager = cluster.nodes_manager
-    by_master = {manager.get_node_from_slot(slot).name: slot for slot in slots}
-    nodes = [manager.get_node_from_slot(slot) for slot in by_master.values()]
+    serving = map(cluster.nodes_manager.get_node_from_slot, slots)
+    nodes = list({node.name: node for node in serving}.values())
     return [
         key
         async for key in cluster.scan_iter(
